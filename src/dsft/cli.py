@@ -1,0 +1,65 @@
+"""Thin CLI: parse args, load the config, call one stage function, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from dsft import __version__
+from dsft.errors import DsftError
+
+# Each stage module exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
+STAGE_CLIS = ["demo", "run", "plan", "data", "train", "eval", "export", "serve", "deploy"]
+
+EPILOG = """examples:
+  dsft demo                          # the whole pipeline on the embedded default (CPU, offline)
+  dsft run examples/demo.yaml        # every stage of a config, in order
+  dsft data prepare examples/demo.yaml
+  dsft train examples/demo.yaml --resume auto
+  dsft eval score preds.jsonl --metrics bleu,rouge_l --lang zh
+  dsft serve --model runs/demo/export/merged --port 8000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsft",
+        description="dsft: from raw domain data to a fine-tuned, compressed, served DeepSeek model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dsft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in STAGE_CLIS:
+        mod = importlib.import_module(f"dsft.cli_{name}" if name in ("demo", "run") else f"dsft.{name}.cli")
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DSFT_DEBUG") == "1"
+    logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DsftError as err:
+        if debug:
+            raise
+        print(f"dsft: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("dsft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

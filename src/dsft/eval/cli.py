@@ -1,0 +1,14 @@
+"""CLI of the 'eval' stage (first cut pending)."""
+
+from __future__ import annotations
+
+from dsft.errors import DsftError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="eval stage (being built)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    raise DsftError("'dsft eval' is not built yet")

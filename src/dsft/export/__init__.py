@@ -1,0 +1,1 @@
+"""Stage 'export' of dsft."""

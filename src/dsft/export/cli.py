@@ -1,0 +1,14 @@
+"""CLI of the 'export' stage (first cut pending)."""
+
+from __future__ import annotations
+
+from dsft.errors import DsftError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export stage (being built)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    raise DsftError("'dsft export' is not built yet")

@@ -1,0 +1,1 @@
+"""Stage 'plan' of dsft."""

@@ -1,0 +1,1 @@
+"""Stage 'serve' of dsft."""
