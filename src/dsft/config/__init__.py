@@ -10,8 +10,11 @@ from pydantic import Field, ValidationError
 
 from dsft.config.base import Section
 from dsft.config.data import EMBEDDED_DATA, DataConfig
+from dsft.config.eval import EvalConfig
+from dsft.config.export import ExportConfig
 from dsft.config.model import EMBEDDED_MODEL, ModelConfig
-from dsft.config.stages import EvalConfig, ExportConfig, PlanConfig, ServeConfig
+from dsft.config.plan import PlanConfig
+from dsft.config.serve import ServeConfig
 from dsft.config.train import LoraConfig, TrainConfig
 from dsft.errors import ConfigError
 
