@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DSFT_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s")
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

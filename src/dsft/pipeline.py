@@ -1,0 +1,167 @@
+"""`dsft run` / `dsft demo`: the stages in order, each reading the previous manifest, plus the run report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dsft.config import Config
+from dsft.run import RunDir, atomic_write_json, atomic_write_text
+
+PIPELINE = ("data", "train", "eval", "export", "serve")
+
+
+def _stage_fn(stage: str) -> Callable[..., dict]:
+    if stage == "data":
+        from dsft.data import prepare
+
+        return prepare
+    if stage == "train":
+        from dsft.train import train
+
+        return train
+    if stage == "eval":
+        from dsft.eval import evaluate
+
+        return evaluate
+    if stage == "export":
+        from dsft.export import export
+
+        return export
+    if stage == "serve":
+        return serve_check
+    raise ValueError(stage)
+
+
+def serve_check(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+    """Start the real server on loopback for the exported model, send one /generate request, stop it."""
+    import httpx
+
+    from dsft.serve import serve_in_background
+
+    export_m = run.read_manifest("export")
+    model_dir = run.root / "export" / export_m["merged"]
+    t0 = time.perf_counter()
+    prompt = "头痛、发烧三天，应该怎么办？"
+    with serve_in_background(str(model_dir), cfg.serve) as base_url:
+        started = time.perf_counter() - t0
+        r = httpx.post(f"{base_url}/generate", json={"prompt": prompt, "max_tokens": 32, "temperature": 0.7}, timeout=120)
+        bad = httpx.post(f"{base_url}/generate", json={"prompt": 42}, timeout=60)
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    out = {
+        "ok": r.status_code == 200 and isinstance(body.get("text"), str) and 400 <= bad.status_code < 500,
+        "status": r.status_code,
+        "bad_request_status": bad.status_code,
+        "prompt": prompt,
+        "text": body.get("text"),
+        "startup_s": round(started, 2),
+        "model_dir": str(model_dir),
+    }
+    run.stage_dir("serve")
+    run.write_manifest("serve", out)
+    return out
+
+
+def run_pipeline(cfg: Config, run: RunDir, *, stages: tuple[str, ...] = PIPELINE, force: bool = False,
+                 on_stage: Callable[[str, dict, float], None] | None = None) -> dict[str, Any]:
+    """Run stages in order; return {stage: manifest} and {timings}. Each stage writes its own manifest."""
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        manifest = _stage_fn(stage)(cfg, run, force=force)
+        timings[stage] = round(time.perf_counter() - t0, 2)
+        results[stage] = manifest
+        if on_stage:
+            on_stage(stage, manifest, timings[stage])
+    results["timings"] = timings
+    return results
+
+
+def _get(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def build_report(cfg: Config, results: dict[str, Any]) -> dict[str, Any]:
+    """The run report (report.json): what each stage did, in a few numbers."""
+    data, train, ev, exp, srv = (results.get(s, {}) for s in PIPELINE)
+    counts = data.get("counts", {})
+    before, after = ev.get("before", {}), ev.get("after", {})
+    timings = dict(results.get("timings", {}))
+    timings["total"] = round(sum(timings.values()), 2)
+    return {
+        "config": {"model": cfg.model.name_or_path, "data": cfg.data.path, "method": cfg.train.method},
+        "data": {"input": counts.get("input"), "kept": counts.get("kept"), "dropped": counts.get("dropped", {}),
+                 "train": counts.get("train"), "test": counts.get("test"), "derived": counts.get("derived")},
+        "train": {"loss_first": train.get("loss_first"), "loss_last": train.get("loss_last"), "steps": train.get("steps"),
+                  "tokens_per_s": train.get("tokens_per_s"), "trainable_params": train.get("trainable_params")},
+        "eval": {"before": before, "after": after},
+        "export": {"max_abs_diff": exp.get("max_abs_diff"), "dtype": exp.get("dtype"), "variants": exp.get("variants")},
+        "serve": {"ok": srv.get("ok"), "status": srv.get("status"), "text": srv.get("text")},
+        "timings": timings,
+    }
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f} %" if isinstance(x, int | float) else "—"
+
+
+def _num(x: Any, fmt: str = "{:.4f}") -> str:
+    return fmt.format(x) if isinstance(x, int | float) else "—"
+
+
+def render_report_md(rep: dict[str, Any]) -> str:
+    """report.md: the run in a page, with the seed's headline form."""
+    b, a = rep["eval"]["before"], rep["eval"]["after"]
+    lines = [
+        "# dsft run report",
+        "",
+        f"Model `{rep['config']['model']}`, data `{rep['config']['data']}`, method `{rep['config']['method']}`.",
+        "",
+        f"**Department accuracy {_pct(b.get('accuracy'))} → {_pct(a.get('accuracy'))}; "
+        f"ROUGE-L {_num(b.get('rouge_l'))} → {_num(a.get('rouge_l'))}** (held-out test split, base → fine-tuned).",
+        "",
+        "## Data",
+        f"- input {rep['data']['input']} = kept {rep['data']['kept']} + dropped {json.dumps(rep['data']['dropped'], ensure_ascii=False)}",
+        f"- train {rep['data']['train']} (+{rep['data']['derived']} derived classification records), test {rep['data']['test']}",
+        "",
+        "## Train",
+        f"- loss {_num(rep['train']['loss_first'])} → {_num(rep['train']['loss_last'])} in {rep['train']['steps']} steps, "
+        f"{_num(rep['train']['tokens_per_s'], '{:.0f}')} tokens/s, {rep['train']['trainable_params']} trainable parameters",
+        "",
+        "## Eval (before → after)",
+        "| metric | base | fine-tuned |",
+        "|---|---|---|",
+    ]
+    for k in sorted(set(b) | set(a)):
+        if isinstance(b.get(k), int | float) or isinstance(a.get(k), int | float):
+            lines.append(f"| {k} | {_num(b.get(k))} | {_num(a.get(k))} |")
+    lines += [
+        "",
+        "## Export",
+        f"- merged ({rep['export']['dtype']}), max |merged − adapter| logits = {_num(rep['export']['max_abs_diff'], '{:.2e}')}",
+        "",
+        "## Serve",
+        f"- POST /generate → HTTP {rep['serve']['status']}, ok = {rep['serve']['ok']}: {rep['serve']['text']!r}",
+        "",
+        "## Timings (s)",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rep["timings"].items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_root: Path, rep: dict[str, Any]) -> tuple[Path, Path]:
+    jp, mp = Path(run_root) / "report.json", Path(run_root) / "report.md"
+    atomic_write_json(jp, rep)
+    atomic_write_text(mp, render_report_md(rep))
+    return jp, mp
