@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 test: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q -n 2 --timeout 900 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 tests
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

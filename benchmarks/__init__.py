@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints a side-by-side ratio against a peer, last line JSON."""
