@@ -76,3 +76,12 @@ class TrainConfig(Section):
     """torch.compile the model (inductor)."""
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     nproc: int = Field(1, gt=0)
+    """Processes (GPUs) per machine; > 1 re-launches under `accelerate launch` (same as --nproc)."""
+    num_machines: int = Field(1, gt=0)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int = 29500
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage when strategy is deepspeed."""
+    offload: bool = False
+    """CPU offload: optimizer (ZeRO-2/3), parameters (ZeRO-3, FSDP)."""
