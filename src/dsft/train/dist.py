@@ -122,6 +122,10 @@ class Dist:
             self.rank = self.acc.process_index
             self.device = self.acc.device
             self.kind = str(self.acc.distributed_type).rsplit(".", 1)[-1]
+            asked = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else (
+                "DEEPSPEED" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None)
+            if asked and asked != self.kind and self.is_main:
+                print(f"dsft train: {asked} needs GPUs; on CPU accelerate runs plain data parallel ({self.kind})", flush=True)
         else:
             self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
             self.kind = "single"
