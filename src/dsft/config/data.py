@@ -34,3 +34,7 @@ class DataConfig(Section):
     dedup_exact: bool = True
     dedup_fields: list[str] = Field(default_factory=lambda: ["question", "answer"])
     seed: int = 42
+    strict: bool = False
+    """Fail on the first invalid record (file, line, what was wrong) instead of writing it to rejected.jsonl."""
+    engine: Literal["local", "ray"] = "local"
+    """Where the batch steps run: this process (local) or Ray Data (`pip install dsft[ray]`); same output bytes."""
