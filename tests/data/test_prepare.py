@@ -32,6 +32,7 @@ def test_embedded_medical_contract(tmp_path):
     assert c["input"] == c["kept"] + sum(c["dropped"].values())
     assert c["dropped"].get("duplicate_exact", 0) > 0
     assert c["kept"] == c["train"] + c["test"] + c["eval"]
+    assert 1600 <= c["kept"] <= 1640
     assert m["label_field"] == "domain"
     assert m["labels"] == sorted(m["labels"]) and len(m["labels"]) == 11
     d = run.root / "data"
@@ -58,7 +59,9 @@ def test_embedded_medical_contract(tmp_path):
     assert rep["accounting_holds"] and rep["files"][0]["encoding"] == "gb18030"
     assert (d / "data_report.md").read_text(encoding="utf-8").count("|") > 20
     dups = read_jsonl(d / "duplicates.jsonl")
-    assert len(dups) == c["dropped"]["duplicate_exact"] and all(x["duplicate_of"] < x["index"] for x in dups)
+    assert len(dups) == c["dropped"]["duplicate_exact"] + c["dropped"].get("near_duplicate", 0)
+    assert all(x["duplicate_of"] < x["index"] for x in dups)
+    assert c["dropped"].get("near_duplicate", 0) > 0  # the shipped subset has template replies that differ a little
 
 
 def test_deterministic_and_refuses_overwrite(tmp_path):

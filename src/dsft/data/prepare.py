@@ -1,4 +1,4 @@
-"""`dsft.data.prepare`: read → validate → dedup → filter → balance → split → derive → write, with accounting."""
+"""`dsft.data.prepare`: read → validate → filter → dedup → decontaminate → split → balance → augment → derive → write."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from collections import Counter
 from typing import Any
 
 from dsft.config import Config
+from dsft.data.engine import get_engine
 from dsft.data.readers import read_rows, resolve_path
 from dsft.data.schema import Invalid, check_mapping, detect_schema, record_text, seed_mapping, to_record
+from dsft.data.split import stratified_split, stream_split
 from dsft.data.text import normalize
 from dsft.errors import DataError
 from dsft.records import label_prompt_messages
@@ -20,17 +22,20 @@ from dsft.run import RunDir, atomic_write_json, atomic_write_text, write_jsonl
 log = logging.getLogger("dsft.data")
 FORMAT_TO_SCHEMA = {"csv": "seed", "seed": "seed", "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai", "text": "text"}
 
+__all__ = ["prepare", "load_records", "exact_dedup", "stratified_split", "derive_label_records"]
+
 
 class Timer:
     """Per-step wall-clock timings for the report."""
 
     def __init__(self) -> None:
         self.t: dict[str, float] = {}
+        self.last = time.perf_counter()
 
-    def step(self, name: str, t0: float) -> float:
+    def step(self, name: str) -> None:
         now = time.perf_counter()
-        self.t[name] = round(self.t.get(name, 0.0) + now - t0, 4)
-        return now
+        self.t[name] = round(self.t.get(name, 0.0) + now - self.last, 4)
+        self.last = now
 
 
 def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
@@ -62,7 +67,7 @@ def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[di
         keys = info.get("header") or sorted({k for r in rows[:50] if isinstance(r.data, dict) for k in r.data})
         mapping = seed_mapping(keys, columns) if schema == "seed" else columns
         if schema == "seed" and "answer" not in mapping:
-            raise DataError(f"{display}:1: no answer column (looked for {', '.join(('answer', 'response', 'reply'))}); "
+            raise DataError(f"{display}:1: no answer column (looked for answer, response, reply); "
                             f"map it with data.columns.answer; the file has: {', '.join(keys)}")
         info.update(schema=schema, mapping=mapping)
         n_ok = 0
@@ -81,7 +86,7 @@ def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[di
 
 
 def exact_dedup(records: list[dict], fields: list[str]) -> tuple[list[dict], list[dict]]:
-    """Keep the first record of each normalised-text key; returns (kept, duplicates rows)."""
+    """Keep the first record of each normalised-text key; returns (kept, duplicates rows with local indices)."""
     seen: dict[bytes, int] = {}
     kept, dups = [], []
     for i, rec in enumerate(records):
@@ -96,32 +101,6 @@ def exact_dedup(records: list[dict], fields: list[str]) -> tuple[list[dict], lis
     return kept, dups
 
 
-def stratified_split(records: list[dict], test_size: float, eval_size: float, seed: int
-                     ) -> tuple[list[dict], list[dict], list[dict]]:
-    """Deterministic split by label: each class contributes round(n·size) (≥ 1 when it has ≥ 3) to test/eval."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(str(r.get("label")), []).append(i)
-    where: dict[int, str] = {}
-    for label in sorted(groups):
-        idx = list(groups[label])
-        random.Random(f"{seed}:{label}").shuffle(idx)
-        n = len(idx)
-        n_test = round(n * test_size)
-        if n_test == 0 and n >= 3:
-            n_test = 1
-        n_eval = round(n * eval_size) if eval_size > 0 else 0
-        if eval_size > 0 and n_eval == 0 and n >= 4:
-            n_eval = 1
-        n_eval = min(n_eval, max(0, n - n_test - 1))
-        for k, i in enumerate(idx):
-            where[i] = "test" if k < n_test else ("eval" if k < n_test + n_eval else "train")
-    train = [r for i, r in enumerate(records) if where[i] == "train"]
-    test = [r for i, r in enumerate(records) if where[i] == "test"]
-    ev = [r for i, r in enumerate(records) if where[i] == "eval"]
-    return train, test, ev
-
-
 def derive_label_records(train: list[dict], label_prompt: str, system_prompt: str | None) -> list[dict]:
     """train + one classification conversation per labelled record (label as the assistant turn), interleaved."""
     out = []
@@ -134,101 +113,251 @@ def derive_label_records(train: list[dict], label_prompt: str, system_prompt: st
     return out
 
 
+def _rejected_row(rec: dict, reason: str, detail: str | None) -> dict:
+    return {"file": rec["source"]["file"], "line": rec["source"]["line"], "id": rec["id"], "reason": reason,
+            "detail": detail, "record": rec}
+
+
+def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejected: list[dict], strict: bool,
+             pii_counts: Counter) -> list[dict]:
+    from dsft.data.quality import QualityFilter, token_filter
+
+    q = cfg.data.quality.model_dump()
+    results = [x for part in engine.map_batches(QualityFilter(q), records, 2000) for x in part]
+    kept = []
+    for (new, reason, detail, pii), rec in zip(results, records, strict=True):
+        pii_counts.update(pii)
+        if new is None:
+            if strict:
+                raise DataError(f"{rec['source']['file']}:{rec['source']['line']}: {reason}: {detail} (--strict)")
+            dropped[reason] += 1
+            rejected.append(_rejected_row(rec, reason, detail))
+        else:
+            kept.append(new)
+    if q["min_tokens"] or q["max_tokens"]:
+        from dsft.data.tokens import tokenizer_for
+
+        verdicts = token_filter(kept, q, tokenizer_for(cfg))
+        out = []
+        for rec, v in zip(kept, verdicts, strict=True):
+            if v is None:
+                out.append(rec)
+            else:
+                dropped[v[0]] += 1
+                rejected.append(_rejected_row(rec, v[0], v[1]))
+        kept = out
+    return kept
+
+
+def _near_dedup(records: list[dict], cfg: Config, engine, positions: list[int]) -> tuple[list[dict], list[dict], dict]:
+    from dsft.data.minhash import ShingleBatch, concat_shingles, near_dedup
+
+    nd = cfg.data.near_dedup
+    fields = nd.fields or list(cfg.data.dedup_fields)
+    texts = [record_text(r, fields) for r in records]
+    sh = concat_shingles(engine.map_batches(ShingleBatch(nd.ngram, nd.word_ngram), texts, 5000))
+    res = near_dedup(texts, threshold=nd.threshold, num_perm=nd.num_perm, ngram=nd.ngram, word_ngram=nd.word_ngram,
+                     bands=nd.bands, rows=nd.rows, verify=nd.verify, seed=nd.seed, shingles=sh)
+    dups = [{"index": positions[d["index"]], "duplicate_of": positions[d["duplicate_of"]], "jaccard": d["jaccard"],
+             "method": "minhash", "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"]}
+            for d in res.duplicates]
+    kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
+    examples = [{"id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"], "jaccard": d["jaccard"],
+                 "text": texts[d["index"]], "partner_text": texts[d["duplicate_of"]]}
+                for d in sorted(res.duplicates, key=lambda d: d["jaccard"])[:3]]
+    return kept, dups, {**res.stats, "verify": nd.verify, "fields": fields, "examples": examples}
+
+
+def _decontaminate(records: list[dict], cfg: Config, engine, dropped: Counter, rejected: list[dict]) -> tuple[list[dict], dict]:
+    from dsft.config import DataConfig
+    from dsft.data.decontam import ContaminationCheck, ngram_set
+
+    q = cfg.data.quality
+    ev_cfg = DataConfig(path=list(q.decontaminate), encoding=cfg.data.encoding, label_field=None)
+    ev_records, _, _ = load_records(ev_cfg)
+    ev_texts = [record_text(r) for r in ev_records]
+    hashes = ngram_set(ev_texts, q.decontam_ngram)
+    hits = [int(x) for part in engine.map_batches(ContaminationCheck(hashes, q.decontam_ngram),
+                                                  [record_text(r) for r in records], 5000) for x in part]
+    kept = []
+    for rec, h in zip(records, hits, strict=True):
+        if h:
+            dropped["contaminated"] += 1
+            rejected.append(_rejected_row(rec, "contaminated", f"shares {h} {q.decontam_ngram}-grams with {', '.join(q.decontaminate)}"))
+        else:
+            kept.append(rec)
+    return kept, {"eval_records": len(ev_records), "eval_ngrams": int(hashes.size), "ngram": q.decontam_ngram,
+                  "removed": len(records) - len(kept)}
+
+
 def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     """Run the data stage into `<run>/data/`; returns the manifest (see docs/ARCHITECTURE.md)."""
     d = cfg.data
     timer = Timer()
-    t = time.perf_counter()
     out_dir = run.prepare_stage("data", force=force)
-    records, rejected, infos = load_records(d, strict=getattr(d, "strict", False))
+    engine = get_engine(d.engine, d.workers)
+    records, rejected, infos = load_records(d, strict=d.strict)
     n_input = len(records) + len(rejected)
     if n_input == 0:
         raise DataError(f"{', '.join(i['file'] for i in infos)}: no records (empty dataset)")
     dropped: Counter[str] = Counter(r["reason"] for r in rejected)
     labels_before = Counter(str(r.get("label")) for r in records)
-    t = timer.step("read", t)
+    timer.step("read")
+    report_extra: dict[str, Any] = {}
 
     if d.max_samples and len(records) > d.max_samples:
-        keep = sorted(random.Random(d.seed).sample(range(len(records)), d.max_samples))
+        keep = set(random.Random(d.seed).sample(range(len(records)), d.max_samples))
+        for i, r in enumerate(records):
+            if i not in keep:
+                rejected.append(_rejected_row(r, "max_samples", f"data.max_samples={d.max_samples}"))
         dropped["max_samples"] += len(records) - len(keep)
-        records = [records[i] for i in keep]
+        records = [r for i, r in enumerate(records) if i in keep]
+    pii_counts: Counter[str] = Counter()
+    if d.quality.enabled:
+        records = _quality(records, cfg, engine, dropped, rejected, d.strict, pii_counts)
+        timer.step("quality")
+    # duplicates.jsonl: index / duplicate_of are positions among the records that entered dedup (after the filters)
     duplicates: list[dict] = []
+    positions = list(range(len(records)))
     if d.dedup_exact:
         records, dups = exact_dedup(records, list(d.dedup_fields))
         duplicates += dups
+        gone = {x["index"] for x in dups}
+        positions = [i for i in positions if i not in gone]
         if dups:
             dropped["duplicate_exact"] += len(dups)
-        t = timer.step("dedup_exact", t)
-
+        timer.step("dedup_exact")
+    if d.near_dedup.enabled and len(records) > 1:
+        records, dups, report_extra["near_dedup"] = _near_dedup(records, cfg, engine, positions)
+        duplicates += dups
+        if dups:
+            dropped["near_duplicate"] += len(dups)
+        timer.step("dedup_near")
+    if d.quality.enabled and d.quality.decontaminate:
+        records, report_extra["decontamination"] = _decontaminate(records, cfg, engine, dropped, rejected)
+        timer.step("decontaminate")
     if not records:
-        raise DataError(f"{', '.join(i['file'] for i in infos)}: no record left after validation and dedup "
+        raise DataError(f"{', '.join(i['file'] for i in infos)}: no record left after validation, filters and dedup "
                         f"(dropped: {dict(dropped)}); see {out_dir / 'rejected.jsonl'}")
-    kept = len(records)
-    train, test, ev = stratified_split(records, d.test_size, d.eval_size, d.seed)
-    t = timer.step("split", t)
+
+    if d.streaming:
+        parts: dict[str, list[dict]] = {"train": [], "test": [], "eval": []}
+        for split, rec in stream_split(iter(records), d.test_size, d.eval_size, d.seed, d.shuffle_buffer):
+            parts[split].append(rec)
+        train, test, ev = parts["train"], parts["test"], parts["eval"]
+    else:
+        train, test, ev = stratified_split(records, d.test_size, d.eval_size, d.seed)
+    timer.step("split")
+    if d.balance.method != "none":
+        from dsft.data.balance import balance
+
+        try:
+            train, under, report_extra["balance"] = balance(train, d.balance.method, cap=d.balance.cap, floor=d.balance.floor,
+                                                            temperature=d.balance.temperature, seed=d.seed)
+        except ValueError as err:
+            raise DataError(str(err)) from err
+        for r in under:
+            rejected.append(_rejected_row(r, "balance_cap", f"class '{r.get('label')}' undersampled to its target"))
+        if under:
+            dropped["balance_cap"] += len(under)
+        timer.step("balance")
+    kept = len([r for r in train if r["provenance"] == "original"]) + len(test) + len(ev)
+    if d.augment.methods and d.augment.ratio > 0:
+        from dsft.data.augment import augment_records
+
+        new, report_extra["augment"] = augment_records(train, d.augment, seed=d.seed, engine=engine)
+        train = train + new
+        timer.step("augment")
     n_train = len(train)
     if d.label_prompt and d.label_task_in_train and d.label_field:
         train = derive_label_records(train, d.label_prompt, d.system_prompt)
     derived = len(train) - n_train
-    t = timer.step("derive", t)
+    timer.step("derive")
 
     write_jsonl(out_dir / "train.jsonl", train)
     write_jsonl(out_dir / "test.jsonl", test)
     write_jsonl(out_dir / "eval.jsonl", ev)
     write_jsonl(out_dir / "rejected.jsonl", rejected)
     write_jsonl(out_dir / "duplicates.jsonl", duplicates)
-    t = timer.step("write", t)
+    timer.step("write")
 
-    assert n_input == kept + sum(dropped.values()), (n_input, kept, dropped)
-    labels = sorted({str(r["label"]) for r in records if r.get("label")})
+    if n_input != kept + sum(dropped.values()):  # pragma: no cover - an invariant, never expected
+        raise DataError(f"internal accounting error: input {n_input} ≠ kept {kept} + dropped {dict(dropped)}")
+    final = [r for r in train if r["provenance"] == "original"] + test + ev
+    labels = sorted({str(r["label"]) for r in final if r.get("label")})
     counts = {"input": n_input, "kept": kept, "dropped": dict(sorted(dropped.items())), "train": n_train,
               "test": len(test), "eval": len(ev), "derived": derived}
-    report = {
+    report: dict[str, Any] = {
         "counts": counts,
         "accounting_holds": n_input == kept + sum(dropped.values()),
+        "engine": engine.name,
         "files": infos,
         "label_field": d.label_field,
+        "train_composition": dict(sorted(Counter(r["provenance"] for r in train).items())),
         "labels": {"before": dict(sorted(labels_before.items())),
-                   "after": dict(sorted(Counter(str(r.get("label")) for r in records).items())),
-                   "train": dict(sorted(Counter(str(r.get("label")) for r in train if r["provenance"] == "original").items())),
+                   "after": dict(sorted(Counter(str(r.get("label")) for r in final).items())),
+                   "train": dict(sorted(Counter(str(r.get("label")) for r in train if r["provenance"] != "derived:label_task").items())),
                    "test": dict(sorted(Counter(str(r.get("label")) for r in test).items())),
                    "eval": dict(sorted(Counter(str(r.get("label")) for r in ev).items()))},
-        "timings_s": timer.t,
+        "pii": dict(sorted(pii_counts.items())),
     }
-    atomic_write_json(out_dir / "data_report.json", report)
-    atomic_write_text(out_dir / "data_report.md", render_report_md(report))
-    timer.step("report", t)
+    if "near_dedup" in report_extra:
+        report["near_dup_examples"] = report_extra["near_dedup"].pop("examples")
+    report.update(report_extra)
+    _lengths_and_plots(report, cfg, final, out_dir)
+    timer.step("report")
     report["timings_s"] = timer.t
     atomic_write_json(out_dir / "data_report.json", report)
+    from dsft.data.report import render_md
+
+    atomic_write_text(out_dir / "data_report.md", render_md(report))
     manifest = {"train": "train.jsonl", "test": "test.jsonl", "eval": "eval.jsonl", "report": "data_report.json",
                 "counts": counts, "labels": labels, "label_field": d.label_field}
     run.write_manifest("data", manifest)
     log.debug("data: %d in → %d kept (dropped %s); train %d (+%d derived), test %d, eval %d",
-             n_input, kept, dict(dropped), n_train, derived, len(test), len(ev))
+              n_input, kept, dict(dropped), n_train, derived, len(test), len(ev))
     return manifest
 
 
-def render_report_md(rep: dict[str, Any]) -> str:
-    """data_report.md: accounting, dropped reasons, label distribution before/after, timings."""
-    c = rep["counts"]
-    lines = ["# dsft data report", "",
-             f"**input {c['input']} = kept {c['kept']} + dropped {sum(c['dropped'].values())}** "
-             f"(accounting holds: {rep['accounting_holds']})", "",
-             f"Split: train {c['train']} (+{c['derived']} derived classification records), test {c['test']}, eval {c['eval']}.", "",
-             "## Inputs", "", "| file | kind | encoding | schema | rows | valid |", "|---|---|---|---|---|---|"]
-    for i in rep["files"]:
-        lines.append(f"| {i['file']} | {i['kind']} | {i['encoding']} | {i.get('schema')} | {i['rows']} | {i.get('valid', 0)} |")
-    lines += ["", "## Dropped by reason", "", "| reason | records |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in c["dropped"].items()] or ["| — | 0 |"]
-    lab = rep["labels"]
-    if any(k != "None" for k in lab["before"]):
-        lines += ["", f"## Labels (`{rep['label_field']}`) before → after", "",
-                  "| label | before | after | train | test | eval |", "|---|---|---|---|---|---|"]
-        for k in sorted(lab["before"], key=lambda x: -lab["before"][x]):
-            lines.append(f"| {k} | {lab['before'][k]} | {lab['after'].get(k, 0)} | {lab['train'].get(k, 0)} | "
-                         f"{lab['test'].get(k, 0)} | {lab['eval'].get(k, 0)} |")
-    lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in rep["timings_s"].items()], ""]
-    return "\n".join(lines)
+def _lengths_and_plots(report: dict, cfg: Config, final: list[dict], out_dir) -> None:
+    """Length statistics (characters, and tokens when a tokenizer is at hand) and the PNG plots."""
+    from dsft.data.stats import length_stats, record_lengths
 
+    chars = record_lengths(final)
+    report["lengths_chars"] = {k: length_stats(v) for k, v in chars.items()}
+    tokens: dict[str, list[int]] = {}
+    try:
+        from dsft.data.tokens import count_tokens, tokenizer_for
 
-__all__ = ["prepare", "load_records", "exact_dedup", "stratified_split", "derive_label_records"]
+        name = tokenizer_for(cfg)
+        for k in ("question", "answer"):
+            texts = [(r.get("fields") or {}).get(k) for r in final]
+            texts = [t for t in texts if t]
+            if texts:
+                tokens[k] = count_tokens(name, texts)
+        tokens["conversation"] = count_tokens(name, ["\n".join(m["content"] for m in r["messages"]) for r in final])
+        report["tokenizer"] = name
+    except Exception as err:  # token counts are a report nicety: never fail the stage for them
+        report["tokenizer"] = None
+        report["tokenizer_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        tokens = {}
+    report["lengths_tokens"] = {k: length_stats(v) for k, v in tokens.items()}
+    if not cfg.data.report_plots:
+        return
+    try:
+        from dsft.data.report import plot_histograms, plot_labels
+
+        plots = {}
+        if plot_histograms({"chars": chars, "tokens": tokens}, out_dir / "lengths.png", "lengths of the kept records"):
+            plots["lengths (characters and tokens)"] = "lengths.png"
+        lab = report["labels"]
+        p, legend = plot_labels({"before": lab["before"], "after cleaning": lab["after"], "train": lab["train"]},
+                                out_dir / "labels.png", f"labels ({report['label_field']}) before/after")
+        if p:
+            plots["labels before/after"] = "labels.png"
+            if legend:
+                report["plot_label_legend"] = legend
+        report["plots"] = plots
+    except Exception as err:  # no matplotlib backend / font problems: the report still gets written
+        report["plots"] = {}
+        report["plot_error"] = f"{type(err).__name__}: {err}"
