@@ -8,6 +8,8 @@ Conventions (also in docs/eval.md):
   Chinese text and score 0 — the LLaMA-Factory #6267 symptom).
 - SQuAD F1/EM: English as the official SQuAD v1.1 script (normalised bag-of-words F1); Chinese as the
   CMRC 2018 script (the same mixed segmentation, punctuation removed, F1 from the longest common substring).
+  "Punctuation" here is every Unicode P*/S* character — a superset of CMRC's hand-written list (which misses
+  ASCII , . ? ! ( ) and others).
 - Accuracy / Macro-F1 from scikit-learn; AUC is one-vs-rest, macro-averaged over the classes present in the
   references, from per-label scores (equals sklearn's `roc_auc_score(multi_class="ovr")` when every class
   occurs); perplexity = exp(token-weighted mean negative log-likelihood).
@@ -163,7 +165,8 @@ def _f1_one(prediction: str, reference: str, lang: str) -> float:
 
 def _em_one(prediction: str, reference: str, lang: str) -> float:
     if lang == "zh":
-        norm = lambda s: "".join(ch for ch in (s or "").lower().strip() if not _is_punct(ch) and not ch.isspace())  # noqa: E731
+        # CMRC 2018's remove_punctuation: lower-case, strip, drop punctuation, keep inner spaces.
+        norm = lambda s: "".join(ch for ch in (s or "").lower().strip() if not _is_punct(ch))  # noqa: E731
         return float(norm(prediction) == norm(reference))
     return float(_squad_normalize_en(prediction) == _squad_normalize_en(reference))
 
