@@ -16,13 +16,27 @@ def _plt():
     return plt
 
 
+_FONT_GLOBS = ("/usr/share/fonts/**/*CJK*.tt[cf]", "/usr/share/fonts/**/wqy*.tt[cf]", "/usr/share/fonts/**/*Han*Sans*.[ot]t[cf]",
+               "/System/Library/Fonts/PingFang.ttc", "C:/Windows/Fonts/msyh.ttc", "C:/Windows/Fonts/simhei.ttf")
+
+
 def _cjk_font() -> list[str]:
-    """Font families able to draw Chinese labels, if any are installed (else matplotlib's default)."""
+    """Font families able to draw Chinese labels (registering .ttc files matplotlib skips); [] when none."""
+    import glob
+
     from matplotlib import font_manager
 
     wanted = ("Noto Sans CJK SC", "Noto Sans CJK JP", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "SimHei",
-              "Source Han Sans SC", "AR PL UMing CN", "Droid Sans Fallback")
+              "Microsoft YaHei", "PingFang SC", "Source Han Sans SC", "Droid Sans Fallback")
     have = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(w in have for w in wanted):
+        for pattern in _FONT_GLOBS:
+            for path in sorted(glob.glob(pattern, recursive=True))[:8]:
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue
+        have = {f.name for f in font_manager.fontManager.ttflist}
     return [w for w in wanted if w in have]
 
 
@@ -65,7 +79,7 @@ def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]], path:
     plt = _plt()
     fonts = _cjk_font()
     n = max(len(classes), 1)
-    size = min(2.5 + 0.55 * n, 12)
+    size = min(2.5 + 0.4 * n, 7.5)
     ctx = {"font.family": ["sans-serif"], "font.sans-serif": [*fonts, "DejaVu Sans"]} if fonts else {}
     with plt.rc_context(ctx):
         fig, ax = plt.subplots(figsize=(size, size), dpi=100)

@@ -94,7 +94,7 @@ h1{font-size:1.6em}.headline{font-size:1.4em;font-weight:bold;background:#eef6ee
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}.better{color:#1a7f37;font-weight:bold}
 .samples td{text-align:left;vertical-align:top;max-width:320px;font-size:.9em}img{max-width:100%;border:1px solid #ddd}
-.plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0}"""
+.plots{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.plots figure{margin:0;max-width:48%}"""
 
 
 def _img(path: Path, alt: str) -> str:
@@ -117,6 +117,9 @@ def render_html(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[s
     figs = [_img(out_dir / p, key.replace("_", " ")) for key, p in pngs.items() if (out_dir / p).exists()]
     if figs:
         parts.append("<h2>Plots</h2><div class='plots'>" + "".join(figs) + "</div>")
+    if result.get("labels"):
+        parts.append("<p><small>Confusion-matrix classes (index = label): " + e(", ".join(
+            f"{i} = {lab}" for i, lab in enumerate(result["labels"]))) + "</small></p>")
     for name, m in result["models"].items():
         for field, table in (m.get("breakdown") or {}).items():
             parts.append(f"<h3>{e(name)}: by {e(field)}</h3><table><tr><th>{e(field)}</th><th>n</th><th>ROUGE-L</th><th>BLEU</th><th>accuracy</th></tr>")

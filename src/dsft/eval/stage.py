@@ -167,6 +167,19 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     base_dir = Path(train_m["base_model"])
     log.info("eval: %d held-out records, lang=%s, labels=%s", len(records), lang, len(labels or []))
 
+    contamination = None
+    train_rel = data_m.get("train")
+    if train_rel and (data_dir / train_rel).exists():
+        from dsft.eval.contamination import check
+
+        contamination = check(select_records(read_jsonl(test_path), None, cfg.data.seed), read_jsonl(data_dir / train_rel),
+                              n=cfg.eval.contamination_ngram, threshold=cfg.eval.contamination_threshold, lang=lang)
+        if contamination["flagged"]:
+            log.warning("eval: %d of %d test items share ≥ %.0f%% of their %d-grams with a training item (see eval.json "
+                        "'contamination'), e.g. %s ↔ %s", contamination["flagged"], contamination["checked"],
+                        100 * contamination["threshold"], contamination["n"], contamination["pairs"][0]["eval_id"],
+                        contamination["pairs"][0]["train_id"])
+
     models: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     model, tok, _ = load_model_and_tokenizer(cfg.model, model_dir=base_dir)
@@ -213,6 +226,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                          "auc": "one-vs-rest, macro over classes present, from label log-likelihood softmax",
                          "loss": "token-weighted mean NLL of the reference answer turn (incl. end-of-turn)"},
         "models": models, "before": before, "after": after, "headline": head,
+        "contamination": contamination,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     if quant_name:
@@ -226,6 +240,8 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     }
     if quant_name:
         manifest["quantized"] = result["quantized"]
+    if contamination is not None:
+        manifest["contamination"] = {k: contamination[k] for k in ("n", "threshold", "checked", "flagged", "rate")}
     run.write_manifest("eval", manifest)
     return manifest
 
