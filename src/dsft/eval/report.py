@@ -24,15 +24,50 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _delta(key: str, better: str, b: Any, a: Any) -> str:
+    if not isinstance(b, int | float) or not isinstance(a, int | float):
+        return ""
+    d = a - b
+    good = (d > 0) if better == "higher" else (d < 0)
+    sign = "+" if d > 0 else ("−" if d < 0 else "±")
+    return f"{sign}{abs(d):.4f}" + (" ✓" if good and d != 0 else "")
+
+
 def _table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header (model names [+ Δ]) and rows; Δ = fine-tuned − base, ✓ when it moved the right way."""
     names = list(result["models"])
+    with_delta = "base" in names and "finetuned" in names
     body = []
     for key, label, better in ROWS:
         vals = [result["models"][n].get(key) for n in names]
         if all(v is None for v in vals):
             continue
-        body.append([f"{label} ({better} is better)", *[_fmt(v) for v in vals]])
-    return names, body
+        row = [f"{label} ({better} is better)", *[_fmt(v) for v in vals]]
+        if with_delta:
+            row.append(_delta(key, better, result["models"]["base"].get(key), result["models"]["finetuned"].get(key)))
+        body.append(row)
+    return (names + ["Δ fine-tuned − base"]) if with_delta else names, body
+
+
+def _breakdown_tables(result: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """{field: (header, rows)} with ROUGE-L and accuracy of every model per group."""
+    names = list(result["models"])
+    fields: list[str] = []
+    for m in result["models"].values():
+        fields += [f for f in (m.get("breakdown") or {}) if f not in fields]
+    out = {}
+    for f in fields:
+        groups: list[str] = []
+        for n in names:
+            groups += [g for g in (result["models"][n].get("breakdown") or {}).get(f, {}) if g not in groups]
+        header = [f, "n", *[f"ROUGE-L {n}" for n in names], *[f"accuracy {n}" for n in names]]
+        rows = []
+        for g in groups:
+            cells = [(result["models"][n].get("breakdown") or {}).get(f, {}).get(g, {}) for n in names]
+            rows.append([g, str(next((c["n"] for c in cells if c), "")), *[_fmt(c.get("rouge_l")) for c in cells],
+                         *[_fmt(c.get("accuracy")) for c in cells]])
+        out[f] = (header, rows)
+    return out
 
 
 def _samples(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -56,12 +91,10 @@ def render_md(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[str
     lines += ["| " + " | ".join(r) + " |" for r in body]
     lines += ["", "Metric definitions: " + "; ".join(f"{k}: {v}" for k, v in result.get("metric_notes", {}).items()), ""]
     lines += ["Decoding: " + ", ".join(f"{k}={v}" for k, v in result.get("decoding", {}).items()), ""]
-    for name, m in result["models"].items():
-        for field, table in (m.get("breakdown") or {}).items():
-            lines += [f"## {name}: by {field}", "", "| " + field + " | n | ROUGE-L | BLEU | accuracy |", "|---|---|---|---|---|"]
-            lines += [f"| {g} | {v['n']} | {_fmt(v.get('rouge_l'))} | {_fmt(v.get('bleu'))} | {_fmt(v.get('accuracy'))} |"
-                      for g, v in table.items()]
-            lines.append("")
+    for field, (header, brows) in _breakdown_tables(result).items():
+        lines += [f"## By {field}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in brows]
+        lines.append("")
     if result.get("contamination"):
         c = result["contamination"]
         lines += ["## Contamination check", "", f"{c['flagged']} of {c['checked']} eval items share ≥ {c['threshold']:.0%} of their "
@@ -120,12 +153,10 @@ def render_html(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[s
     if result.get("labels"):
         parts.append("<p><small>Confusion-matrix classes (index = label): " + e(", ".join(
             f"{i} = {lab}" for i, lab in enumerate(result["labels"]))) + "</small></p>")
-    for name, m in result["models"].items():
-        for field, table in (m.get("breakdown") or {}).items():
-            parts.append(f"<h3>{e(name)}: by {e(field)}</h3><table><tr><th>{e(field)}</th><th>n</th><th>ROUGE-L</th><th>BLEU</th><th>accuracy</th></tr>")
-            parts += [f"<tr><td>{e(g)}</td><td>{v['n']}</td><td>{_fmt(v.get('rouge_l'))}</td><td>{_fmt(v.get('bleu'))}</td>"
-                      f"<td>{_fmt(v.get('accuracy'))}</td></tr>" for g, v in table.items()]
-            parts.append("</table>")
+    for field, (header, brows) in _breakdown_tables(result).items():
+        parts.append(f"<h2>By {e(field)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in brows]
+        parts.append("</table>")
     if result.get("contamination"):
         c = result["contamination"]
         parts.append(f"<h2>Contamination check</h2><p>{c['flagged']} of {c['checked']} eval items share ≥ {c['threshold']:.0%} "
