@@ -73,3 +73,17 @@ def test_score_bad_inputs(tmp_path, capsys):
     missing = _write(tmp_path / "m.jsonl", [{"prediction": "x"}])
     assert main(["eval", "score", str(missing)]) == 2
     assert f"{missing}:1" in capsys.readouterr().err
+
+
+def test_vllm_backend_absent_is_one_line_error(tmp_path, tiny_model_dir, tiny_adapter_dir, capsys):
+    from dsft.eval.vllm_backend import vllm_available
+
+    if vllm_available():
+        pytest.skip("vllm and a GPU are present here")
+    run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(2))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run.root)}))
+    assert main(["eval", str(cfg), "--set", "eval.backend=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.backend" in err and len(err.strip().splitlines()) == 1
+    assert not (run.root / "eval" / "manifest.json").exists()

@@ -32,6 +32,15 @@ def load_adapter(base_model, adapter_dir: str | Path):
     return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
 
 
+def _to_device(model):
+    """Move a model loaded on CPU to the GPU when one is present (no-op on CPU-only machines)."""
+    import torch
+
+    if torch.cuda.is_available() and getattr(model, "hf_device_map", None) is None:
+        return model.to("cuda")
+    return model
+
+
 def select_records(records: list[dict[str, Any]], max_samples: int | None, seed: int) -> list[dict[str, Any]]:
     """Original (not derived/augmented) records with an assistant turn; a seeded sample of at most max_samples, file order kept."""
     usable = [r for r in records if str(r.get("provenance") or "original") == "original"
@@ -52,8 +61,11 @@ def generation_settings(cfg: Config):
 
 
 def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, labels: list[str] | None,
-                   lang: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """All metrics of one model on records → (metrics dict, prediction rows for predictions.jsonl)."""
+                   lang: str, name: str, gen_fn=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All metrics of one model on records → (metrics dict, prediction rows for predictions.jsonl).
+
+    gen_fn(prompts) → generation result replaces the transformers generator (the vLLM backend).
+    """
     from dsft.eval import predict as P
 
     e = cfg.eval
@@ -61,7 +73,8 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
     items = [prompt_and_reference(r) for r in records]
     max_len = cfg.data.max_seq_length
     loss = P.answer_loss(model, tok, items, batch_size=e.batch_size, max_length=max_len)
-    gen = P.generate(model, tok, [m for m, _ in items], generation_settings(cfg), max_prompt_length=max_len)
+    prompts = [m for m, _ in items]
+    gen = gen_fn(prompts) if gen_fn else P.generate(model, tok, prompts, generation_settings(cfg), max_prompt_length=max_len)
     preds, refs = gen["texts"], [a for _, a in items]
     res: dict[str, Any] = {"loss": loss["loss"], "perplexity": loss["perplexity"], "answer_tokens": loss["tokens"]}
     res.update(M.text_metrics(preds, refs, lang, metrics=("rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em")))
@@ -148,6 +161,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     """Run the eval stage of a run directory (needs the data and train stages); returns the eval manifest."""
     from dsft.eval.plots import confusion_png, loss_curve_png
     from dsft.eval.report import write_reports
+    from dsft.eval.vllm_backend import generate_vllm, use_vllm
     from dsft.model.load import load_model, load_model_and_tokenizer
 
     data_m = run.read_manifest("data")
@@ -156,6 +170,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     test_path = data_dir / data_m["test"]
     if not test_path.exists():
         raise DataError(f"{test_path}: the data manifest's test split is missing")
+    vllm = use_vllm(cfg.eval.backend)  # fails before any work when vllm is asked for but absent
     out = run.prepare_stage("eval", force=force)
     t_start = time.perf_counter()
 
@@ -182,19 +197,30 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
 
     models: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
+    def vllm_fn(model_dir, adapter_dir=None):
+        if not vllm:
+            return None
+        return lambda prompts: generate_vllm(model_dir, tok, prompts, generation_settings(cfg), adapter_dir=adapter_dir,
+                                             max_prompt_length=cfg.data.max_seq_length,
+                                             trust_remote_code=cfg.model.trust_remote_code)
+
     model, tok, _ = load_model_and_tokenizer(cfg.model, model_dir=base_dir)
+    model = _to_device(model)
     if cfg.eval.compare_base:
-        models["base"], r = evaluate_model(model, tok, records, cfg, labels=labels, lang=lang, name="base")
+        models["base"], r = evaluate_model(model, tok, records, cfg, labels=labels, lang=lang, name="base",
+                                           gen_fn=vllm_fn(base_dir))
         rows += r
     if train_m.get("adapter"):
         ft = load_adapter(model, train_dir / train_m["adapter"])
+        ft_gen = vllm_fn(base_dir, train_dir / train_m["adapter"])
     elif train_m.get("model"):
         del model
-        ft = load_model(train_dir / train_m["model"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                        attn_implementation=cfg.model.attn_implementation)
+        ft = _to_device(load_model(train_dir / train_m["model"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                   attn_implementation=cfg.model.attn_implementation))
+        ft_gen = vllm_fn(train_dir / train_m["model"])
     else:
         raise ModelError(f"{run.manifest_path('train')}: neither 'adapter' nor 'model' is set — nothing fine-tuned to evaluate")
-    models["finetuned"], r = evaluate_model(ft, tok, records, cfg, labels=labels, lang=lang, name="finetuned")
+    models["finetuned"], r = evaluate_model(ft, tok, records, cfg, labels=labels, lang=lang, name="finetuned", gen_fn=ft_gen)
     rows += r
     del ft
 
@@ -219,7 +245,8 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     result = {
         "n": len(records), "lang": lang, "labels": labels, "label_field": data_m.get("label_field"),
         "test": str(test_path), "base_model": str(base_dir),
-        "decoding": generation_settings(cfg).as_dict(), "label_scoring": cfg.eval.label_scoring,
+        "decoding": {**generation_settings(cfg).as_dict(), "backend": "vllm" if vllm else "transformers"},
+        "label_scoring": cfg.eval.label_scoring,
         "metric_notes": {"bleu": "sacrebleu corpus BLEU / 100, tokenize=" + ("zh" if lang == "zh" else "13a"),
                          "rouge": "rouge-score F-measure, mean over items; " + ("character-level (CJK chars, ASCII words)" if lang == "zh" else "rouge-score tokenizer"),
                          "f1_em": "CMRC 2018 (character-level)" if lang == "zh" else "SQuAD v1.1",
@@ -264,7 +291,7 @@ def _evaluate_variants(cfg, run, tok, records, labels, lang, models, rows):
             continue
         name = str(v.get("name") or vdir.name)
         try:
-            model = load_model(vdir, dtype=cfg.model.dtype)
+            model = _to_device(load_model(vdir, dtype=cfg.model.dtype))
         except ModelError as err:
             log.warning("eval: skipping variant %s (%s)", name, err)
             continue
