@@ -50,7 +50,9 @@ def make_run(root: Path, model_dir: Path, adapter_dir: Path, records: list[dict]
     t = run.stage_dir("train")
     shutil.copytree(adapter_dir, t / "adapter")
     (t / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - 0.3 * s, "lr": 1e-3}) + "\n" for s in range(1, 9))
-                                 + json.dumps({"step": 8, "eval_loss": 3.1}) + "\n", encoding="utf-8")
+                                 + json.dumps({"step": 8, "event": "eval", "eval_loss": 3.1}) + "\n"
+                                 + json.dumps({"step": 8, "event": "early_stop", "eval_loss": 3.1, "best": 3.0}) + "\n",
+                                 encoding="utf-8")
     run.write_manifest("train", {"base_model": str(model_dir), "method": "lora", "adapter": "adapter", "model": None,
                                  "steps": 8, "loss_first": 4.7, "loss_last": 2.6, "log": "log.jsonl"})
     return run

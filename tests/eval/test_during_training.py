@@ -25,9 +25,10 @@ def test_loss_metric_fixed_subset_and_mode_restored(model_tok):
     fn = make_eval_fn(cfg, recs, tok)
     assert fn.subset_ids == make_eval_fn(cfg, recs, tok).subset_ids and len(fn.subset_ids) == 4
     model.train()
-    a = fn(model)
+    a = fn(model, 10)
     assert model.training  # restored
-    assert a["metric"] == "eval_loss" and a["greater_is_better"] is False and a["value"] == a["eval_loss"] > 0
+    assert fn.metric == "eval_loss" and fn.greater_is_better is False and a["eval_metric_value"] == a["eval_loss"] > 0
+    assert all(isinstance(v, int | float) for v in a.values())  # loggable as scalars (TensorBoard, log.jsonl)
     assert "eval_rouge_l" not in a  # no generation needed for a loss metric
     assert fn(model)["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-6)  # deterministic (dropout off while scoring)
 
@@ -35,9 +36,11 @@ def test_loss_metric_fixed_subset_and_mode_restored(model_tok):
 def test_generation_metric_and_improvement(model_tok):
     model, tok = model_tok
     cfg = config_from_dict({"eval": {"during_training_metric": "rouge_l", "during_training_samples": 3, "max_new_tokens": 6}})
-    res = make_eval_fn(cfg, real_records(10), tok)(model)
-    assert res["metric"] == "eval_rouge_l" and res["greater_is_better"] is True
-    assert 0.0 <= res["value"] <= 1.0 and {"eval_bleu", "eval_f1", "eval_em", "eval_loss"} <= res.keys()
+    fn = make_eval_fn(cfg, real_records(10), tok)
+    res = fn(model, 5)
+    assert fn.metric == "eval_rouge_l" and fn.greater_is_better is True
+    assert res["eval_metric_value"] == res["eval_rouge_l"] and 0.0 <= res["eval_rouge_l"] <= 1.0
+    assert {"eval_bleu", "eval_f1", "eval_em", "eval_loss"} <= res.keys() and len(fn.last_predictions) == 3
     assert is_improvement(0.3, 0.2, True) and not is_improvement(0.2, 0.3, True)
     assert is_improvement(1.0, 2.0, False) and not is_improvement(1.95, 2.0, False, delta=0.1)
     assert is_improvement(5.0, None, False)

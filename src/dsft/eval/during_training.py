@@ -3,12 +3,14 @@
 The train stage builds one function before training and calls it every `eval_steps`:
 
     from dsft.eval.during_training import make_eval_fn, is_improvement
-    eval_fn = make_eval_fn(cfg, eval_records, tokenizer)       # fixed subset, chosen once by seed
-    res = eval_fn(model)        # {"eval_loss", "eval_perplexity", "eval_rouge_l", ..., "metric", "value", "greater_is_better"}
-    if is_improvement(res["value"], best, res["greater_is_better"], cfg.train.early_stopping_delta): ...
+    eval_fn = make_eval_fn(cfg, eval_records, tokenizer)   # fixed subset, chosen once by seed
+    res = eval_fn(model, step)   # numbers only: {"eval_loss", "eval_perplexity", "eval_rouge_l", ..., "eval_metric_value"}
+    if is_improvement(res["eval_metric_value"], best, eval_fn.greater_is_better, cfg.train.early_stopping_delta): ...
 
-The model's train/eval mode is restored after each call. Generation runs only when the chosen metric needs
-it or `generate=True`.
+`eval_fn.metric` names the chosen key (e.g. "eval_rouge_l"), `eval_fn.greater_is_better` its direction. Every
+value in the result is a number, so it can go straight to TensorBoard/MLflow/W&B and log.jsonl. The model's
+train/eval mode is restored after each call. Generation runs only when the chosen metric needs it or
+`generate=True`.
 """
 
 from __future__ import annotations
@@ -75,21 +77,23 @@ def make_eval_fn(cfg, records: Sequence[dict[str, Any]], tokenizer, *, metric: s
     want_generation = generate or key.removeprefix("eval_") in GENERATION_METRICS
     greater = greater_is_better(metric)
 
-    def eval_fn(model) -> dict[str, Any]:
+    def eval_fn(model, step: int | None = None) -> dict[str, float]:
         from dsft.eval import predict as P
 
         t0 = time.perf_counter()
         loss = P.answer_loss(model, tokenizer, items, batch_size=cfg.eval.batch_size, max_length=cfg.data.max_seq_length)
-        res: dict[str, Any] = {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_samples": len(items)}
+        res: dict[str, float] = {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_samples": len(items)}
         if want_generation:
             gen = P.generate(model, tokenizer, [m for m, _ in items], settings, max_prompt_length=cfg.data.max_seq_length)
             tm = M.text_metrics(gen["texts"], refs, use_lang, metrics=sorted(GENERATION_METRICS))
             res.update({f"eval_{k}": v for k, v in tm.items()})
-            res["eval_sample_prediction"] = gen["texts"][0] if gen["texts"] else ""
-        res.update(metric=key, value=res[key], greater_is_better=greater, eval_seconds=round(time.perf_counter() - t0, 3))
+            eval_fn.last_predictions = gen["texts"]  # type: ignore[attr-defined]
+        res["eval_metric_value"] = res[key]
+        res["eval_seconds"] = round(time.perf_counter() - t0, 3)
         return res
 
     eval_fn.subset_ids = [r.get("id") for r in subset]  # type: ignore[attr-defined]
+    eval_fn.last_predictions = []  # type: ignore[attr-defined]
     eval_fn.metric = key  # type: ignore[attr-defined]
     eval_fn.greater_is_better = greater  # type: ignore[attr-defined]
     return eval_fn

@@ -44,6 +44,8 @@ def loss_series(log_rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[floa
     """{series: (steps, values)} for `loss` and `eval_loss` (and any other `*loss` key) found in log rows."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for i, row in enumerate(log_rows):
+        if row.get("event") not in (None, "eval"):  # nan_loss / early_stop / oom … rows are not curve points
+            continue
         step = row.get("step", row.get("global_step", i))
         for k, v in row.items():
             if k.endswith("loss") and isinstance(v, int | float) and not isinstance(v, bool):
