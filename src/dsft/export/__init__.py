@@ -11,15 +11,25 @@ from dsft.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export", "export_model", "dir_size"]
+__all__ = ["export", "export_model", "dir_size", "load_quantized"]
 
 
-def dir_size(path: str | Path) -> int:
-    """Bytes of every file under path (a file's own size when path is a file)."""
+def load_quantized(model_dir: str | Path):
+    """Reload an int8/int4 variant written by dsft → (model, tokenizer) (see dsft.export.quant)."""
+    from dsft.export.quant import load_quantized as _load
+
+    return _load(model_dir)
+
+
+def dir_size(path: str | Path, *, weights_only: bool = False) -> int:
+    """Bytes of every file under path (a file's own size when path is a file); weights_only: *.safetensors/*.gguf."""
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    files = [f for f in p.rglob("*") if f.is_file()]
+    if weights_only:
+        files = [f for f in files if f.suffix in (".safetensors", ".gguf")]
+    return sum(f.stat().st_size for f in files)
 
 
 def _conversations_from_run(run, limit: int = 8) -> list[list[dict[str, str]]] | None:
@@ -73,6 +83,9 @@ def export_model(
     unknown = [f for f in ecfg.formats if f not in KNOWN_FORMATS]
     if unknown:
         raise ExportError(f"export.formats: unknown format {unknown[0]!r} (known: {', '.join(KNOWN_FORMATS)})")
+    from dsft.export.variants import check_formats_runnable
+
+    check_formats_runnable(ecfg.formats)
     if adapter_dir is not None:
         adapter_dir = check_adapter_dir(Path(adapter_dir))
     merged_dir = out_dir / "merged"
@@ -88,7 +101,7 @@ def export_model(
                          conversations=conversations, trust_remote_code=cfg.model.trust_remote_code)
     variants: list[dict[str, Any]] = [{
         "name": "merged", "format": "safetensors", "dtype": ecfg.dtype, "path": "merged",
-        "size_bytes": dir_size(merged_dir), "engine": "transformers", "seconds": round(time.perf_counter() - t0, 2),
+        "size_bytes": dir_size(merged_dir, weights_only=True), "dir_bytes": dir_size(merged_dir), "engine": "transformers", "seconds": round(time.perf_counter() - t0, 2),
     }]
     manifest = {
         "merged": "merged",
@@ -104,10 +117,23 @@ def export_model(
         "params": res["params"],
         "variants": variants,
     }
+    for key in ("fp16_max_activation", "fp16_max_activation_at"):
+        if key in res:
+            manifest[key] = res[key]
+    from dsft.export.variants import make_variant
+
+    for fmt in ecfg.formats:
+        if fmt == "merged":
+            continue
+        variants.append(make_variant(fmt, merged_dir, out_dir, tok=tok))
+    if ecfg.report:
+        from dsft.export.report import quant_report
+
+        manifest["report"] = quant_report(out_dir, variants, cfg, conversations=conversations, tok=tok)
     return manifest
 
 
-KNOWN_FORMATS = ("merged",)
+KNOWN_FORMATS = ("merged", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 
 
 def export(cfg, run, force: bool = False) -> dict[str, Any]:

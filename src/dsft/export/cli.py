@@ -11,6 +11,7 @@ from dsft.errors import ExportError
 EXAMPLES = """examples:
   dsft export examples/demo.yaml                       # merge the run's adapter → <run_dir>/export/merged
   dsft export examples/demo.yaml --set export.dtype=bfloat16 --force
+  dsft export examples/demo.yaml --formats merged,int8,int4,gguf-q4_k_m --report --force
   dsft export --model BASE_DIR --adapter ADAPTER_DIR -o out/   # no config/run needed: out/merged, out/manifest.json
 """
 
@@ -27,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="PEFT adapter folder to merge into --model")
     p.add_argument("-o", "--out", help="output folder for --model mode (gets merged/, variants, manifest.json)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of merged/ (export.dtype)")
-    p.add_argument("--formats", help="comma-separated variants, e.g. merged,int8,int4 (export.formats)")
+    p.add_argument("--formats", help="comma-separated variants: merged,int8,int4,nf4,bnb-int8,gguf-f16,gguf-q8_0,gguf-q4_k_m")
+    p.add_argument("--report", action="store_true", help="measure every variant → quant_report.json/.md/.png (export.report)")
     p.set_defaults(func=_run)
 
 
@@ -36,6 +38,8 @@ def _run(args) -> int:
         args.overrides.append(f"export.dtype={args.dtype}")
     if args.formats:
         args.overrides.append(f"export.formats=[{args.formats}]")
+    if args.report:
+        args.overrides.append("export.report=true")
     if args.model:
         return _run_direct(args)
     if args.adapter or args.out:

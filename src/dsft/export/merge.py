@@ -86,6 +86,33 @@ def logits_of(model, batches: list[Any]) -> list[Any]:
     return outs
 
 
+FP16_MAX = 65504.0
+
+
+def activation_peak(model, batches: list[Any]) -> tuple[float, str]:
+    """Largest |activation| any module outputs on the probes, and where (for the fp16 overflow check)."""
+    import torch
+
+    peak = {"v": 0.0, "where": ""}
+
+    def visit(name):
+        def hook(_mod, _inp, out):
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    v = float(t.detach().abs().max())
+                    if not v < float("inf") or v > peak["v"]:
+                        peak["v"], peak["where"] = v, name
+        return hook
+
+    handles = [m.register_forward_hook(visit(n)) for n, m in model.named_modules() if n]
+    try:
+        logits_of(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak["v"], peak["where"]
+
+
 def max_abs_diff(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
@@ -169,10 +196,20 @@ def merge_and_save(
         raise ExportError(f"{adapter_dir}: merged model differs from base+adapter by {merge_diff:.3g} "
                           f"(> {merge_tol:.3g}) in fp32 logits; the adapter cannot be merged faithfully")
     n_params = sum(p.numel() for p in merged.parameters())
+    fp16 = {}
+    if dtype == "float16":
+        peak, where = activation_peak(merged, batches)
+        fp16 = {"fp16_max_activation": peak, "fp16_max_activation_at": where}
+        if not peak < FP16_MAX:
+            raise ExportError(f"float16 export: activation {peak:.4g} at '{where}' exceeds the fp16 maximum {FP16_MAX:g} "
+                              f"on the eval set; use export.dtype: bfloat16 (fp32 range) or float32")
     save_plain(merged, tok, out_dir, dtype)
     del merged, base
     reloaded = load_model(out_dir, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="eager")
     got = logits_of(reloaded, batches)
+    if not all(bool(x.isfinite().all()) for x in got):
+        raise ExportError(f"{out_dir}: the saved {dtype} model produces inf/nan logits on the eval set; "
+                          f"use export.dtype: bfloat16 or float32")
     diff = max_abs_diff(ref, got)
     tol = DTYPE_TOL_REL[dtype] * max(scale, 1.0) + MERGE_TOL_ABS
     if diff > tol:
@@ -181,7 +218,7 @@ def merge_and_save(
     return {
         "merged": str(out_dir), "dtype": dtype, "max_abs_diff": diff, "max_abs_diff_fp32_merge": merge_diff,
         "logit_scale": scale, "tolerance": tol, "within_tolerance": diff <= tol, "adapter_type": adapter_type,
-        "params": n_params, "probe_sequences": len(batches),
+        "params": n_params, "probe_sequences": len(batches), **fp16,
     }
 
 
