@@ -30,10 +30,18 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of merged/ (export.dtype)")
     p.add_argument("--formats", help="comma-separated variants: merged,int8,int4,nf4,bnb-int8,gguf-f16,gguf-q8_0,gguf-q4_k_m")
     p.add_argument("--report", action="store_true", help="measure every variant → quant_report.json/.md/.png (export.report)")
+    p.add_argument("--install-gguf-converter", metavar="PATH",
+                   help="copy llama.cpp's convert_hf_to_gguf.py from a llama.cpp folder or the llama-cpp-python sdist "
+                        "(.tar.gz) into $DSFT_HOME/llama.cpp, then exit")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    if args.install_gguf_converter:
+        from dsft.export.gguf import install_converter
+
+        print(f"llama.cpp converter installed in {install_converter(args.install_gguf_converter)}")
+        return 0
     if args.dtype:
         args.overrides.append(f"export.dtype={args.dtype}")
     if args.formats:

@@ -28,6 +28,55 @@ def find_converter() -> Path | None:
     return None
 
 
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+
+
+def install_converter(src: str | Path) -> Path:
+    """Copy llama.cpp's converter (convert_hf_to_gguf.py + conversion/ + gguf-py/) into $DSFT_HOME/llama.cpp.
+
+    `src` is a llama.cpp folder, or the llama-cpp-python sdist (.tar.gz, which vendors llama.cpp).
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    from dsft.model.paths import dsft_home
+
+    src = Path(src)
+    dest = dsft_home() / "llama.cpp"
+    tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp.", dir=dest.parent))
+    try:
+        if src.is_file() and src.name.endswith((".tar.gz", ".tgz")):
+            with tarfile.open(src) as tf:
+                conv = [m for m in tf.getmembers() if m.name.endswith("/convert_hf_to_gguf.py")]
+                if not conv:
+                    raise ExportError(f"{src}: no convert_hf_to_gguf.py inside (expected the llama-cpp-python sdist)")
+                root = min((m.name.rsplit("/", 1)[0] for m in conv), key=len) + "/"
+                picked = []
+                for m in tf.getmembers():
+                    rel = m.name[len(root):] if m.name.startswith(root) else None
+                    if rel and (m.isfile() or m.isdir()) and rel.startswith(_CONVERTER_PARTS):
+                        m.name = rel
+                        picked.append(m)
+                tf.extractall(tmp, members=picked, filter="data")
+        elif (src / "convert_hf_to_gguf.py").is_file():
+            for part in _CONVERTER_PARTS:
+                p = src / part.rstrip("/")
+                if p.is_dir():
+                    shutil.copytree(p, tmp / p.name)
+                elif p.is_file():
+                    shutil.copy2(p, tmp / p.name)
+        else:
+            raise ExportError(f"{src}: expected a llama.cpp folder holding convert_hf_to_gguf.py or the llama-cpp-python sdist (.tar.gz)")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def gguf_unavailable_reason() -> str | None:
     """None when GGUF export can run here, else one line saying what is missing and what to install."""
     try:
