@@ -47,4 +47,5 @@ def test_gguf_variants_reload_and_match_the_source(tmp_path, tiny_base, tiny_ada
     assert rows["gguf-f16"]["engine"].startswith("llama.cpp")
     # f16 GGUF ≈ the fp32 source: perplexity within 1 %, measured by llama.cpp on the same tokens
     assert abs(rows["gguf-f16"]["perplexity_delta_pct"]) < 1.0, rows["gguf-f16"]
+    assert rows["gguf-f16"]["greedy_match"] >= 0.5, rows["gguf-f16"]  # the speed path decodes the same tokens
     assert rows["gguf-q4_k_m"]["decode_tok_s"] > 0 and rows["gguf-q4_k_m"]["prefill_tok_s"] > 0

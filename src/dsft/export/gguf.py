@@ -150,6 +150,13 @@ def load_gguf(path: Path, *, n_ctx: int = 512, logits_all: bool = True, n_thread
                            n_gpu_layers=0, seed=0)
 
 
+def last_logits(llm):
+    """Logits of the last evaluated position (works with and without logits_all)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+
 def greedy_gguf(llm, ids: list[int], n: int) -> list[int]:
     """Greedy continuation of ids (token ids) with llama.cpp; stops at EOS."""
     import numpy as np
@@ -159,7 +166,7 @@ def greedy_gguf(llm, ids: list[int], n: int) -> list[int]:
     out: list[int] = []
     eos = llm.token_eos()
     for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits(llm)))
         out.append(nxt)
         if nxt == eos:
             break

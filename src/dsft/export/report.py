@@ -144,16 +144,18 @@ class GGUFRunner:
     def generate_timed(self, ids: list[int], n: int) -> tuple[list[int], float, float]:
         import numpy as np
 
+        from dsft.export.gguf import last_logits
+
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits(llm)))
         t1 = time.perf_counter()
         toks = [nxt]
         for _ in range(n - 1):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits(llm)))
             toks.append(nxt)
         t2 = time.perf_counter()
         return toks, t1 - t0, t2 - t1
