@@ -382,5 +382,9 @@ def load_engine(model_dir: str | Path, *, adapters: dict[str, str] | None = None
                 model.load_adapter(path, adapter_name=name)
         except Exception as err:
             raise ServeError(f"cannot load LoRA adapters ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    import torch
+
+    if torch.cuda.is_available():
+        model.to("cuda")
     model.eval()
     return Engine(model, tok, adapters=names, **kwargs)
