@@ -63,7 +63,8 @@ class ServerState:
         self.cfg = cfg
         self.engine = engine
         self.load_error: str | None = None
-        self.model_id = cfg.served_model_name or Path(str(model_dir)).name or "model"
+        p = Path(str(model_dir))
+        self.model_id = cfg.served_model_name or (p.stem if p.suffix == ".gguf" else p.name) or "model"
         self.adapters = dict(cfg.lora_modules)
         self.created = int(time.time())
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -76,13 +77,19 @@ class ServerState:
         """Load the model and start the engine (run in a thread so /health can answer 503 meanwhile)."""
         from dsft.serve.engine import load_engine
 
+        common = dict(chat_template=self.cfg.chat_template, max_queue=self.cfg.max_queue,
+                      max_model_len=self.cfg.max_model_len, on_token=self.metrics.on_tokens,
+                      on_first_token=self.metrics.ttft.observe)
         try:
-            eng = load_engine(
-                self.model_dir, adapters=self.adapters, dtype=self.cfg.dtype, chat_template=self.cfg.chat_template,
-                max_batch_size=self.cfg.max_batch_size, max_queue=self.cfg.max_queue,
-                max_model_len=self.cfg.max_model_len, on_token=self.metrics.on_tokens,
-                on_first_token=self.metrics.ttft.observe,
-            )
+            if self.cfg.engine == "llamacpp":
+                from dsft.serve.llamacpp import load_llamacpp_engine
+
+                if self.adapters:
+                    raise ValueError("LoRA adapters need the transformers engine (merge them before GGUF export)")
+                eng = load_llamacpp_engine(self.model_dir, **common)
+            else:
+                eng = load_engine(self.model_dir, adapters=self.adapters, dtype=self.cfg.dtype,
+                                  max_batch_size=self.cfg.max_batch_size, **common)
             eng.start()
             self.engine = eng
         except Exception as err:  # reported by /health and by serve_in_background

@@ -28,6 +28,17 @@ def bind_socket(host: str, port: int, *, fallback_free: bool = True) -> socket.s
     return sock
 
 
+def check_model(model: str, engine: str) -> str:
+    """A checked model path: a .gguf file for llamacpp, else a Hugging Face folder (or embedded:…)."""
+    if engine == "llamacpp":
+        from dsft.serve.llamacpp import check_gguf
+
+        return str(check_gguf(model))
+    from dsft.model.load import resolve_model_dir
+
+    return str(resolve_model_dir(model))
+
+
 def _url(host: str, port: int) -> str:
     h = f"[{host}]" if ":" in host else host
     return f"http://{h}:{port}"
@@ -39,13 +50,13 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
     import httpx
     import uvicorn
 
-    from dsft.model.load import resolve_model_dir
     from dsft.serve.app import create_app
 
     cfg = serve_cfg or ServeConfig()
-    model_dir = str(resolve_model_dir(str(model_dir)))  # a missing folder or weights: one line, before any thread
-    if cfg.engine != "transformers":
-        raise ServeError(f"serve_in_background runs the transformers engine only (serve.engine={cfg.engine!r})")
+    if cfg.engine == "vllm":
+        raise ServeError("serve_in_background runs the transformers or llamacpp engine (serve.engine='vllm' is a "
+                         "separate process: `dsft serve --engine vllm`)")
+    model_dir = check_model(str(model_dir), cfg.engine)  # a missing folder or weights: one line, before any thread
     host = cfg.host
     sock = bind_socket(host, cfg.port)
     port = sock.getsockname()[1]

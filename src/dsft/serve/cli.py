@@ -85,10 +85,6 @@ def _run(args) -> int:
         return 0
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("DSFT_API_KEY")):
         logging.getLogger("dsft.serve").warning("binding %s without --api-key: anyone on the network can call it", cfg.host)
-    if cfg.engine == "llamacpp":
-        from dsft.serve.llamacpp import serve_gguf
-
-        return serve_gguf(model, cfg)
     return serve_forever(model, cfg)
 
 
@@ -96,11 +92,10 @@ def serve_forever(model: str, cfg) -> int:
     """Run uvicorn in the foreground until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
-    from dsft.model.load import resolve_model_dir
     from dsft.serve.app import create_app
-    from dsft.serve.background import bind_socket
+    from dsft.serve.background import bind_socket, check_model
 
-    model_dir = resolve_model_dir(model)
+    model_dir = check_model(model, cfg.engine)
     sock = bind_socket(cfg.host, cfg.port, fallback_free=cfg.port == 0)
     host, port = sock.getsockname()[:2]
     app = create_app(str(model_dir), cfg)
