@@ -34,7 +34,7 @@ log = logging.getLogger("dsft.train")
 FaultHook = Callable[[int, int], None]
 """fault_hook(step, micro_batch_size) runs before every micro-batch (tests inject OOM with it)."""
 EvalFn = Callable[[Any, int], dict]
-"""eval_fn(model, step) → {"eval_loss": float, ...}; drives early stopping when given."""
+"""eval_fn(model, step) → {"eval_loss": float, ...}; drives early stopping on `eval_fn.metric` (default eval_loss)."""
 
 
 # ---------------------------------------------------------------- schedule
@@ -279,7 +279,15 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     # ---- resume
     start = 0
     history: list[dict] = []
-    best_eval, bad_evals = math.inf, 0
+    if eval_fn is None and tc.evaluation_strategy == "steps" and eval_records and \
+            cfg.eval.during_training_metric not in ("eval_loss", "loss"):
+        from dsft.eval.during_training import make_eval_fn  # the eval stage's public during-training hook
+
+        eval_fn = make_eval_fn(cfg, eval_records, tok)
+    # early stopping follows eval_fn.metric / eval_fn.greater_is_better when the hook declares them
+    metric_key = getattr(eval_fn, "metric", "eval_loss") if eval_fn else "eval_loss"
+    greater = bool(getattr(eval_fn, "greater_is_better", False)) if eval_fn else False
+    best_eval, bad_evals = (-math.inf if greater else math.inf), 0
     train_seconds_before = 0.0
     if resume:
         path = ck.latest_valid(ckpt_root) if resume == "auto" else Path(resume)
@@ -306,7 +314,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                 raise TrainError(str(err).strip("'\"")) from err
             start = st["step"]
             history = st.get("history", [])
-            best_eval, bad_evals = st.get("best_eval", math.inf), st.get("bad_evals", 0)
+            best_eval, bad_evals = st.get("best_eval", best_eval), st.get("bad_evals", 0)
             train_seconds_before = st.get("train_seconds", 0.0)
             if st.get("micro_batch") and st["micro_batch"] < ladder.micro_batch:
                 ladder.micro_batch = st["micro_batch"]
@@ -373,14 +381,15 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                     metrics = eval_fn(model, done) if eval_fn else {"eval_loss": eval_loss(loss_mod, eval_examples, micro, capacity, pad_id, device, tc.packing)}
                     model.train()
                     monitor.eval_record(done, metrics)
-                    ev = metrics.get("eval_loss")
+                    ev = metrics.get(metric_key)
                     if ev is not None and tc.early_stopping_patience:
-                        if ev < best_eval - tc.early_stopping_delta:
+                        better = (ev > best_eval + tc.early_stopping_delta) if greater else (ev < best_eval - tc.early_stopping_delta)
+                        if better:
                             best_eval, bad_evals = ev, 0
                         else:
                             bad_evals += 1
                             if bad_evals >= tc.early_stopping_patience:
-                                monitor.event(done, "early_stop", eval_loss=ev, best=best_eval,
+                                monitor.event(done, "early_stop", metric=metric_key, value=ev, best=best_eval,
                                               patience=tc.early_stopping_patience)
                                 stopped_early = True
             if done % tc.save_steps == 0 or stopped_early:
