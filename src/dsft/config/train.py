@@ -72,6 +72,9 @@ class TrainConfig(Section):
     """When packing is off: batch samples of similar length together (less padding)."""
     loss_chunk_size: int = Field(4096, gt=0)
     """Tokens per chunk of the LM head + cross-entropy (logits only where labels exist)."""
+    packed_attention: Literal["auto", "segments", "mask"] = "auto"
+    """How packed rows attend: `segments` runs SDPA per packed sample (Σ Lᵢ² work, CPU default); `mask` uses the
+    model's attn_implementation with transformers' block-diagonal mask / flash-attention varlen (GPU default)."""
     compile: bool = False
     """torch.compile the model (inductor)."""
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"

@@ -253,6 +253,11 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     preset = preset_for(_n_params(model))
     model, info = setup_method(model, cfg, preset)
     model.train()
+    prev_attn = None
+    if tc.packing and (tc.packed_attention == "segments" or (tc.packed_attention == "auto" and device.type == "cpu")):
+        from dsft.train.attention import use_packed_attention
+
+        prev_attn = use_packed_attention(model)
     lr = tc.learning_rate or preset.learning_rate
     micro = tc.per_device_train_batch_size if tc.per_device_train_batch_size != "auto" else preset.batch
     world = dist.world
@@ -404,6 +409,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     steps_done = step + 1 if total_steps > start else start
     # ---- outputs
     inner = unwrap(model)
+    if prev_attn is not None:
+        inner.set_attn_implementation(prev_attn)
     adapter_rel = model_rel = None
     full_sd = _gathered_model_state(dist, loss_mod) if dist.kind in ("FSDP", "DEEPSPEED") else None
     if tc.method in ("lora", "dora", "qlora"):
