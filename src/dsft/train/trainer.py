@@ -279,6 +279,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     capacity = tc.pack_length or max_len
+    if prev_attn is not None and not tc.pack_length:
+        capacity = 1 << 30  # per-sample attention: one row per micro-batch, no padding at all
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     # ---- resume
@@ -336,6 +338,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=True if not dist.is_main else ((not progress) if progress is not None else None),
                dynamic_ncols=True)
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     tokens_seen = 0
     stopped_early = False
     step = start
@@ -406,6 +409,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
+    cpu_elapsed = time.process_time() - cpu_start
     steps_done = step + 1 if total_steps > start else start
     # ---- outputs
     inner = unwrap(model)
@@ -447,6 +451,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
         "tb": "tb" if "tensorboard" in tc.report_to and not tc.logging_dir else tc.logging_dir,
         "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed > 0 and tokens_seen else None,
         "train_seconds": round(train_seconds_before + elapsed, 2),
+        "loop_seconds": round(elapsed, 3),
+        "loop_cpu_seconds": round(cpu_elapsed, 3),
         "trainable_params": info["trainable_params"],
         "total_params": info["total_params"],
         "learning_rate": lr,
