@@ -40,9 +40,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits = (hc @ w.t()).float()
             if bias is not None:
                 logits += bias.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()
+            # one exp pass, in place: p = exp(z - max) / Σ, loss = log Σ + max − z_target
+            target_logit = logits.gather(1, tc[:, None]).squeeze(1)
+            mx = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(mx).exp_()
+            sumexp = probs.sum(dim=-1, keepdim=True)
+            total += (sumexp.log().squeeze(1) + mx.squeeze(1) - target_logit).sum()
+            probs.div_(sumexp)
             probs[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0
             g = probs.to(h.dtype)
             grad_h[i:i + chunk] = g @ w
