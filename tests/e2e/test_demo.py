@@ -33,7 +33,9 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
         assert stage in rep["timings"]
     assert rep["plan"]["fits"] is True
     d = rep["data"]
-    assert d["input"] == 500
+    assert d["input"] == 1667  # the packaged subset; max_samples shows up as a drop reason
+    assert d["dropped"]["max_samples"] == 1667 - 500
+    assert d["kept"] <= 500 and d["train"] + d["test"] == d["kept"]
     assert d["input"] == d["kept"] + sum(d["dropped"].values())
     t = rep["train"]
     assert t["steps"] == 40
