@@ -110,7 +110,8 @@ def char_shingles(cp: np.ndarray, lens: np.ndarray, n: int) -> tuple[np.ndarray,
     counts = np.where(lens >= n, lens - n + 1, np.where(lens > 0, 1, 0)).astype(np.int64)
     if total == 0:
         return np.zeros(0, dtype=np.uint64), counts
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ends = np.cumsum(lens)
+    starts = ends - lens
     m = max(total - n + 1, 0)
     if m:
         h = cp[:m].astype(np.uint64)
@@ -118,21 +119,20 @@ def char_shingles(cp: np.ndarray, lens: np.ndarray, n: int) -> tuple[np.ndarray,
             for k in range(1, n):
                 h *= _P
                 h += cp[k:m + k]
-        pos = np.arange(m, dtype=np.int64) - np.repeat(starts, lens)[:m]
-        limit = np.repeat(lens - n, lens)[:m]
-        valid = pos <= limit
+        # an n-gram starting in the last n-1 characters of a doc crosses into the next one: mask those starts
+        valid = np.ones(m, dtype=bool)
+        bad = (ends[:, None] - np.arange(1, n)[None, :]).ravel()
+        bad = bad[(bad >= np.repeat(starts, n - 1)) & (bad < m)]
+        valid[bad] = False
         tok = h[valid]
-        owner = np.repeat(np.arange(lens.size), lens)[:m][valid]
     else:
         tok = np.zeros(0, dtype=np.uint64)
-        owner = np.zeros(0, dtype=np.int64)
     short = np.flatnonzero((lens > 0) & (lens < n))
     if short.size:
         extra = np.asarray([_poly(cp[starts[d]:starts[d] + lens[d]]) ^ np.uint64(0x5BD1E995) for d in short.tolist()], dtype=np.uint64)
-        tok = np.concatenate([tok, extra])
-        owner = np.concatenate([owner, short])
-        order = np.argsort(owner, kind="stable")
-        tok = tok[order]
+        long_counts = np.where(lens >= n, lens - n + 1, 0)
+        owner = np.concatenate([np.repeat(np.arange(lens.size), long_counts), short])
+        tok = np.concatenate([tok, extra])[np.argsort(owner, kind="stable")]
     with np.errstate(over="ignore"):
         return _mix(tok), counts
 
@@ -246,7 +246,8 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             block = s64[:, b * rows:(b + 1) * rows]
             h = np.full(n, np.uint64(b) + np.uint64(0x243F6A8885A308D3), dtype=np.uint64)
             for c in range(rows):
-                h = _mix(h * _P + block[:, c])
+                h = h * _P + block[:, c]
+            h = _mix(h)
             order = np.lexsort((np.arange(n), h))
             hs = h[order]
             same = np.flatnonzero(hs[1:] == hs[:-1]) + 1  # positions whose predecessor has the same hash
@@ -258,25 +259,65 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             pairs.append(np.stack([order[head], order[same]], axis=1))
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(pairs), axis=0)
+    allp = np.concatenate(pairs).astype(np.int64)
+    key = sorted_unique(allp[:, 0] * np.int64(n) + allp[:, 1])
+    return np.stack([key // n, key % n], axis=1)
+
+
+def _digest(tok: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
+    """rensa MinHash signatures of many docs at once from one flat buffer of shingle hashes."""
+    import rensa
+
+    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+
+
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is far slower on large uint64 arrays)."""
+    s = np.sort(a)
+    if s.size == 0:
+        return s
+    return s[np.concatenate([[True], s[1:] != s[:-1]])]
+
+
+def unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique values, index of each element of a in them), sort-based."""
+    order = np.argsort(a)
+    s = a[order]
+    flag = np.concatenate([[True], s[1:] != s[:-1]]) if s.size else np.zeros(0, dtype=bool)
+    inv = np.empty(a.size, dtype=np.int64)
+    inv[order] = np.cumsum(flag) - 1
+    return s[flag], inv
 
 
 def _exact_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Exact Jaccard of the shingle sets of each pair."""
-    cache: dict[int, np.ndarray] = {}
+    """Jaccard of the shingle sets of each pair, vectorised with single-key int64 sorts.
 
-    def s(i: int) -> np.ndarray:
-        if i not in cache:
-            cache[i] = np.unique(tokens[offsets[i]:offsets[i + 1]])
-        return cache[i]
-
-    out = np.empty(len(pairs), dtype=np.float64)
-    for k, (a, b) in enumerate(pairs.tolist()):
-        sa, sb = s(a), s(b)
-        inter = np.intersect1d(sa, sb, assume_unique=True).size
-        union = sa.size + sb.size - inter
-        out[k] = inter / union if union else 1.0
-    return out
+    Shingles are compared by the top 32 bits of their 64-bit hash (a collision inside one pair's ~300 shingles has
+    probability ~1e-5, far below any threshold step)."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    docs, inv = unique_inverse(pairs.ravel())
+    lens = offsets[docs + 1] - offsets[docs]
+    idx = np.repeat(offsets[docs] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))
+    t32 = (tokens[idx] >> np.uint64(32)).astype(np.int64)
+    # distinct shingles per involved doc: sort (doc << 32 | shingle), drop repeats
+    key = sorted_unique((np.repeat(np.arange(docs.size, dtype=np.int64), lens) << 32) | t32)
+    own, tid = key >> 32, key & 0xFFFFFFFF
+    size = np.bincount(own, minlength=docs.size)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    a, b = inv.reshape(-1, 2)[:, 0], inv.reshape(-1, 2)[:, 1]
+    la, lb = size[a], size[b]
+    # the two sets of each pair side by side, tagged with the pair id: a (pair, shingle) seen twice is shared
+    seg = np.stack([la, lb], axis=1).ravel()
+    seg_start = np.stack([start[a], start[b]], axis=1).ravel()
+    pos = np.repeat(seg_start - np.concatenate([[0], np.cumsum(seg)[:-1]]), seg) + np.arange(int(seg.sum()))
+    pid = np.repeat(np.arange(len(pairs), dtype=np.int64), la + lb)
+    pk = np.sort((pid << 32) | tid[pos])
+    dup = pk[1:] == pk[:-1]
+    inter = np.bincount(pk[1:][dup] >> 32, minlength=len(pairs))
+    union = la + lb - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, word_ngram: int = 3,
@@ -303,7 +344,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     if docs.size < 2:
         return NearDupResult(keep, [], {**stats, "candidates": 0, "pairs": 0})
     offsets = np.concatenate([[0], np.cumsum(counts[docs])]).astype(np.uint64)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+    matrix = _digest(tok, offsets, num_perm, seed)
     # rensa flags every row that shares a band with another (fast, in Rust); only those need their signature
     lsh = rensa.RMinHashLSH(threshold, num_perm, bands)
     flags = np.asarray(lsh.insert_matrix_and_query_duplicate_flags(matrix), dtype=bool) if rows * bands == num_perm else None
@@ -317,7 +358,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
         own = np.repeat(np.arange(docs.size), counts[docs])
         sel = flags[own]
         sub_off = np.concatenate([[0], np.cumsum(counts[docs][cand_docs])]).astype(np.uint64)
-        sub = rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok[sel], sub_off, num_perm, seed)
+        sub = _digest(tok[sel], sub_off, num_perm, seed)
         sig = np.asarray(sub.to_rows(), dtype=np.uint32)
     pairs = _band_pairs(sig, bands, rows)
     stats["candidates"] = int(cand_docs.size)
