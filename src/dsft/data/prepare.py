@@ -102,11 +102,12 @@ def exact_dedup(records: list[dict], fields: list[str]) -> tuple[list[dict], lis
 
 
 def derive_label_records(train: list[dict], label_prompt: str, system_prompt: str | None) -> list[dict]:
-    """train + one classification conversation per labelled record (label as the assistant turn), interleaved."""
+    """train + one classification conversation per labelled record (label as the assistant turn), interleaved.
+    Augmented and oversampled records get theirs too (a reworded question is a new classification example)."""
     out = []
     for r in train:
         out.append(r)
-        if r.get("label") and r.get("provenance") == "original":
+        if r.get("label") and r.get("provenance") != "derived:label_task":
             msgs = label_prompt_messages(r, label_prompt, system_prompt)
             out.append({**r, "id": f"{r['id']}#label", "messages": [*msgs, {"role": "assistant", "content": r["label"]}],
                         "provenance": "derived:label_task"})
