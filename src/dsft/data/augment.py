@@ -255,7 +255,7 @@ def back_translate(records: list[dict], translator: Translator, pivot: str = "en
     return out
 
 
-def augment_records(train: list[dict], acfg, *, seed: int, engine=None,
+def augment_records(train: list[dict], acfg, *, seed: int, engine=None, batch_size: int = 500,
                     translator: Translator | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Augmented variants of a sample of the original training records (the ratio per method); test/eval untouched."""
     originals = [r for r in train if r.get("provenance") == "original"]
@@ -269,7 +269,7 @@ def augment_records(train: list[dict], acfg, *, seed: int, engine=None,
         if method == "synonym":
             fn: Callable = SynonymBatch(seed, acfg.synonym_prob, acfg.synonyms_file,
                                         load_protected(acfg.protected_terms, acfg.protected_terms_file))
-            parts = engine.map_batches(fn, sample, 500) if engine is not None else [fn(sample)]
+            parts = engine.map_batches(fn, sample, batch_size) if engine is not None else [fn(sample)]
             made = [r for part in parts for r in part if r is not None]
         elif method == "template":
             if not acfg.templates:

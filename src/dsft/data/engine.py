@@ -46,9 +46,17 @@ class RayEngine:
             import ray
         except ImportError as err:
             raise DataError("data.engine=ray needs Ray Data: pip install 'dsft[ray]' (or 'ray[data]')") from err
+        import logging
+
         self.ray = ray
+        self.started = False
         if not ray.is_initialized():
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            self.started = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        for name in ("ray.data", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     def map_batches(self, fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: int = 1000) -> list[Any]:
         import numpy as np

@@ -124,7 +124,7 @@ def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejecte
     from dsft.data.quality import QualityFilter, token_filter
 
     q = cfg.data.quality.model_dump()
-    results = [x for part in engine.map_batches(QualityFilter(q), records, 2000) for x in part]
+    results = [x for part in engine.map_batches(QualityFilter(q), records, cfg.data.batch_size) for x in part]
     kept = []
     for (new, reason, detail, pii), rec in zip(results, records, strict=True):
         pii_counts.update(pii)
@@ -156,7 +156,7 @@ def _near_dedup(records: list[dict], cfg: Config, engine, positions: list[int]) 
     nd = cfg.data.near_dedup
     fields = nd.fields or list(cfg.data.dedup_fields)
     texts = [record_text(r, fields) for r in records]
-    sh = concat_shingles(engine.map_batches(ShingleBatch(nd.ngram, nd.word_ngram), texts, 5000))
+    sh = concat_shingles(engine.map_batches(ShingleBatch(nd.ngram, nd.word_ngram), texts, cfg.data.batch_size))
     res = near_dedup(texts, threshold=nd.threshold, num_perm=nd.num_perm, ngram=nd.ngram, word_ngram=nd.word_ngram,
                      bands=nd.bands, rows=nd.rows, verify=nd.verify, seed=nd.seed, shingles=sh)
     dups = [{"index": positions[d["index"]], "duplicate_of": positions[d["duplicate_of"]], "jaccard": d["jaccard"],
@@ -179,7 +179,8 @@ def _decontaminate(records: list[dict], cfg: Config, engine, dropped: Counter, r
     ev_texts = [record_text(r) for r in ev_records]
     hashes = ngram_set(ev_texts, q.decontam_ngram)
     hits = [int(x) for part in engine.map_batches(ContaminationCheck(hashes, q.decontam_ngram),
-                                                  [record_text(r) for r in records], 5000) for x in part]
+                                                  [record_text(r) for r in records], cfg.data.batch_size)
+            for x in part]
     kept = []
     for rec, h in zip(records, hits, strict=True):
         if h:
@@ -266,7 +267,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     if d.augment.methods and d.augment.ratio > 0:
         from dsft.data.augment import augment_records
 
-        new, report_extra["augment"] = augment_records(train, d.augment, seed=d.seed, engine=engine)
+        new, report_extra["augment"] = augment_records(train, d.augment, seed=d.seed, engine=engine, batch_size=d.batch_size)
         train = train + new
         timer.step("augment")
     n_train = len(train)
