@@ -146,3 +146,25 @@ def test_cli_prepare_stats_and_errors(tmp_path, medical_csv):
     assert r.returncode == 2 and r.stderr.startswith("dsft: error: ") and len(r.stderr.strip().splitlines()) == 1
     r = _dsft("data", "stats", str(medical_csv))
     assert r.returncode == 0 and "gb18030" in r.stdout and "肝病科 3121" in r.stdout
+
+
+def test_sharegpt_tool_calls_render_with_the_deepseek_template(sharegpt_json):
+    """function_call turns are assistant text and observations tool turns: the real V3 template renders all of them."""
+    from dsft.model.tokenizer import load_tokenizer
+
+    recs, _, _ = _load(sharegpt_json, label_field=None)
+    tok = load_tokenizer("embedded:tiny-deepseek-v3")
+    rendered = [tok.apply_chat_template(r["messages"], tokenize=False) for r in recs]
+    assert len(rendered) == 300 and all("<｜Assistant｜>" in x for x in rendered)
+    assert sum("<｜tool▁output▁begin｜>" in x for x in rendered) > 100
+
+
+def test_cli_split_streams(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({**QA, "id": str(i), "label": "AB"[i % 2]}) + "\n" for i in range(100)), encoding="utf-8")
+    r = _dsft("data", "split", str(src), "-o", str(tmp_path / "s"), "--test-size", "0.2", "--buffer", "10")
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(tmp_path / "s" / "test.jsonl")) == 20 and len(read_jsonl(tmp_path / "s" / "train.jsonl")) == 80
+    src.write_text('{"a": 1}\n{broken\n', encoding="utf-8")
+    r = _dsft("data", "split", str(src), "-o", str(tmp_path / "s2"))
+    assert r.returncode == 2 and "in.jsonl:2: not valid JSON" in r.stderr

@@ -50,6 +50,17 @@ def register(sub) -> None:
     pd.add_argument("--encoding", default="auto")
     pd.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     pd.set_defaults(func=_dedup)
+    pl = dsub.add_parser("split", help="stream-split a canonical JSONL larger than memory (shuffle buffer)",
+                         epilog="example:\n  dsft data split big.jsonl -o splits/ --test-size 0.1 --buffer 10000",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("input", help="canonical JSONL (e.g. a data stage's train.jsonl, or `dsft data dedup` output)")
+    pl.add_argument("-o", "--output", required=True, help="folder for train.jsonl, test.jsonl, eval.jsonl")
+    pl.add_argument("--test-size", type=float, default=0.1)
+    pl.add_argument("--eval-size", type=float, default=0.0)
+    pl.add_argument("--buffer", type=int, default=10_000, help="shuffle buffer in records (default 10000)")
+    pl.add_argument("--seed", type=int, default=42)
+    pl.add_argument("--force", action="store_true", help="overwrite existing split files")
+    pl.set_defaults(func=_split)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -113,4 +124,22 @@ def _dedup(args) -> int:
     print(f"{len(records)} records ({len(rejected)} invalid skipped) → {len(kept)} kept, {len(dups)} near-duplicates removed "
           f"in {time.perf_counter() - t0:.2f} s ({st['bands']}×{st['rows']} bands, {st.get('candidate_pairs', 0)} candidate pairs)")
     print(f"→ {out}\n→ {dup_path}")
+    return 0
+
+
+def _split(args) -> int:
+    from pathlib import Path
+
+    from dsft.data.split import stream_split_file
+    from dsft.errors import DataError, OverwriteError
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise DataError(f"{src}: file not found")
+    if not (0 < args.test_size < 1 and 0 <= args.eval_size < 1 and args.test_size + args.eval_size < 1):
+        raise DataError(f"--test-size {args.test_size} / --eval-size {args.eval_size}: expected shares that sum below 1")
+    if any((out / f"{s}.jsonl").exists() for s in ("train", "test", "eval")) and not args.force:
+        raise OverwriteError(f"{out} already holds split files; pass --force to overwrite them")
+    counts = stream_split_file(src, out, args.test_size, args.eval_size, args.seed, args.buffer)
+    print(f"train {counts['train']}, test {counts['test']}, eval {counts['eval']} → {out}")
     return 0

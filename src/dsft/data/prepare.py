@@ -242,6 +242,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         raise DataError(f"{', '.join(i['file'] for i in infos)}: no record left after validation, filters and dedup "
                         f"(dropped: {dict(dropped)}); see {out_dir / 'rejected.jsonl'}")
 
+    labels_clean = Counter(str(r.get("label")) for r in records)
     if d.streaming:
         parts: dict[str, list[dict]] = {"train": [], "test": [], "eval": []}
         for split, rec in stream_split(iter(records), d.test_size, d.eval_size, d.seed, d.shuffle_buffer):
@@ -297,7 +298,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         "label_field": d.label_field,
         "train_composition": dict(sorted(Counter(r["provenance"] for r in train).items())),
         "labels": {"before": dict(sorted(labels_before.items())),
-                   "after": dict(sorted(Counter(str(r.get("label")) for r in final).items())),
+                   "after": dict(sorted(labels_clean.items())),
                    "train": dict(sorted(Counter(str(r.get("label")) for r in train if r["provenance"] != "derived:label_task").items())),
                    "test": dict(sorted(Counter(str(r.get("label")) for r in test).items())),
                    "eval": dict(sorted(Counter(str(r.get("label")) for r in ev).items()))},
