@@ -168,3 +168,18 @@ def test_cli_split_streams(tmp_path):
     src.write_text('{"a": 1}\n{broken\n', encoding="utf-8")
     r = _dsft("data", "split", str(src), "-o", str(tmp_path / "s2"))
     assert r.returncode == 2 and "in.jsonl:2: not valid JSON" in r.stderr
+
+
+def test_mapping_covers_other_schemas(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"prompt": "头痛怎么办？", "completion": "多休息。", "dept": "神经科"}, ensure_ascii=False) + "\n"
+                 + json.dumps({"dialog": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]}, ensure_ascii=False)
+                 + "\n", encoding="utf-8")
+    (r,), rej, info = _load(p, columns={"instruction": "prompt", "output": "completion", "domain": "dept"})
+    assert info[0]["schema"] == "alpaca" and r["fields"]["question"] == "头痛怎么办？" and r["label"] == "神经科"
+    assert rej[0]["reason"] == "empty_question"  # the second row has no prompt/completion: rejected, not lost
+    q = tmp_path / "s.jsonl"
+    q.write_text(json.dumps({"dialog": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+                            ensure_ascii=False) + "\n", encoding="utf-8")
+    (r,), _, info = _load(q, columns={"conversations": "dialog"})
+    assert info[0]["schema"] == "sharegpt" and r["messages"][-1] == {"role": "assistant", "content": "你好！"}

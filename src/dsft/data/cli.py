@@ -31,6 +31,7 @@ def register(sub) -> None:
     ps.add_argument("--encoding", default="auto")
     ps.add_argument("--format", default="auto", help="auto, seed, alpaca, sharegpt, openai, text")
     ps.add_argument("--label-field", default="domain")
+    ps.add_argument("--tokenizer", help="also count tokens: a tokenizer folder or DeepSeek name (e.g. deepseek-v3)")
     ps.add_argument("--json", action="store_true", help="print JSON instead of text")
     ps.set_defaults(func=_stats)
     pd = dsub.add_parser("dedup", help="MinHash + LSH near-duplicate removal of one file (CJK-aware)",
@@ -84,7 +85,8 @@ def _prepare(args) -> int:
 def _stats(args) -> int:
     from dsft.data.stats import stats_for_paths, stats_text
 
-    st = stats_for_paths(args.input, encoding=args.encoding, fmt=args.format, label_field=args.label_field)
+    st = stats_for_paths(args.input, encoding=args.encoding, fmt=args.format, label_field=args.label_field,
+                          tokenizer=args.tokenizer)
     print(json.dumps(st, ensure_ascii=False, indent=2) if args.json else stats_text(st))
     return 0
 

@@ -39,7 +39,8 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
         cjk = np.zeros(0x10000, dtype=bool)
         for lo, hi in ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF)):
             cjk[lo:hi + 1] = True
-        _TABLES.update(out=out, keep=keep, multi=multi, expand=expand, cjk=cjk)
+        code = keep.astype(np.uint8) + 2 * multi.astype(np.uint8)  # 0 drop, 1 keep (mapped by out), 2 expand
+        _TABLES.update(out=out, keep=keep, multi=multi, expand=expand, cjk=cjk, code=code)
     t = _TABLES
     return t["out"], t["keep"], t["multi"], t["expand"]
 
@@ -54,13 +55,19 @@ def normalize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     lens0 = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
     cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     owner = np.repeat(np.arange(n, dtype=np.int64), lens0)
-    bmp = cp < 0x10000
-    idx = np.where(bmp, cp, 0)
-    k = np.where(bmp, keep[idx], True)
-    m = np.where(bmp, multi[idx], False)
-    cp = np.where(bmp, out[idx], cp)
-    if not bmp.all():  # astral characters: keep letters/digits (CJK extensions), drop emoji and symbols
-        astral = np.unique(cp[~bmp])
+    all_bmp = not cp.size or int(cp.max()) < 0x10000
+    if all_bmp:  # the common case: one table lookup per character
+        code = _TABLES["code"][cp]
+        k, m = code != 0, code == 2
+        cp = out[cp]
+    else:
+        bmp = cp < 0x10000
+        idx = np.where(bmp, cp, 0)
+        k = np.where(bmp, keep[idx], True)
+        m = np.where(bmp, multi[idx], False)
+        cp = np.where(bmp, out[idx], cp)
+    if not all_bmp:  # astral characters: keep letters/digits (CJK extensions), drop emoji and symbols
+        astral = sorted_unique(cp[~bmp])
         bad = [int(c) for c in astral if not _WORD.match(chr(int(c)))]
         if bad:
             k &= ~np.isin(cp, np.asarray(bad, dtype=np.uint32))

@@ -43,10 +43,10 @@ def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str) -> str
     for r in rows[:50]:
         if isinstance(r.data, dict):
             keys |= set(r.data)
-    mapped = {c: s for c, s in columns.items() if s in keys}
-    if "messages" in keys or mapped.get("messages"):
+    keys |= {c for c, s in columns.items() if s in keys}  # mapped columns count under their canonical names
+    if "messages" in keys:
         return "openai"
-    if "conversations" in keys or mapped.get("conversations"):
+    if "conversations" in keys:
         return "sharegpt"
     if {"instruction", "output"} <= keys and "answer" not in columns:
         return "alpaca"
