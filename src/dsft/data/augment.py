@@ -65,11 +65,14 @@ def load_protected(terms: list[str], file: str | None) -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def _jieba():
+    """A private jieba tokenizer: the global one may carry words other code added (segmentation must not depend on
+    what ran before in this process — the Ray workers start fresh)."""
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
-    jieba.initialize()
-    return jieba
+    tk = jieba.Tokenizer()
+    tk.initialize()
+    return tk
 
 
 def tokenize(text: str, protected: frozenset[str]) -> list[str]:
@@ -77,10 +80,7 @@ def tokenize(text: str, protected: frozenset[str]) -> list[str]:
     if not re.search(r"[\u4e00-\u9fff]", text):
         return _EN_WORD.findall(text)
     jb = _jieba()
-    for t in protected:
-        if re.search(r"[\u4e00-\u9fff]", t):
-            jb.add_word(t, freq=10_000_000)
-    # protected terms are split out first so that jieba cannot merge them with their neighbours
+    # protected terms are split out first (never given to jieba), so they stay whole whatever jieba's dictionary says
     if protected:
         pat = re.compile("(" + "|".join(re.escape(t) for t in sorted(protected, key=len, reverse=True)) + ")")
         out: list[str] = []
