@@ -39,8 +39,10 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
         cjk = np.zeros(0x10000, dtype=bool)
         for lo, hi in ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF)):
             cjk[lo:hi + 1] = True
-        code = keep.astype(np.uint8) + 2 * multi.astype(np.uint8)  # 0 drop, 1 keep (mapped by out), 2 expand
-        _TABLES.update(out=out, keep=keep, multi=multi, expand=expand, cjk=cjk, code=code)
+        width = keep.astype(np.uint8)  # characters each input character becomes: 0 dropped, 1, or an expansion's length
+        for c, e in expand.items():
+            width[c] = len(e)
+        _TABLES.update(out=out, keep=keep, multi=multi, expand=expand, cjk=cjk, width=width)
     t = _TABLES
     return t["out"], t["keep"], t["multi"], t["expand"]
 
@@ -50,44 +52,39 @@ def normalize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
     Per character: NFKC, lowercase, drop everything that is not a letter or digit (CJK included).
     """
+    cp, lens = normalize_codepoints(texts)
+    return cp, np.repeat(np.arange(len(texts), dtype=np.int64), lens), lens
+
+
+def normalize_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised code points of all texts back to back, length per text) — vectorised, no per-text Python."""
     out, keep, multi, expand = _tables()
     n = len(texts)
     lens0 = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
-    cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
-    owner = np.repeat(np.arange(n, dtype=np.int64), lens0)
-    all_bmp = not cp.size or int(cp.max()) < 0x10000
-    if all_bmp:  # the common case: one table lookup per character
-        code = _TABLES["code"][cp]
-        k, m = code != 0, code == 2
-        cp = out[cp]
-    else:
-        bmp = cp < 0x10000
-        idx = np.where(bmp, cp, 0)
-        k = np.where(bmp, keep[idx], True)
-        m = np.where(bmp, multi[idx], False)
-        cp = np.where(bmp, out[idx], cp)
-    if not all_bmp:  # astral characters: keep letters/digits (CJK extensions), drop emoji and symbols
-        astral = sorted_unique(cp[~bmp])
-        bad = [int(c) for c in astral if not _WORD.match(chr(int(c)))]
-        if bad:
-            k &= ~np.isin(cp, np.asarray(bad, dtype=np.uint32))
-    if m.any():  # rare multi-character expansions (ligatures, ㎏, ⑩): insert the extra characters
-        pos = np.flatnonzero(m)
-        ins_at, ins_cp, ins_owner = [], [], []
-        for p in pos.tolist():
-            s = expand[int(cp[p])]
-            cp[p] = ord(s[0])
-            k[p] = True
-            for ch in s[1:]:
-                ins_at.append(p + 1)
-                ins_cp.append(ord(ch))
-                ins_owner.append(owner[p])
-        cp = np.insert(cp, ins_at, np.asarray(ins_cp, dtype=np.uint32))
-        owner = np.insert(owner, ins_at, np.asarray(ins_owner, dtype=np.int64))
-        k = np.insert(k, ins_at, True)
-    cp, owner = cp[k], owner[k]
-    lens = np.bincount(owner, minlength=n).astype(np.int64)
-    return cp, owner, lens
+    raw = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    if not raw.size or int(raw.max()) < 0x10000:  # the common case: one table lookup per character
+        width = _TABLES["width"][raw]
+        mapped = out[raw]
+    else:  # astral characters: keep letters/digits (CJK extensions), drop emoji and symbols
+        bmp = raw < 0x10000
+        idx = np.where(bmp, raw, 0)
+        astral = sorted_unique(raw[~bmp])
+        good = np.asarray([int(c) for c in astral if _WORD.match(chr(int(c)))], dtype=np.uint32)
+        width = np.where(bmp, _TABLES["width"][idx], np.isin(raw, good).astype(np.uint8))
+        mapped = np.where(bmp, out[idx], raw)
+    ends0 = np.cumsum(lens0)
+    cs = np.concatenate([[0], np.cumsum(width, dtype=np.int64)])
+    lens = cs[ends0] - cs[ends0 - lens0]
+    multi_pos = np.flatnonzero(width > 1)
+    if multi_pos.size == 0:
+        return mapped[width.astype(bool)], lens
+    # rare multi-character expansions (℃ → °c, ㎏ → kg, ⑩ → 10): repeat, then write the expansion in place
+    cp = np.repeat(mapped, width)
+    at = cs[multi_pos]
+    for p, a in zip(multi_pos.tolist(), at.tolist(), strict=True):
+        e = expand[int(raw[p])]
+        cp[a:a + len(e)] = [ord(ch) for ch in e]
+    return cp, lens
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -177,9 +174,10 @@ def shingle(texts: list[str], ngram: int = 5, word_ngram: int = 3, cjk_threshold
 
     mode: auto (decided per text by its share of CJK characters), char, word. Returns (tokens, count per text).
     """
-    cp, owner, lens = normalize_batch(texts)
+    cp, lens = normalize_codepoints(texts)
     if mode == "char":
         return char_shingles(cp, lens, ngram)
+    owner = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
     cjk = _TABLES["cjk"]
     is_cjk = np.where(cp < 0x10000, cjk[np.minimum(cp, 0xFFFF)], True)
     share = np.bincount(owner, weights=is_cjk, minlength=len(texts)) / np.maximum(lens, 1)
