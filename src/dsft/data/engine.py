@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -30,9 +31,11 @@ class LocalEngine:
     def map_batches(self, fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: int = 1000) -> list[Any]:
         """fn(batch) for each batch of items, results in input order (one per batch)."""
         parts = batches(items, batch_size)
-        if self.workers <= 1 or len(items) < self.min_parallel or len(parts) < 2 or "fork" not in mp.get_all_start_methods():
+        if self.workers <= 1 or len(items) < self.min_parallel or len(parts) < 2:
             return [fn(b) for b in parts]
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("fork")) as pool:
+        # fork is fast, but unsafe once torch (OpenMP threads) is loaded in this process: then start fresh workers
+        method = "fork" if "fork" in mp.get_all_start_methods() and "torch" not in sys.modules else "spawn"
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context(method)) as pool:
             return list(pool.map(fn, parts))
 
 

@@ -119,8 +119,9 @@ def _rejected_row(rec: dict, reason: str, detail: str | None) -> dict:
             "detail": detail, "record": rec}
 
 
-def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejected: list[dict], strict: bool,
+def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejected: list[dict],
              pii_counts: Counter) -> list[dict]:
+    """The quality filters (policy, not validity: --strict does not stop on them); drops go to rejected.jsonl."""
     from dsft.data.quality import QualityFilter, token_filter
 
     q = cfg.data.quality.model_dump()
@@ -129,8 +130,6 @@ def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejecte
     for (new, reason, detail, pii), rec in zip(results, records, strict=True):
         pii_counts.update(pii)
         if new is None:
-            if strict:
-                raise DataError(f"{rec['source']['file']}:{rec['source']['line']}: {reason}: {detail} (--strict)")
             dropped[reason] += 1
             rejected.append(_rejected_row(rec, reason, detail))
         else:
@@ -216,7 +215,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         records = [r for i, r in enumerate(records) if i in keep]
     pii_counts: Counter[str] = Counter()
     if d.quality.enabled:
-        records = _quality(records, cfg, engine, dropped, rejected, d.strict, pii_counts)
+        records = _quality(records, cfg, engine, dropped, rejected, pii_counts)
         timer.step("quality")
     # duplicates.jsonl: index / duplicate_of are positions among the records that entered dedup (after the filters)
     duplicates: list[dict] = []
