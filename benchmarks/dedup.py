@@ -68,7 +68,9 @@ def plant(base: list[str], n: int, seed: int) -> list[tuple[int, str, float]]:
 def run_dsft(texts: list[str], threshold: float, num_perm: int) -> tuple[float, float, list[tuple[int, int]]]:
     t0, c0 = time.perf_counter(), time.process_time()
     res = near_dedup(texts, threshold=threshold, num_perm=num_perm, ngram=5, verify="exact", mode="char")
-    return time.perf_counter() - t0, time.process_time() - c0, [(d["duplicate_of"], d["index"]) for d in res.duplicates]
+    # the pair dsft confirmed for each removed doc: its matched partner (chains) or the kept one
+    return time.perf_counter() - t0, time.process_time() - c0, [(d.get("matched", d["duplicate_of"]), d["index"])
+                                                                 for d in res.duplicates]
 
 
 def run_datasketch(texts: list[str], threshold: float, num_perm: int) -> tuple[float, float, list[tuple[int, int]]]:

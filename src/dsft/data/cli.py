@@ -119,7 +119,8 @@ def _dedup(args) -> int:
     except ValueError as err:
         raise DataError(str(err)) from err
     kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
-    dups = [{**d, "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"]} for d in res.duplicates]
+    dups = [{**d, "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"],
+             **({"matched_id": records[d["matched"]]["id"]} if "matched" in d else {})} for d in res.duplicates]
     write_jsonl(out, kept)
     write_jsonl(dup_path, dups)
     st = res.stats

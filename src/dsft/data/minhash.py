@@ -407,9 +407,19 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
             pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
             for k, (a, b) in enumerate(zip(roots.tolist(), rem.tolist(), strict=True)):
                 jr[k] = float((sig[pos[a]] == sig[pos[b]]).mean())
+        # the confirmed pair that put each record in its cluster (its most similar partner)
+        best: dict[int, tuple[float, int]] = {}
+        for (a, b), j in zip(edges.tolist(), jac[ok].tolist(), strict=True):
+            for x, y in ((a, b), (b, a)):
+                if x not in best or (j, -y) > (best[x][0], -best[x][1]):
+                    best[x] = (j, y)
         for i, r, j in zip(rem.tolist(), roots.tolist(), jr.tolist(), strict=True):
             keep[i] = False
-            dups.append({"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)})
+            row = {"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)}
+            bj, bp = best[i]
+            if bp != r:  # chained: similar to a record that is itself a duplicate of the kept one
+                row.update(matched=bp, matched_jaccard=round(float(bj), 4))
+            dups.append(row)
     stats["removed"] = len(dups)
     return NearDupResult(keep, dups, stats)
 

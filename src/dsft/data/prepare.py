@@ -158,9 +158,13 @@ def _near_dedup(records: list[dict], cfg: Config, engine, positions: list[int]) 
     sh = concat_shingles(engine.map_batches(ShingleBatch(nd.ngram, nd.word_ngram), texts, cfg.data.batch_size))
     res = near_dedup(texts, threshold=nd.threshold, num_perm=nd.num_perm, ngram=nd.ngram, word_ngram=nd.word_ngram,
                      bands=nd.bands, rows=nd.rows, verify=nd.verify, seed=nd.seed, shingles=sh)
-    dups = [{"index": positions[d["index"]], "duplicate_of": positions[d["duplicate_of"]], "jaccard": d["jaccard"],
-             "method": "minhash", "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"]}
-            for d in res.duplicates]
+    dups = []
+    for x in res.duplicates:
+        row = {"index": positions[x["index"]], "duplicate_of": positions[x["duplicate_of"]], "jaccard": x["jaccard"],
+               "method": "minhash", "id": records[x["index"]]["id"], "duplicate_of_id": records[x["duplicate_of"]]["id"]}
+        if "matched" in x:
+            row.update(matched_id=records[x["matched"]]["id"], matched_jaccard=x["matched_jaccard"])
+        dups.append(row)
     kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
     examples = [{"id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"], "jaccard": d["jaccard"],
                  "text": texts[d["index"]], "partner_text": texts[d["duplicate_of"]]}
@@ -230,6 +234,14 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         timer.step("dedup_exact")
     if d.near_dedup.enabled and len(records) > 1:
         records, dups, report_extra["near_dedup"] = _near_dedup(records, cfg, engine, positions)
+        # an exact duplicate whose partner then fell as a near-duplicate points at the record that was kept
+        same_fields = (d.near_dedup.fields or list(d.dedup_fields)) == list(d.dedup_fields)
+        gone = {x["index"]: x for x in dups}
+        for x in duplicates:
+            if x["duplicate_of"] in gone:
+                g = gone[x["duplicate_of"]]
+                x.update(via=x["duplicate_of_id"], duplicate_of=g["duplicate_of"], duplicate_of_id=g["duplicate_of_id"],
+                         jaccard=g["jaccard"] if same_fields else None)
         duplicates += dups
         if dups:
             dropped["near_duplicate"] += len(dups)
