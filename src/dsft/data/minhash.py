@@ -60,7 +60,7 @@ def normalize_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(normalised code points of all texts back to back, length per text) — vectorised, no per-text Python."""
     out, keep, multi, expand = _tables()
     n = len(texts)
-    lens0 = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
+    lens0 = np.fromiter(map(len, texts), dtype=np.int64, count=n)
     raw = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     if not raw.size or int(raw.max()) < 0x10000:  # the common case: one table lookup per character
         width = _TABLES["width"][raw]
@@ -360,10 +360,11 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
         cand_docs = np.flatnonzero(flags)
         if cand_docs.size < 2:
             return NearDupResult(keep, [], {**stats, "candidates": int(cand_docs.size), "pairs": 0})
-        own = np.repeat(np.arange(docs.size), counts[docs])
-        sel = flags[own]
-        sub_off = np.concatenate([[0], np.cumsum(counts[docs][cand_docs])]).astype(np.uint64)
-        sub = _digest(tok[sel], sub_off, num_perm, seed)
+        sub_counts = counts[docs][cand_docs]
+        sub_start = offsets[:-1].astype(np.int64)[cand_docs]
+        gather = np.repeat(sub_start - np.concatenate([[0], np.cumsum(sub_counts)[:-1]]), sub_counts) + np.arange(int(sub_counts.sum()))
+        sub_off = np.concatenate([[0], np.cumsum(sub_counts)]).astype(np.uint64)
+        sub = _digest(tok[gather], sub_off, num_perm, seed)
         sig = np.asarray(sub.to_rows(), dtype=np.uint32)
     pairs = _band_pairs(sig, bands, rows)
     stats["candidates"] = int(cand_docs.size)
@@ -398,22 +399,26 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     dups = []
     removed = [i for i in involved if find(i) != i]
     if removed:
-        roots = np.asarray([find(i) for i in removed], dtype=np.int64)
-        rem = np.asarray(removed, dtype=np.int64)
-        if verify == "exact":
-            jr = _exact_jaccard(tok, full_off, np.stack([roots, rem], axis=1))
-        else:
-            jr = np.full(len(rem), np.nan)
-            pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
-            for k, (a, b) in enumerate(zip(roots.tolist(), rem.tolist(), strict=True)):
-                jr[k] = float((sig[pos[a]] == sig[pos[b]]).mean())
         # the confirmed pair that put each record in its cluster (its most similar partner)
         best: dict[int, tuple[float, int]] = {}
         for (a, b), j in zip(edges.tolist(), jac[ok].tolist(), strict=True):
             for x, y in ((a, b), (b, a)):
                 if x not in best or (j, -y) > (best[x][0], -best[x][1]):
                     best[x] = (j, y)
-        for i, r, j in zip(rem.tolist(), roots.tolist(), jr.tolist(), strict=True):
+        roots = [find(i) for i in removed]
+        # Jaccard to the kept record: the confirmed pair's when that is the partner, else computed (chains)
+        chained = [k for k, (i, r) in enumerate(zip(removed, roots, strict=True)) if best[i][1] != r]
+        jr = [best[i][0] for i in removed]
+        if chained:
+            cp_pairs = np.asarray([[roots[k], removed[k]] for k in chained], dtype=np.int64)
+            if verify == "exact":
+                cj = _exact_jaccard(tok, full_off, cp_pairs).tolist()
+            else:
+                pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
+                cj = [float((sig[pos[a]] == sig[pos[b]]).mean()) for a, b in cp_pairs.tolist()]
+            for k, j in zip(chained, cj, strict=True):
+                jr[k] = j
+        for i, r, j in zip(removed, roots, jr, strict=True):
             keep[i] = False
             row = {"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)}
             bj, bp = best[i]
