@@ -144,6 +144,11 @@ def test_cli_prepare_stats_and_errors(tmp_path, medical_csv):
     r = _dsft("data", "prepare", "--run-dir", str(tmp_path / "r2"), "--set", f"data.path={medical_csv}",
               "--set", "data.encoding=utf-8")
     assert r.returncode == 2 and r.stderr.startswith("dsft: error: ") and len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QA, ensure_ascii=False) + "\n" + json.dumps({**QA, "answer": " "}, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    r = _dsft("data", "prepare", "--run-dir", str(tmp_path / "r3"), "--set", f"data.path={bad}", "--strict")
+    assert r.returncode == 2 and f"{bad}:2: empty_answer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _dsft("data", "stats", str(medical_csv))
     assert r.returncode == 0 and "gb18030" in r.stdout and "肝病科 3121" in r.stdout
 
