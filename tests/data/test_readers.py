@@ -188,3 +188,10 @@ def test_mapping_covers_other_schemas(tmp_path):
                             ensure_ascii=False) + "\n", encoding="utf-8")
     (r,), _, info = _load(q, columns={"conversations": "dialog"})
     assert info[0]["schema"] == "sharegpt" and r["messages"][-1] == {"role": "assistant", "content": "你好！"}
+
+
+def test_any_column_can_be_the_label(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("title,answer,specialty\n头痛怎么办？,多休息。,神经\n胃痛,少食多餐。,消化\n", encoding="utf-8")
+    recs, _, _ = _load(p, label_field="specialty")
+    assert [r["label"] for r in recs] == ["神经", "消化"] and recs[0]["domain"] is None
