@@ -56,10 +56,10 @@ class RayEngine:
         if not ray.is_initialized():
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
             self.started = True
+        for name in ("ray.data", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        for name in ("ray.data", "ray"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
     def map_batches(self, fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: int = 1000) -> list[Any]:
         import numpy as np
