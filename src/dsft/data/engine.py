@@ -45,6 +45,9 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, workers: int = 2):
+        import os
+
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's own per-dataset INFO lines
         try:
             import ray
         except ImportError as err:
