@@ -195,3 +195,15 @@ def test_any_column_can_be_the_label(tmp_path):
     p.write_text("title,answer,specialty\n头痛怎么办？,多休息。,神经\n胃痛,少食多餐。,消化\n", encoding="utf-8")
     recs, _, _ = _load(p, label_field="specialty")
     assert [r["label"] for r in recs] == ["神经", "消化"] and recs[0]["domain"] is None
+
+
+def test_json_object_file_single_record_or_wrapper(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+                              ensure_ascii=False), encoding="utf-8")
+    recs, _, info = _load(one)
+    assert len(recs) == 1 and info[0]["schema"] == "sharegpt"
+    wrap = tmp_path / "wrap.json"
+    wrap.write_text(json.dumps({"version": 1, "data": [QA, {**QA, "answer": "另一个答案。"}]}, ensure_ascii=False), encoding="utf-8")
+    recs, _, info = _load(wrap)
+    assert len(recs) == 2 and info[0]["schema"] == "seed"
