@@ -121,3 +121,38 @@ def test_report_html_is_self_contained_and_renders(finished_run, tmp_path):
     blue = ((img[..., 2] - img[..., 0]) > 0.25).mean()  # the confusion matrices' blues and the loss line
     assert nonwhite > 0.05 and blue > 0.002, (nonwhite, blue)
     assert len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
+
+
+def test_export_variants_added_with_latency_headline(tmp_path, tiny_model_dir, tiny_adapter_dir, capsys):
+    import shutil
+
+    import yaml
+
+    from dsft.cli import main
+
+    run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(4, per_label=1))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run.root), "eval": {"max_samples": 4, "max_new_tokens": 4}}))
+    assert main(["eval", str(cfg)]) == 0
+    first = json.loads((run.root / "eval" / "manifest.json").read_text())
+    assert "latency" not in first["headline"]
+    exp = run.stage_dir("export")
+    shutil.copytree(tiny_model_dir, exp / "merged")
+    shutil.copytree(tiny_model_dir, exp / "small")
+    run.write_manifest("export", {"merged": "merged", "variants": [
+        {"name": "merged", "format": "safetensors", "path": "merged"},
+        {"name": "small", "format": "safetensors", "path": "small"},
+        {"name": "gguf-q4_k_m", "format": "gguf", "path": "gguf/model-Q4_K_M.gguf"}]})
+    capsys.readouterr()
+    assert main(["eval", str(cfg), "--variants"]) == 0
+    m = json.loads((run.root / "eval" / "manifest.json").read_text())
+    assert m["models"] == ["base", "finetuned", "merged", "small"]  # GGUF skipped
+    assert re.fullmatch(r"accuracy \d+ % → \d+ %, latency [−+]\d+ %", m["headline"]), m["headline"]
+    assert m["quantized"]["name"] == "small"
+    ev = json.loads((run.root / "eval" / "eval.json").read_text())
+    # the same weights score the same numbers; base/fine-tuned are kept, not recomputed
+    assert ev["models"]["small"]["loss"] == pytest.approx(ev["models"]["merged"]["loss"], abs=1e-6)
+    assert ev["models"]["base"]["loss"] == pytest.approx(first["before"]["loss"], abs=1e-12)
+    rows = read_jsonl(run.root / "eval" / "predictions.jsonl")
+    assert {r["model"] for r in rows} == {"base", "finetuned", "merged", "small"}
+    assert "<th>small</th>" in (run.root / "eval" / "report.html").read_text()

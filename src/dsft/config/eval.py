@@ -38,3 +38,6 @@ class EvalConfig(Section):
     """Size of the fixed held-out subset scored during training."""
     backend: Literal["transformers", "vllm", "auto"] = "transformers"
     """Generation backend; vllm (GPU, optional extra) or auto = vllm when installed and CUDA is available."""
+    variants: list[str] | None = None
+    """Export variants to compare when the export stage already ran (names from its manifest, e.g. merged, int8);
+    None = every variant this backend can load (GGUF is skipped)."""
