@@ -50,14 +50,17 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(m, ensure_ascii=False))
         return 0
-    keys = ("loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1", "auc")
+    keys = ("loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1", "auc", "latency_ms_per_sample")
+    cols = [("base", m["before"]), ("fine-tuned", m["after"])]
+    if m.get("quantized"):
+        cols.append((m["quantized"]["name"], m["quantized"]))
     print(f"eval: {m['n']} held-out records → {run.root / 'eval'}")
-    print(f"{'metric':<12}{'base':>12}{'fine-tuned':>12}")
+    print(f"{'metric':<22}" + "".join(f"{name:>12}" for name, _ in cols))
     for k in keys:
-        b, a = m["before"].get(k), m["after"].get(k)
-        if b is None and a is None:
+        vals = [c.get(k) for _, c in cols]
+        if all(v is None for v in vals):
             continue
-        print(f"{k:<12}{'—' if b is None else f'{b:.4f}':>12}{'—' if a is None else f'{a:.4f}':>12}")
+        print(f"{k:<22}" + "".join(f"{'—' if v is None else f'{v:.4f}':>12}" for v in vals))
     print(m["headline"])
     return 0
 
