@@ -156,3 +156,18 @@ def test_export_variants_added_with_latency_headline(tmp_path, tiny_model_dir, t
     rows = read_jsonl(run.root / "eval" / "predictions.jsonl")
     assert {r["model"] for r in rows} == {"base", "finetuned", "merged", "small"}
     assert "<th>small</th>" in (run.root / "eval" / "report.html").read_text()
+
+
+def test_merged_in_memory_equals_unmerged_adapter(finished_run, tmp_path, tiny_model_dir, tiny_adapter_dir):
+    cfg, run, m = finished_run
+    ev = json.loads((run.root / "eval" / "eval.json").read_text())
+    assert ev["finetuned_adapter_merged"] is True
+    records = read_jsonl(run.root / "data" / "test.jsonl")
+    run2 = make_run(tmp_path / "run2", tiny_model_dir, tiny_adapter_dir, records)
+    cfg2 = cfg.model_copy(update={"run_dir": str(run2.root), "eval": cfg.eval.model_copy(update={"merge_adapter": False,
+                                                                                                  "compare_base": False})})
+    m2 = evaluate(cfg2, run2)
+    assert json.loads((run2.root / "eval" / "eval.json").read_text())["finetuned_adapter_merged"] is False
+    assert m2["after"]["loss"] == pytest.approx(m["after"]["loss"], abs=1e-4)
+    assert m2["after"]["auc"] == pytest.approx(m["after"]["auc"], abs=1e-6)
+    assert m2["after"]["accuracy"] == m["after"]["accuracy"] and m2["after"]["rouge_l"] == pytest.approx(m["after"]["rouge_l"])

@@ -41,3 +41,6 @@ class EvalConfig(Section):
     variants: list[str] | None = None
     """Export variants to compare when the export stage already ran (names from its manifest, e.g. merged, int8);
     None = every variant this backend can load (GGUF is skipped)."""
+    merge_adapter: bool = True
+    """Merge a LoRA adapter into the in-memory base before scoring the fine-tuned model (same numbers up to float
+    rounding, decoding as fast as the exported model); false scores the unmerged PEFT model."""

@@ -42,6 +42,16 @@ def _to_device(model):
     return model
 
 
+def _merge_in_memory(peft_model):
+    """Fold LoRA into the in-memory weights (same outputs up to float rounding, faster decoding) → (model, merged?)."""
+    try:
+        return peft_model.merge_and_unload(), True
+    except Exception as err:  # peft raises several types for layers it cannot merge
+        log.warning("eval: cannot merge the adapter in memory (%s: %s); evaluating it unmerged",
+                    type(err).__name__, str(err).splitlines()[0][:160] if str(err) else "")
+        return peft_model, False
+
+
 def select_records(records: list[dict[str, Any]], max_samples: int | None, seed: int) -> list[dict[str, Any]]:
     """Original (not derived/augmented) records with an assistant turn; a seeded sample of at most max_samples, file order kept."""
     usable = [r for r in records if str(r.get("provenance") or "original") == "original"
@@ -213,9 +223,12 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         models["base"], r = evaluate_model(model, tok, records, cfg, labels=labels, lang=lang, name="base",
                                            gen_fn=vllm_fn(base_dir))
         rows += r
+    merged = False
     if train_m.get("adapter"):
         ft = load_adapter(model, train_dir / train_m["adapter"])
         ft_gen = vllm_fn(base_dir, train_dir / train_m["adapter"])
+        if cfg.eval.merge_adapter:
+            ft, merged = _merge_in_memory(ft)
     elif train_m.get("model"):
         del model
         ft = _to_device(load_model(train_dir / train_m["model"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
@@ -231,7 +244,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         "n": len(records), "lang": lang, "labels": labels, "label_field": data_m.get("label_field"),
         "test": str(test_path), "base_model": str(base_dir), "record_ids": [r.get("id") for r in records],
         "decoding": {**generation_settings(cfg).as_dict(), "backend": "vllm" if vllm else "transformers"},
-        "label_scoring": cfg.eval.label_scoring,
+        "label_scoring": cfg.eval.label_scoring, "finetuned_adapter_merged": merged,
         "metric_notes": {"bleu": "sacrebleu corpus BLEU / 100, tokenize=" + ("zh" if lang == "zh" else "13a"),
                          "rouge": "rouge-score F-measure, mean over items; " + ("character-level (CJK chars, ASCII words)" if lang == "zh" else "rouge-score tokenizer"),
                          "f1_em": "CMRC 2018 (character-level)" if lang == "zh" else "SQuAD v1.1",
