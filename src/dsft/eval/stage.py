@@ -92,6 +92,7 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
     res["generation_s"] = round(gen["seconds"], 3)
     res["latency_ms_per_sample"] = round(1000 * gen["seconds"] / max(len(preds), 1), 2)
     res["new_tokens"] = gen["new_tokens"]
+    res["ms_per_new_token"] = round(1000 * gen["seconds"] / gen["new_tokens"], 3) if gen["new_tokens"] else None
     rows: list[dict[str, Any]] = []
     for r, (msgs, ref), p, nll in zip(records, items, preds, loss["per_item"], strict=True):
         rows.append({"model": name, "task": "generation", "id": r.get("id"), "domain": r.get("domain"),
@@ -168,7 +169,7 @@ def headline(before: dict[str, Any], after: dict[str, Any], quantized: dict[str,
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
     keys = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em", "accuracy", "macro_f1", "auc",
-            "latency_ms_per_sample")
+            "latency_ms_per_sample", "ms_per_new_token")
     return {k: m.get(k) for k in keys if k in m}
 
 
