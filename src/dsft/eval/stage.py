@@ -117,7 +117,7 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
             full_pred[i] = p
             rows.append({"model": name, "task": "classification", "id": records[i].get("id"),
                          "domain": records[i].get("domain"), "difficulty": records[i].get("difficulty"),
-                         "label": gold[i], "prediction": p, "scores": {k: round(v, 6) for k, v in pr.items()}})
+                         "label": gold[i], "prediction": p, "scores": dict(pr)})
     else:
         res.update({"accuracy": None, "macro_f1": None, "auc": None})
         full_pred = [None] * len(records)
