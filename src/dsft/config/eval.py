@@ -18,6 +18,8 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0)
     lang: Literal["auto", "zh", "en"] = "auto"
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1"])
+    """Rows of the `dsft eval` summary (every metric is always computed and written to eval.json): loss, perplexity,
+    rouge_1, rouge_2, rouge_l, bleu, f1, em, accuracy, macro_f1, auc, latency_ms_per_sample, ms_per_new_token."""
     compare_base: bool = True
     no_repeat_ngram_size: int = Field(3, ge=0)
     """Greedy decoding never repeats an n-gram of this many tokens (0 = off); 3 keeps small models from looping."""

@@ -50,7 +50,7 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(m, ensure_ascii=False))
         return 0
-    keys = ("loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1", "auc", "latency_ms_per_sample")
+    keys = list(dict.fromkeys([*cfg.eval.metrics, "latency_ms_per_sample"]))  # eval.metrics: the summary rows
     cols = [("base", m["before"]), ("fine-tuned", m["after"])]
     if m.get("quantized"):
         cols.append((m["quantized"]["name"], m["quantized"]))

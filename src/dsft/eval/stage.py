@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.config import Config
-from dsft.errors import DataError, DsftError, ModelError
+from dsft.errors import ConfigError, DataError, DsftError, ModelError
 from dsft.eval import metrics as M
 from dsft.records import label_prompt_messages, prompt_and_reference
 from dsft.run import RunDir, atomic_write_json, read_jsonl, write_jsonl
@@ -167,10 +167,12 @@ def headline(before: dict[str, Any], after: dict[str, Any], quantized: dict[str,
     return text
 
 
+SUMMARY_KEYS = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em", "accuracy", "macro_f1", "auc",
+                "latency_ms_per_sample", "ms_per_new_token")
+
+
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
-    keys = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em", "accuracy", "macro_f1", "auc",
-            "latency_ms_per_sample", "ms_per_new_token")
-    return {k: m.get(k) for k in keys if k in m}
+    return {k: m.get(k) for k in SUMMARY_KEYS if k in m}
 
 
 def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
@@ -184,6 +186,9 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     test_path = data_dir / data_m["test"]
     if not test_path.exists():
         raise DataError(f"{test_path}: the data manifest's test split is missing")
+    unknown = [k for k in cfg.eval.metrics if k not in SUMMARY_KEYS]
+    if unknown:
+        raise ConfigError(f"eval.metrics: unknown metric {unknown[0]!r} (known: {', '.join(SUMMARY_KEYS)})")
     vllm = use_vllm(cfg.eval.backend)  # fails before any work when vllm is asked for but absent
     out = run.prepare_stage("eval", force=force)
     t_start = time.perf_counter()
