@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from eval_helpers import real_records
 
 from dsft.config import config_from_dict
@@ -15,6 +16,7 @@ from dsft.run import RunDir, read_jsonl, write_jsonl
 from dsft.train import train
 
 
+@pytest.mark.slow
 def test_train_with_eval_fn_then_evaluate(tmp_path):
     run = RunDir(tmp_path)
     d = run.stage_dir("data")
