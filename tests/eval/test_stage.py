@@ -53,6 +53,9 @@ def test_predictions_file_agrees_with_metrics(finished_run):
         assert len(gen) == len(cls) == m["n"] == 10
         acc = sum(r["label"] == r["prediction"] for r in cls) / len(cls)
         assert acc == pytest.approx(m[side]["accuracy"], abs=1e-9)
+        free = [r for r in rows if r["model"] == model and r["task"] == "label_generation"]
+        assert len(free) == m["n"] and all(r["prediction"] == "" or r["prediction"] in r["text"] for r in free)
+        assert sum(r["label"] == r["prediction"] for r in free) / len(free) == pytest.approx(m[side]["gen_accuracy"])
         for r in cls:
             assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-4)
             assert r["prediction"] == max(r["scores"], key=r["scores"].get)
@@ -89,6 +92,7 @@ def test_score_cli_on_the_runs_predictions(finished_run, capsys):
     for model, side in (("base", "before"), ("finetuned", "after")):
         for k in ("rouge_l", "bleu", "accuracy", "macro_f1", "auc"):  # full-precision scores → the same AUC
             assert res[model][k] == pytest.approx(m[side][k], abs=1e-9), (model, k)
+        assert res[f"{model}:free_text"]["accuracy"] == pytest.approx(m[side]["gen_accuracy"], abs=1e-9)
 
 
 def test_report_html_is_self_contained_and_renders(finished_run, tmp_path):
@@ -170,3 +174,12 @@ def test_merged_in_memory_equals_unmerged_adapter(finished_run, tmp_path, tiny_m
     assert m2["after"]["loss"] == pytest.approx(m["after"]["loss"], abs=1e-4)
     assert m2["after"]["auc"] == pytest.approx(m["after"]["auc"], abs=1e-6)
     assert m2["after"]["accuracy"] == m["after"]["accuracy"] and m2["after"]["rouge_l"] == pytest.approx(m["after"]["rouge_l"])
+
+
+def test_label_in_text():
+    from dsft.eval.stage import label_in_text
+
+    labels = ["内科", "普通内科", "消化科"]
+    assert label_in_text("建议挂普通内科。", labels) == "普通内科"  # earliest, then longest
+    assert label_in_text("消化科或者内科", labels) == "消化科"
+    assert label_in_text("不知道", labels) is None

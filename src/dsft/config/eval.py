@@ -46,3 +46,8 @@ class EvalConfig(Section):
     merge_adapter: bool = True
     """Merge a LoRA adapter into the in-memory base before scoring the fine-tuned model (same numbers up to float
     rounding, decoding as fast as the exported model); false scores the unmerged PEFT model."""
+    generative_classification: bool = True
+    """Also ask the label question by generation and count answers that name the right label (`gen_accuracy`),
+    next to the log-likelihood classification (`accuracy`, `macro_f1`, `auc`)."""
+    label_max_new_tokens: int = Field(8, gt=0)
+    """New tokens generated for that free-text label answer."""

@@ -62,11 +62,17 @@ def select_records(records: list[dict[str, Any]], max_samples: int | None, seed:
     return usable
 
 
-def generation_settings(cfg: Config):
+def label_in_text(text: str, labels: list[str]) -> str | None:
+    """The label a free-text answer names: the earliest (then longest) label occurring in it, else None."""
+    hits = [(text.find(lab), -len(lab), lab) for lab in labels if lab and lab in text]
+    return min(hits)[2] if hits else None
+
+
+def generation_settings(cfg: Config, max_new_tokens: int | None = None):
     from dsft.eval.predict import GenerationSettings
 
     e = cfg.eval
-    return GenerationSettings(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature,
+    return GenerationSettings(max_new_tokens=max_new_tokens or e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature,
                               no_repeat_ngram_size=e.no_repeat_ngram_size, repetition_penalty=e.repetition_penalty,
                               batch_size=e.batch_size)
 
@@ -75,7 +81,7 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
                    lang: str, name: str, gen_fn=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """All metrics of one model on records → (metrics dict, prediction rows for predictions.jsonl).
 
-    gen_fn(prompts) → generation result replaces the transformers generator (the vLLM backend).
+    gen_fn(prompts, settings) → generation result replaces the transformers generator (the vLLM backend).
     """
     from dsft.eval import predict as P
 
@@ -85,7 +91,8 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
     max_len = cfg.data.max_seq_length
     loss = P.answer_loss(model, tok, items, batch_size=e.batch_size, max_length=max_len)
     prompts = [m for m, _ in items]
-    gen = gen_fn(prompts) if gen_fn else P.generate(model, tok, prompts, generation_settings(cfg), max_prompt_length=max_len)
+    settings = generation_settings(cfg)
+    gen = gen_fn(prompts, settings) if gen_fn else P.generate(model, tok, prompts, settings, max_prompt_length=max_len)
     preds, refs = gen["texts"], [a for _, a in items]
     res: dict[str, Any] = {"loss": loss["loss"], "perplexity": loss["perplexity"], "answer_tokens": loss["tokens"]}
     res.update(M.text_metrics(preds, refs, lang, metrics=("rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em")))
@@ -110,6 +117,14 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
         y = [gold[i] for i in keep]
         res.update(M.class_metrics(y, cls_pred, probs))
         res["classified"] = len(keep)
+        if e.generative_classification:
+            s_lab = generation_settings(cfg, max_new_tokens=e.label_max_new_tokens)
+            gen_cls = gen_fn(prompts, s_lab) if gen_fn else P.generate(model, tok, prompts, s_lab, max_prompt_length=max_len)
+            said = [label_in_text(t, labels) for t in gen_cls["texts"]]
+            res["gen_accuracy"] = M.accuracy(y, [x or "" for x in said])
+            for i, t, x in zip(keep, gen_cls["texts"], said, strict=True):
+                rows.append({"model": name, "task": "label_generation", "id": records[i].get("id"), "label": gold[i],
+                             "prediction": x or "", "text": t})
         classes, matrix = M.confusion(y, cls_pred, labels)
         res["confusion"] = {"classes": classes, "matrix": matrix}
         full_pred: list[str | None] = [None] * len(records)
@@ -168,6 +183,7 @@ def headline(before: dict[str, Any], after: dict[str, Any], quantized: dict[str,
 
 
 SUMMARY_KEYS = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em", "accuracy", "macro_f1", "auc",
+                "gen_accuracy",
                 "latency_ms_per_sample", "ms_per_new_token")
 
 
@@ -219,7 +235,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     def vllm_fn(model_dir, adapter_dir=None):
         if not vllm:
             return None
-        return lambda prompts: generate_vllm(model_dir, tok, prompts, generation_settings(cfg), adapter_dir=adapter_dir,
+        return lambda prompts, settings: generate_vllm(model_dir, tok, prompts, settings, adapter_dir=adapter_dir,
                                              max_prompt_length=cfg.data.max_seq_length,
                                              trust_remote_code=cfg.model.trust_remote_code)
 
