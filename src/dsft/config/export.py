@@ -23,3 +23,5 @@ class ExportConfig(Section):
     """Greedy tokens generated per record for the task metric and the decode speed."""
     report_threads: int | None = Field(None, gt=0)
     """CPU threads for the speed columns (default: torch's current setting)."""
+    report_clock: Literal["wall", "cpu"] = "wall"
+    """Speed clock: wall time, or this process's CPU time (robust on a shared machine; use with report_threads: 1)."""

@@ -84,7 +84,8 @@ class TorchRunner:
 
     engine = "torch"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, clock=time.perf_counter) -> None:
+        self.clock = clock
         self.model = model.eval()
         self.device = next(model.parameters()).device
 
@@ -105,16 +106,16 @@ class TorchRunner:
         with torch.no_grad():
             x = torch.tensor([ids], device=self.device)
             cache = DynamicCache(config=self.model.config)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             out = self.model(input_ids=x, cache=cache, use_cache=True)
             nxt = int(out.logits[0, -1].argmax())
-            t1 = time.perf_counter()
+            t1 = self.clock()
             toks = [nxt]
             for _ in range(n - 1):
                 out = self.model(input_ids=torch.tensor([[nxt]], device=self.device), cache=cache, use_cache=True)
                 nxt = int(out.logits[0, -1].argmax())
                 toks.append(nxt)
-            t2 = time.perf_counter()
+            t2 = self.clock()
         return toks, t1 - t0, t2 - t1
 
 
@@ -123,9 +124,10 @@ class GGUFRunner:
 
     engine = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, clock=time.perf_counter) -> None:
         from dsft.export.gguf import load_gguf
 
+        self.clock = clock
         self.ppl_llm = load_gguf(path, n_ctx=512, logits_all=True, n_threads=threads)
         self.llm = load_gguf(path, n_ctx=512, logits_all=False, n_threads=threads)
 
@@ -148,36 +150,36 @@ class GGUFRunner:
 
         llm = self.llm
         llm.reset()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         llm.eval(ids)
         nxt = int(np.argmax(last_logits(llm)))
-        t1 = time.perf_counter()
+        t1 = self.clock()
         toks = [nxt]
         for _ in range(n - 1):
             llm.eval([nxt])
             nxt = int(np.argmax(last_logits(llm)))
             toks.append(nxt)
-        t2 = time.perf_counter()
+        t2 = self.clock()
         return toks, t1 - t0, t2 - t1
 
 
-def _runner(variant: dict[str, Any], out_dir: Path, dtype: str, threads: int):
+def _runner(variant: dict[str, Any], out_dir: Path, dtype: str, threads: int, clock):
     path = out_dir / variant["path"]
     fmt = variant.get("format")
     if fmt == "gguf":
-        return GGUFRunner(path, threads)
+        return GGUFRunner(path, threads, clock)
     if fmt == "dsft-quant":
         from dsft.export.quant import load_quantized
 
-        return TorchRunner(load_quantized(path)[0])
+        return TorchRunner(load_quantized(path)[0], clock)
     if fmt == "safetensors":
         from dsft.model.load import load_model
 
-        return TorchRunner(load_model(path, dtype=dtype))
+        return TorchRunner(load_model(path, dtype=dtype), clock)
     if fmt == "safetensors+bitsandbytes":
         from transformers import AutoModelForCausalLM
 
-        return TorchRunner(AutoModelForCausalLM.from_pretrained(str(path), device_map={"": 0}))
+        return TorchRunner(AutoModelForCausalLM.from_pretrained(str(path), device_map={"": 0}), time.perf_counter)
     raise ExportError(f"quantization report: cannot measure variant format {fmt!r}")
 
 
@@ -221,6 +223,7 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversa
 
         tok = AutoTokenizer.from_pretrained(str(out_dir / "merged"))
     threads = ecfg.report_threads or torch.get_num_threads()
+    clock = time.process_time if ecfg.report_clock == "cpu" else time.perf_counter
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -230,7 +233,7 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversa
             if v.get("format") == "safetensors+bitsandbytes" and not torch.cuda.is_available():
                 continue
             t0 = time.perf_counter()
-            runner = _runner(v, out_dir, ecfg.dtype, threads)
+            runner = _runner(v, out_dir, ecfg.dtype, threads, clock)
             m = measure(runner, samples, tok, ecfg.report_new_tokens)
             del runner
             gens = m.pop("_gens")
@@ -256,6 +259,7 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversa
     rep = {
         "reference": variants[0]["name"], "dtype": ecfg.dtype, "samples": len(samples),
         "new_tokens": ecfg.report_new_tokens, "threads": threads, "hardware": hardware(),
+        "clock": "process CPU time" if ecfg.report_clock == "cpu" else "wall time",
         "task_metric": "rouge_l (greedy answer vs reference, Chinese characters / latin words)",
         "perplexity_on": "reference answers (assistant tokens) of the held-out records",
         "rows": rows,
@@ -278,7 +282,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
     lines = [
         "# Quantization report",
         "",
-        f"Measured in this run on {rep['hardware']} ({rep['threads']} threads), {rep['samples']} held-out records, "
+        f"Measured in this run on {rep['hardware']} ({rep['threads']} threads, speeds by {rep['clock']}), "
+        f"{rep['samples']} held-out records, "
         f"{rep['new_tokens']} greedy tokens each. Reference: `{rep['reference']}` ({rep['dtype']}). "
         f"Perplexity on {rep['perplexity_on']}; task metric {rep['task_metric']}; greedy match = share of generated "
         f"tokens identical to the reference's.",
