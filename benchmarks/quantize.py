@@ -61,7 +61,7 @@ def run_model(label: str, overrides: dict, work: Path, formats: list[str], args)
     params = m["params"]
     print(f"\n## {label} model: {params / 1e6:.1f} M parameters (export + report {time.perf_counter() - t0:.0f} s)\n")
     print((work / f"{label}-out" / "quant_report.md").read_text(encoding="utf-8"))
-    return {"params": params, "rows": {r["variant"]: r for r in m["report"]["rows"]}}
+    return {"params": params, "rows": {r["variant"]: r for r in m["quant_report"]["rows"]}}
 
 
 def summary(res: dict) -> dict:

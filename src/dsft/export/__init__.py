@@ -129,7 +129,7 @@ def export_model(
     if ecfg.report:
         from dsft.export.report import quant_report
 
-        manifest["report"] = quant_report(out_dir, variants, cfg, conversations=conversations, tok=tok)
+        manifest["quant_report"] = quant_report(out_dir, variants, cfg, conversations=conversations, tok=tok)
     return manifest
 
 
