@@ -37,14 +37,18 @@ LARGE = dict(
 )
 
 
-def conversations(n: int) -> list[list[dict[str, str]]]:
-    """Held-out style records from the packaged medical QA subset (last rows, real text)."""
+def records(n: int) -> tuple[list[dict], list[str]]:
+    """Held-out style records (last rows of the packaged medical QA subset, real text) and the department labels."""
     from dsft.model.paths import assets_dir
+    from dsft.records import qa_messages
 
     raw = (assets_dir() / "data" / "medical_qa_subset.gb18030.csv").read_bytes().decode("gb18030")
-    rows = list(csv.DictReader(io.StringIO(raw)))[-n:]
-    return [[{"role": "user", "content": f"{r['title']}\n{r['ask']}"}, {"role": "assistant", "content": r["answer"][:200]}]
-            for r in rows]
+    rows = list(csv.DictReader(io.StringIO(raw)))
+    out = []
+    for r in rows[-n:]:
+        fields = {"question": r["title"], "context": r["ask"], "answer": r["answer"][:200]}
+        out.append({"messages": qa_messages(fields), "fields": fields, "label": r["department"]})
+    return out, sorted({r["department"] for r in rows})
 
 
 def run_model(label: str, overrides: dict, work: Path, formats: list[str], args) -> dict:
@@ -57,7 +61,8 @@ def run_model(label: str, overrides: dict, work: Path, formats: list[str], args)
     cfg = config_from_dict({"export": {"formats": formats, "report": True, "report_samples": args.samples,
                                        "report_new_tokens": args.new_tokens, "report_threads": args.threads,
                                        "report_clock": args.clock}})
-    m = export_model(base, work / f"{label}-out", cfg, conversations=conversations(args.samples), force=True)
+    recs, labels = records(args.samples)
+    m = export_model(base, work / f"{label}-out", cfg, records=recs, labels=labels, force=True)
     params = m["params"]
     print(f"\n## {label} model: {params / 1e6:.1f} M parameters (export + report {time.perf_counter() - t0:.0f} s)\n")
     print((work / f"{label}-out" / "quant_report.md").read_text(encoding="utf-8"))
@@ -76,6 +81,7 @@ def summary(res: dict) -> dict:
         out[f"{key}_decode_speedup"] = round(r["decode_speedup"], 2)
         out[f"{key}_prefill_speedup"] = round(r["prefill_speedup"], 2)
         out[f"{key}_quality_delta"] = round(r["perplexity_delta_pct"], 3)
+        out[f"{key}_accuracy_delta"] = None if r["accuracy_delta"] is None else round(r["accuracy_delta"], 3)
         out[f"{key}_greedy_match"] = round(r["greedy_match"], 3)
     return out
 
