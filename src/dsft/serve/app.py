@@ -123,13 +123,22 @@ def _adapter_for(state: ServerState, model: str | None) -> str:
     raise ApiError(404, f"The model `{model}` does not exist.", param="model")
 
 
+def _render_chat(eng: Engine, msgs: list[dict[str, Any]], *, param: str = "messages") -> tuple[str, list[int]]:
+    """Apply the chat template; a conversation the template rejects is the client's mistake (400)."""
+    try:
+        text = eng.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja raise_exception (role order, missing fields …)
+        raise ApiError(400, f"{param}: the chat template rejected the conversation ({err})", param=param) from err
+    return text, eng.tok(text, add_special_tokens=False)["input_ids"]
+
+
 def _params(eng: Engine, prompt_ids: list[int], max_tokens: int | None, *, temperature: float, top_p: float,
-            seed: int | None, stop: list[str], clamp: bool = False) -> SamplingParams:
+            seed: int | None, stop: list[str], clamp: bool = False, prompt_param: str = "messages") -> SamplingParams:
     n = len(prompt_ids)
     ctx = eng.max_model_len
     if n >= ctx:
         raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt has {n} tokens. "
-                            f"Please reduce the length of the prompt.", param="messages")
+                            f"Please reduce the length of the prompt.", param=prompt_param)
     room = ctx - n
     if max_tokens is None:
         max_tokens = room
@@ -267,7 +276,7 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         # drop pydantic's union-member tags (e.g. 'str', 'list[str]') from the field path
         loc = [x for x in loc if not (x.startswith(("list[", "function-")) or x in ("str", "int", "float", "bool"))]
         param = ".".join(loc) or None
-        msg = first.get("msg", "invalid value")
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
         if param is None:
             return error_response(400, f"request body must be a JSON object ({msg})", None)
         return error_response(400, f"{param}: {msg}", param)
@@ -301,9 +310,10 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         _check_auth(state, request)
         eng = _engine(state)
         adapter = _adapter_for(state, body.model)
-        ids = eng.encode_chat([{"role": "user", "content": body.prompt}])
+        _, ids = _render_chat(eng, [{"role": "user", "content": body.prompt}], param="prompt")
         params = _params(eng, ids, body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), clamp=True)
+                         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), clamp=True,
+                         prompt_param="prompt")
         run = _Run(state, ids, params, adapter)
         text, last = await run.collect(request)
         state.metrics.observe("generate", run.t0)
@@ -326,11 +336,7 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         eng = _engine(state)
         adapter = _adapter_for(state, body.model)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt_text = eng.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # a template that rejects this conversation (e.g. role order)
-            raise ApiError(400, f"messages: the chat template rejected the conversation ({err})", param="messages") from err
-        ids = eng.tok(prompt_text, add_special_tokens=False)["input_ids"]
+        prompt_text, ids = _render_chat(eng, msgs)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(eng, ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                          stop=body.stop_list())
@@ -391,7 +397,7 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
                 raise ApiError(400, "prompt: token id out of the vocabulary", param="prompt")
             prompt_text = eng.tok.decode(ids)
         params = _params(eng, ids, body.max_tokens if body.max_tokens is not None else 16, temperature=body.temperature,
-                         top_p=body.top_p, seed=body.seed, stop=body.stop_list())
+                         top_p=body.top_p, seed=body.seed, stop=body.stop_list(), prompt_param="prompt")
         run = _Run(state, ids, params, adapter)
         cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_id
         prefix = prompt_text if body.echo else ""
