@@ -152,3 +152,15 @@ def test_cli_bad_lora_flag_is_one_line_exit_2(tiny_model_dir):
     out = subprocess.run([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--lora", "nope"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "NAME=DIR" in out.stderr
+
+
+def test_cli_config_section_and_flags_merge(capsys):
+    import json
+
+    from dsft.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "serve_adapters.yaml"
+    assert main(["serve", "--config", str(example), "--model", "x", "--port", "9001", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["served_model_name"] == "medical-base" and cfg["port"] == 9001 and cfg["host"] == "127.0.0.1"
+    assert "api_key" not in cfg
