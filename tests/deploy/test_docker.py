@@ -62,3 +62,17 @@ def test_serve_engine_vllm_dry_run_maps_flags(tmp_path, capsys):
     assert "--enable-lora" in cmd and val("--lora-modules") == f"med={adapter}" and val("--max-lora-rank") == "16"
     assert val("--reasoning-parser") == "deepseek_r1" and open(val("--chat-template")).read().strip()
     assert "--api-key" not in cmd  # passed through the environment, not argv
+
+
+def test_serve_engine_vllm_without_vllm_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--port", "9000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vLLM is not installed" in err and "\n" not in err
+    assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--port", "0", "--dry-run"]) == 2
+    assert "fixed --port" in capsys.readouterr().err
