@@ -158,8 +158,14 @@ class _Run:
         eng = _engine(state)
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.seq = Sequence(prompt_ids, params, emit=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e),
-                            adapter=adapter)
+
+        def emit(ev: Event) -> None:  # called from the engine thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening any more
+                self.seq.cancel()
+
+        self.seq = Sequence(prompt_ids, params, emit=emit, adapter=adapter)
         self.state = state
         self.t0 = time.perf_counter()
         try:
