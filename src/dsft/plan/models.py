@@ -1,0 +1,309 @@
+"""Model architectures the planner knows: built-in DeepSeek configs, any local config.json, exact param counts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dsft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear per layer (or per expert): a LoRA target when `lora` is True."""
+
+    name: str
+    d_in: int
+    d_out: int
+    group: str  # attn | mlp | shared | expert
+    bias: bool = False
+    lora: bool = True
+
+    @property
+    def params(self) -> int:
+        return self.d_in * self.d_out + (self.d_out if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a decoder-only causal LM (Llama / Qwen2 / DeepSeek-V2/V3 with MLA + MoE)."""
+
+    name: str
+    family: str  # llama | qwen2 | deepseek_v2 | deepseek_v3
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    head_dim: int = 0
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position: int = 4096
+    # MLA (DeepSeek-V2/V3); kv_lora_rank 0 means standard multi-head / grouped-query attention
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # MoE (DeepSeek-V2/V3); n_routed_experts 0 means dense
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate: int = 0
+    first_k_dense: int = 0
+    moe_layer_freq: int = 1
+    source: str = "builtin"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- shape helpers ---------------------------------------------------------------------------------------
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection output (all heads)."""
+        return self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim) if self.mla else self.heads * self.hd
+
+    @property
+    def k_dim(self) -> int:
+        """Width of the key states fed to attention (after MLA expansion / before GQA repeat)."""
+        return self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim) if self.mla else self.kv_heads * self.hd
+
+    @property
+    def v_dim(self) -> int:
+        return self.heads * self.v_head_dim if self.mla else self.kv_heads * self.hd
+
+    @property
+    def o_dim(self) -> int:
+        """Width of the attention output (input of o_proj)."""
+        return self.heads * self.v_head_dim if self.mla else self.heads * self.hd
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe and i >= self.first_k_dense and i % max(self.moe_layer_freq, 1) == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.layers - self.n_moe_layers
+
+    # ---- modules ---------------------------------------------------------------------------------------------
+    def attn_linears(self) -> list[Linear]:
+        h = self.hidden
+        if not self.mla:
+            return [
+                Linear("q_proj", h, self.q_dim, "attn", self.qkv_bias),
+                Linear("k_proj", h, self.kv_heads * self.hd, "attn", self.qkv_bias),
+                Linear("v_proj", h, self.kv_heads * self.hd, "attn", self.qkv_bias),
+                Linear("o_proj", self.q_dim, h, "attn"),
+            ]
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        out: list[Linear] = []
+        if self.q_lora_rank:
+            out += [Linear("q_a_proj", h, self.q_lora_rank, "attn"), Linear("q_b_proj", self.q_lora_rank, self.heads * qk, "attn")]
+        else:
+            out += [Linear("q_proj", h, self.heads * qk, "attn")]
+        out += [
+            Linear("kv_a_proj_with_mqa", h, self.kv_lora_rank + self.qk_rope_head_dim, "attn"),
+            Linear("kv_b_proj", self.kv_lora_rank, self.heads * (self.qk_nope_head_dim + self.v_head_dim), "attn"),
+            Linear("o_proj", self.heads * self.v_head_dim, h, "attn"),
+        ]
+        return out
+
+    def attn_norm_params(self) -> int:
+        if not self.mla:
+            return 0
+        return self.kv_lora_rank + (self.q_lora_rank or 0)
+
+    def mlp_linears(self, width: int, group: str) -> list[Linear]:
+        h = self.hidden
+        return [Linear("gate_proj", h, width, group), Linear("up_proj", h, width, group), Linear("down_proj", width, h, group)]
+
+    def layer_linears(self, i: int) -> list[Linear]:
+        """Linear modules of layer i that PEFT can target (routed experts are fused 3-D params, not targets)."""
+        lin = self.attn_linears()
+        if self.is_moe_layer(i):
+            if self.n_shared_experts:
+                lin += self.mlp_linears(self.moe_intermediate * self.n_shared_experts, "shared")
+        else:
+            lin += self.mlp_linears(self.intermediate, "mlp")
+        return lin
+
+    # ---- parameter counts ------------------------------------------------------------------------------------
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        return 3 * self.hidden * self.moe_intermediate
+
+    def layer_params(self, i: int, *, active: bool = False) -> int:
+        n = 2 * self.hidden + self.attn_norm_params() + sum(lin.params for lin in self.layer_linears(i))
+        if self.is_moe_layer(i):
+            n += self.n_routed_experts * self.hidden  # router
+            k = self.experts_per_token if active else self.n_routed_experts
+            n += k * self.expert_params()
+        return n
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.hidden
+
+    def total_params(self) -> int:
+        return self.embed_params + self.head_params + self.hidden + sum(self.layer_params(i) for i in range(self.layers))
+
+    def active_params(self) -> int:
+        """Parameters used per token in matmuls: no input embedding, only the routed experts a token visits."""
+        head = self.vocab * self.hidden
+        return head + self.hidden + sum(self.layer_params(i, active=True) for i in range(self.layers))
+
+    def summary(self) -> str:
+        kind = "MLA" if self.mla else ("GQA" if self.kv_heads != self.heads else "MHA")
+        moe = f", MoE {self.n_routed_experts}×{self.experts_per_token} routed + {self.n_shared_experts} shared" if self.moe else ""
+        return (f"{self.name}: {self.family}, {self.layers} layers, hidden {self.hidden}, {kind}{moe}, vocab {self.vocab}; "
+                f"{fmt_count(self.total_params())} params ({fmt_count(self.active_params())} active)")
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
+    return str(int(n))
+
+
+# ---- built-in architectures (values from each model's public config.json) --------------------------------------
+def _llama(name, vocab, h, layers, heads, kv, inter, max_pos, family="llama", tie=False, bias=False) -> Arch:
+    return Arch(name=name, family=family, vocab=vocab, hidden=h, layers=layers, heads=heads, kv_heads=kv,
+                intermediate=inter, tie_embeddings=tie, qkv_bias=bias, max_position=max_pos)
+
+
+BUILTIN: dict[str, Arch] = {
+    a.name: a for a in [
+        _llama("deepseek-llm-7b", 102400, 4096, 30, 32, 32, 11008, 4096),
+        _llama("deepseek-llm-67b", 102400, 8192, 95, 64, 8, 22016, 4096),
+        _llama("deepseek-coder-1.3b", 32256, 2048, 24, 16, 16, 5504, 16384),
+        _llama("deepseek-coder-6.7b", 32256, 4096, 32, 32, 32, 11008, 16384),
+        _llama("deepseek-coder-33b", 32256, 7168, 62, 56, 8, 19200, 16384),
+        Arch(name="deepseek-v2-lite", family="deepseek_v2", vocab=102400, hidden=2048, layers=27, heads=16, kv_heads=16,
+             intermediate=10944, max_position=163840, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, experts_per_token=6,
+             moe_intermediate=1408, first_k_dense=1),
+        Arch(name="deepseek-v2", family="deepseek_v2", vocab=102400, hidden=5120, layers=60, heads=128, kv_heads=128,
+             intermediate=12288, max_position=163840, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160, n_shared_experts=2, experts_per_token=6,
+             moe_intermediate=1536, first_k_dense=1),
+        Arch(name="deepseek-v3", family="deepseek_v3", vocab=129280, hidden=7168, layers=61, heads=128, kv_heads=128,
+             intermediate=18432, max_position=163840, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1, experts_per_token=8,
+             moe_intermediate=2048, first_k_dense=3),
+        _llama("r1-distill-qwen-1.5b", 151936, 1536, 28, 12, 2, 8960, 131072, family="qwen2", bias=True),
+        _llama("r1-distill-qwen-7b", 152064, 3584, 28, 28, 4, 18944, 131072, family="qwen2", bias=True),
+        _llama("r1-distill-qwen-14b", 152064, 5120, 48, 40, 8, 13824, 131072, family="qwen2", bias=True),
+        _llama("r1-distill-qwen-32b", 152064, 5120, 64, 40, 8, 27648, 131072, family="qwen2", bias=True),
+        _llama("r1-distill-llama-8b", 128256, 4096, 32, 32, 8, 14336, 131072),
+        _llama("r1-distill-llama-70b", 128256, 8192, 80, 64, 8, 28672, 131072),
+    ]
+}
+ALIASES = {
+    "deepseek-llm-7b-base": "deepseek-llm-7b", "deepseek-llm-7b-chat": "deepseek-llm-7b",
+    "deepseek-llm-67b-base": "deepseek-llm-67b", "deepseek-llm-67b-chat": "deepseek-llm-67b",
+    "deepseek-coder-1.3b-base": "deepseek-coder-1.3b", "deepseek-coder-1.3b-instruct": "deepseek-coder-1.3b",
+    "deepseek-coder-6.7b-base": "deepseek-coder-6.7b", "deepseek-coder-6.7b-instruct": "deepseek-coder-6.7b",
+    "deepseek-coder-33b-base": "deepseek-coder-33b", "deepseek-coder-33b-instruct": "deepseek-coder-33b",
+    "deepseek-v2-lite-chat": "deepseek-v2-lite", "deepseek-v2-chat": "deepseek-v2", "deepseek-v3-base": "deepseek-v3",
+    "deepseek-r1": "deepseek-v3",
+    "deepseek-r1-distill-qwen-1.5b": "r1-distill-qwen-1.5b", "deepseek-r1-distill-qwen-7b": "r1-distill-qwen-7b",
+    "deepseek-r1-distill-qwen-14b": "r1-distill-qwen-14b", "deepseek-r1-distill-qwen-32b": "r1-distill-qwen-32b",
+    "deepseek-r1-distill-llama-8b": "r1-distill-llama-8b", "deepseek-r1-distill-llama-70b": "r1-distill-llama-70b",
+}
+
+
+def builtin_names() -> list[str]:
+    return list(BUILTIN)
+
+
+def _get(cfg: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def arch_from_hf_config(cfg: dict, name: str = "local", source: str = "config.json") -> Arch:
+    """Read a Hugging Face config.json dict (llama / qwen2 / mistral / deepseek_v2 / deepseek_v3 shapes)."""
+    cfg = dict(cfg.get("text_config") or cfg) if "hidden_size" not in cfg else cfg
+    mtype = str(cfg.get("model_type", "llama"))
+    try:
+        h = int(cfg["hidden_size"])
+        layers = int(cfg["num_hidden_layers"])
+        heads = int(cfg["num_attention_heads"])
+        vocab = int(cfg["vocab_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: missing or bad key {err} (expected a causal-LM config.json with hidden_size, "
+                          f"num_hidden_layers, num_attention_heads, vocab_size)") from err
+    kv = int(_get(cfg, "num_key_value_heads", default=heads))
+    inter = int(_get(cfg, "intermediate_size", default=4 * h))
+    family = mtype if mtype in ("qwen2", "deepseek_v2", "deepseek_v3") else ("deepseek_v3" if mtype.startswith("deepseek_v") else "llama")
+    kw: dict[str, Any] = dict(
+        name=name, family=family, vocab=vocab, hidden=h, layers=layers, heads=heads, kv_heads=kv, intermediate=inter,
+        head_dim=int(cfg.get("head_dim") or 0) if family in ("llama", "qwen2") else 0,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", False)) or mtype == "qwen2",
+        max_position=int(cfg.get("max_position_embeddings") or 4096), source=source,
+    )
+    if family.startswith("deepseek"):
+        kw.update(
+            q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=int(cfg.get("kv_lora_rank") or 0),
+            qk_nope_head_dim=int(cfg.get("qk_nope_head_dim") or 0), qk_rope_head_dim=int(cfg.get("qk_rope_head_dim") or 0),
+            v_head_dim=int(cfg.get("v_head_dim") or 0),
+            n_routed_experts=int(cfg.get("n_routed_experts") or 0), n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
+            moe_intermediate=int(cfg.get("moe_intermediate_size") or 0),
+            first_k_dense=int(cfg.get("first_k_dense_replace") or 0), moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
+        )
+    return Arch(**kw)
+
+
+def resolve_arch(model: str) -> Arch:
+    """A built-in name (or alias), a model folder with config.json, or a config.json path → Arch."""
+    key = model.strip()
+    low = key.lower().split("/")[-1] if not Path(key).expanduser().exists() else ""
+    if low in BUILTIN or low in ALIASES:
+        return BUILTIN[ALIASES.get(low, low)]
+    p = Path(key).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{p}: not a readable JSON config ({err})") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a JSON object")
+        return arch_from_hf_config(raw, name=p.parent.name or "local", source=str(p))
+    if key.startswith("embedded:"):
+        from dsft.model.load import resolve_model_dir
+
+        d = resolve_model_dir(key)
+        return arch_from_hf_config(json.loads((d / "config.json").read_text(encoding="utf-8")), name=key, source=str(d))
+    raise ConfigError(f"unknown model {model!r} (accepted: a folder or config.json path, or one of "
+                      f"{', '.join(builtin_names())})")
+
+
+def with_overrides(arch: Arch, **kw: Any) -> Arch:
+    return replace(arch, **kw)
