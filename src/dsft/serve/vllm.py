@@ -35,6 +35,8 @@ from dsft.config import ServeConfig
 from dsft.errors import ServeError
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM accepts only these --max-lora-rank values; an adapter's r is rounded up to the next one
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _lora_rank(path: str) -> int | None:
@@ -69,7 +71,8 @@ def vllm_args(model: str, cfg: ServeConfig, *, template_file: str | None = None)
         ranks = [r for r in (_lora_rank(p) for p in cfg.lora_modules.values()) if r]
         args += ["--enable-lora", "--max-loras", str(len(cfg.lora_modules))]
         if ranks:
-            args += ["--max-lora-rank", str(max(ranks))]
+            need = max(ranks)
+            args += ["--max-lora-rank", str(next((r for r in VLLM_LORA_RANKS if r >= need), need))]
         args += ["--lora-modules", *[f"{n}={p}" for n, p in cfg.lora_modules.items()]]
     if template_file:
         args += ["--chat-template", template_file]
