@@ -136,7 +136,19 @@ def test_cli_serve_runs_and_stops_on_sigterm(tiny_model_dir):
         r = httpx.post(f"{url}/generate", json={"prompt": "头痛", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and isinstance(r.json()["text"], str)
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "cli-tiny"
+        # SIGTERM while a request is generating: it still completes (graceful shutdown)
+        import threading
+
+        inflight = {}
+        t = threading.Thread(target=lambda: inflight.setdefault("r", httpx.post(
+            f"{url}/generate", json={"prompt": "头痛", "max_tokens": 200, "temperature": 0}, timeout=120)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while "dsft_running_requests 1.0" not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert inflight["r"].status_code == 200 and inflight["r"].json()["usage"]["completion_tokens"] >= 1
         # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15 is expected)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         rest = proc.stdout.read()
