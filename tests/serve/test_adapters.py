@@ -84,3 +84,12 @@ def test_missing_adapter_folder_fails_at_start(tiny_model_dir, tmp_path):
     with pytest.raises(DsftError, match="adapter_config.json"):
         with serve_in_background(str(tiny_model_dir), cfg):
             pass
+
+
+def test_adapter_folder_given_as_model_explains_lora_flag(adapters):
+    from dsft.errors import DsftError
+
+    with pytest.raises(DsftError, match="--lora NAME=") as e:
+        with serve_in_background(str(adapters["med-a"]), ServeConfig(port=0)):
+            pass
+    assert "\n" not in str(e.value)
