@@ -176,3 +176,23 @@ def test_cli_config_section_and_flags_merge(capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["served_model_name"] == "medical-base" and cfg["port"] == 9001 and cfg["host"] == "127.0.0.1"
     assert "api_key" not in cfg
+
+
+def test_cli_serves_a_run_dir(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from dsft.cli import main
+    from dsft.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    (run.stage_dir("train") / "adapter").mkdir()
+    run.write_manifest("train", {"base_model": str(tiny_model_dir), "method": "lora", "adapter": "adapter", "model": None})
+    assert main(["serve", "--run", str(run.root), "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == str(tiny_model_dir) and out["lora_modules"] == {"run": str((run.root / "train" / "adapter").resolve())}
+    (run.stage_dir("export") / "merged").mkdir()
+    run.write_manifest("export", {"merged": "merged"})
+    assert main(["serve", "--run", str(run.root), "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == str((run.root / "export" / "merged").resolve()) and out["lora_modules"] == {}
+    assert main(["serve", "--dry-run"]) == 2 and "--model" in capsys.readouterr().err
