@@ -60,6 +60,9 @@ def test_completions_plain_and_streaming(client):
 def test_models_lists_the_served_model(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_stop_strings_cut_the_output(client):

@@ -224,6 +224,7 @@ class _CountRequests:
     """Pure ASGI middleware counting responses by path and status (streaming-safe)."""
 
     _PATHS = {"/generate", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    # /v1/models/<id> is counted as "other" (ids would make the label set unbounded)
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -326,15 +327,25 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         return {"text": text, "finish_reason": last.finish_reason, "usage": _usage(last)}
 
     # ---- OpenAI-compatible API ------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models(request: Request):
-        _check_auth(state, request)
+    def model_cards() -> list[dict[str, Any]]:
         ctx = state.engine.max_model_len if state.engine is not None else None
         base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "dsft",
                 "root": state.model_dir, "parent": None, "max_model_len": ctx}
-        data = [base] + [{"id": name, "object": "model", "created": state.created, "owned_by": "dsft", "root": path,
+        return [base] + [{"id": name, "object": "model", "created": state.created, "owned_by": "dsft", "root": path,
                           "parent": state.model_id, "max_model_len": ctx} for name, path in state.adapters.items()]
-        return {"object": "list", "data": data}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_auth(state, request)
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _check_auth(state, request)
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        raise ApiError(404, f"The model `{model_id}` does not exist.", param="model")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
