@@ -43,6 +43,8 @@ def test_docker_vllm(tmp_path):
     cmd = json.loads(d["CMD"])
     assert cmd[cmd.index("--model") + 1] == "/models/merged" and "--served-model-name" in cmd
     assert "/health" in d["HEALTHCHECK"]
+    assert "pip install --no-deps ." in d["RUN"] and "DSFT_SERVED_MODEL_NAME=merged" in d["ENV"]
+    assert cmd[cmd.index("--middleware") + 1] == "dsft.serve.seed_compat.SeedGenerateMiddleware"
 
 
 def test_serve_engine_vllm_dry_run_maps_flags(tmp_path, capsys):
