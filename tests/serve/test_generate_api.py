@@ -62,6 +62,20 @@ def test_generate_bad_json_is_400(server):
     assert r.status_code == 400
 
 
+def test_oversized_body_is_413_before_it_is_read(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # announce 17 MiB, send none of it
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (17 * 2**20))
+        head = ""
+        while '"code": 413' not in head:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            head += chunk.decode("latin-1")
+    assert head.startswith("HTTP/1.1 413") and '"code": 413' in head
+
+
 def test_unknown_route_and_method_are_4xx_envelopes(server):
     r = httpx.get(f"{server}/nope", timeout=30)
     assert r.status_code == 404 and "error" in r.json()

@@ -37,6 +37,7 @@ from dsft.serve.reasoning import ReasoningStream, split_reasoning
 log = logging.getLogger("dsft.serve")
 
 API_KEY_ENV = "DSFT_API_KEY"
+MAX_BODY_BYTES = 16 * 2**20
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
           413: "RequestTooLarge", 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
@@ -234,6 +235,15 @@ class _CountRequests:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         path = path if path in self._PATHS else "other"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            self.metrics.requests.labels(path, "413").inc()
+            body = json.dumps({"error": {"message": f"request body over {MAX_BODY_BYTES // 2**20} MiB",
+                                         "type": "RequestTooLarge", "param": None, "code": 413}}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
 
         async def _send(message):
             if message["type"] == "http.response.start":
