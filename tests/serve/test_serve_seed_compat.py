@@ -59,3 +59,19 @@ def test_bad_requests_and_backend_errors_keep_the_envelope(wrapped):
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
     r = httpx.post(f"{wrapped}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200 and r.json()["object"] == "text_completion"  # everything else passes through
+
+
+def test_api_key_is_enforced_on_generate(tiny_model_dir):
+    import asyncio
+
+    app = SeedGenerateMiddleware(create_app(str(tiny_model_dir), ServeConfig()), model="tiny", api_key="k")
+
+    async def call(headers):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.post("/generate", json={"prompt": "hi"}, headers=headers)
+
+    r = asyncio.run(call({}))
+    assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+    r = asyncio.run(call({"Authorization": "Bearer k"}))  # past auth; the backend is not loaded here → 503
+    assert r.status_code == 503

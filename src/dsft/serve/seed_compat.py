@@ -29,13 +29,25 @@ def _json_response(status: int, obj: Any):
 class SeedGenerateMiddleware:
     """Answer `POST /generate` through the wrapped app's `/v1/chat/completions`; pass everything else through."""
 
-    def __init__(self, app, model: str | None = None):
+    def __init__(self, app, model: str | None = None, api_key: str | None = None):
         self.app = app
         self.model = model or os.environ.get(MODEL_ENV) or None
+        # enforced here too: depending on middleware order, vLLM's own key check may only see /v1 paths
+        self.api_key = api_key or os.environ.get("VLLM_API_KEY") or os.environ.get("DSFT_API_KEY") or None
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http" or scope.get("path") != "/generate" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
+        if self.api_key:
+            import secrets
+
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                status, headers, out = _json_response(401, {"error": {
+                    "message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    "type": "AuthenticationError", "param": None, "code": 401}})
+                return await self._send(send, status, headers, out)
         body = b""
         while True:
             msg = await receive()
