@@ -210,3 +210,15 @@ def test_cli_serves_a_run_dir(tmp_path, tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == str((run.root / "export" / "merged").resolve()) and out["lora_modules"] == {}
     assert main(["serve", "--dry-run"]) == 2 and "--model" in capsys.readouterr().err
+
+
+def test_cli_exits_2_when_the_model_cannot_load(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                          "--lora", f"bad={bad}"], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("dsft: error:") and "LoRA" in last

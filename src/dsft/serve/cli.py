@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import threading
 
 from dsft.errors import ServeError
 
@@ -135,5 +136,17 @@ def serve_forever(model: str, cfg) -> int:
           f"(health: /health, OpenAI API: /v1, metrics: /metrics)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on",
                                            timeout_graceful_shutdown=int(cfg.shutdown_timeout_s)))
+    state = app.state.dsft
+
+    def watch_load() -> None:  # a model that cannot load ends the process (exit 2), not a pod stuck at 503
+        state.ready.wait()
+        if state.load_error:
+            server.should_exit = True
+        else:
+            print(f"dsft serve: model loaded, ready on http://{host}:{port}", flush=True)
+
+    threading.Thread(target=watch_load, name="dsft-load-watch", daemon=True).start()
     server.run(sockets=[sock])
+    if state.load_error:
+        raise ServeError(f"{model_dir}: {state.load_error}")
     return 0
