@@ -325,3 +325,21 @@ def plan_for_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | None
 
 def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=2, ensure_ascii=False)
+
+
+def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print, gpu: Gpu | None = None) -> tuple[int, int, Plan]:
+    """ONE call for `dsft train`: resolve `per_device_train_batch_size: auto`, print the plan, warn if it won't fit.
+
+    Returns (micro_batch, grad_accum, plan). With an integer batch size these are the configured values; with
+    `auto` they are the largest micro-batch that fits and the accumulation that keeps the effective batch.
+    Never raises for a setup that does not fit (training may still be attempted); it warns through `echo`.
+    """
+    plan = plan_for_config(cfg, model_dir, gpu=gpu, search=False)
+    r = plan.request
+    if echo:
+        echo(plan.table())
+        if not plan.fits:
+            echo(f"warning: the planner estimates {plan.estimate.peak / GiB:.1f} GiB per device but {r.gpu.name} has "
+                 f"{r.gpu.memory_gib:.1f} GiB; expect out-of-memory (lower the micro-batch or sequence length, or turn "
+                 f"on gradient checkpointing)")
+    return r.micro_batch, r.grad_accum, plan
