@@ -76,6 +76,12 @@ class PlanRequest:
             raise bad("lora-dropout", self.lora_dropout, "a number in [0, 1)")
         if not 0 < self.mfu <= 1:
             raise bad("mfu", self.mfu, "a fraction in (0, 1]")
+        if not (isinstance(self.lora_targets, str) and self.lora_targets in ("all", "auto", "all-linear", "attention", "attn")):
+            known = {lin.name for i in range(self.arch.layers) for lin in self.arch.layer_linears(i)}
+            unknown = sorted(_target_names(self) - known)
+            if unknown or not _target_names(self):
+                raise bad("lora-targets", ",".join(unknown) or self.lora_targets,
+                          "all, attention, or names among " + ", ".join(sorted(known)))
         if self.attn not in ("sdpa", "eager", "flash_attention_2"):
             raise bad("attn", self.attn, "sdpa, eager or flash_attention_2")
         return self
@@ -232,7 +238,7 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
     ab = _act_bytes(req)
     f32 = 4.0
     # CUDA's fused dropout keeps a bool mask (1 byte); the CPU path keeps a full-precision noise tensor
-    mask = 1.0 if req.gpu.cuda else ab
+    mask = 1.0 if req.gpu.cuda else f32  # (LoRA inputs are fp32: PEFT's adapters are fp32)
     full = mode == "full"
     lora = mode == "lora"
     p = req.lora_dropout if lora else 0.0
@@ -240,14 +246,18 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
     r = req.rank if lora else 0
     fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
 
+    # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
+    # base computes in 16-bit); dropout then copies it again and keeps a mask
+    cast = ab != f32
+
     def lin_in(name: str, width: int, already_saved: bool, grad_in: bool = True) -> float:
         """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
         if full:
             return 0.0 if already_saved else width * ab
         if name in tset:
             if p > 0:
-                return width * ab + (width * mask if grad_in else 0.0) + r * f32
-            return r * f32 + (0.0 if already_saved else width * ab)
+                return width * f32 + (width * mask if grad_in else 0.0) + r * f32
+            return r * f32 + (width * f32 if cast else (0.0 if already_saved else width * ab))
         return 0.0
 
     def lin_group(names: list[str], width: int, grad_in: bool = True) -> float:
@@ -258,12 +268,15 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         if not ts:
             return 0.0
         if p > 0:
-            return len(ts) * (width * ab + (width * mask if grad_in else 0.0) + r * f32)
+            return len(ts) * (width * f32 + (width * mask if grad_in else 0.0) + r * f32)
+        if cast:
+            return len(ts) * (width * f32 + r * f32)
         return width * ab + len(ts) * r * f32
 
     def norm(width: int, grad_in: bool) -> float:
-        """RMSNorm keeps its input and rsqrt (when the input needs grad) and the normalized value (weight trains)."""
-        return (width * ab + f32 if grad_in else 0.0) + (width * ab if full else 0.0)
+        """RMSNorm upcasts to fp32 and keeps that input and rsqrt (when the input needs grad), and the normalized
+        value cast back (when the weight trains)."""
+        return (width * f32 + f32 if grad_in else 0.0) + (width * ab if full else 0.0)
 
     s = norm(h, input_grad)
     if a.mla:
@@ -274,7 +287,8 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         if qa:
             s += norm(qa, True) + lin_in("q_b_proj", qa, False)  # q_a out kept by q_a_layernorm
         kvr = a.kv_lora_rank + a.qk_rope_head_dim
-        s += kvr * ab + f32 + (a.kv_lora_rank * ab if full else 0.0)  # kv_a out (split view) kept by kv_a_layernorm
+        # kv_a out (its split view is upcast for kv_a_layernorm; in fp32 the view keeps all of kv_a out alive)
+        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if full else 0.0)
         s += lin_in("kv_b_proj", a.kv_lora_rank, False)
         s += 2 * a.heads * qk * ab  # query_states (cat) and key_states (new_empty + copy) kept by attention
         s += a.heads * (a.qk_nope_head_dim + a.v_head_dim) * ab  # kv_b out, alive through the value view
@@ -358,7 +372,7 @@ def _activations(req: PlanRequest) -> _Acts:
         bwd.append(tmp * tok)
     head_trains = req.method == "full"
     trains_any = req.method != "freeze" or req.freeze_layers > 0
-    final = (a.hidden * ab + 4 + (2 * a.hidden * ab if head_trains else 0.0)) * tok if trains_any else 0.0
+    final = (a.hidden * 4 + 4 + (2 * a.hidden * ab if head_trains else 0.0)) * tok if trains_any else 0.0
     return _Acts(saved, rec, bwd, final)
 
 
@@ -474,6 +488,15 @@ def estimate(req: PlanRequest) -> Estimate:
     overhead = (CUDA_CONTEXT + FRAGMENTATION * alloc) if req.gpu.cuda else 0.0
     if req.attn == "eager":
         notes.append("eager attention keeps the S×S score matrix per head")
+    if fused_expert_lora(req):
+        a_ = req.arch
+        copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _weight_bytes(req)
+        notes.append(f"PEFT maps gate/up/down_proj targets of {a_.family} onto the fused routed experts: LoRA on every "
+                     f"expert, dense MLPs and shared experts get none, and W+ΔW of each MoE layer is kept for "
+                     f"backward ({copy / GiB:.1f} GiB without checkpointing); --lora-targets attention avoids it")
+        if req.lora_dropout > 0:
+            notes.append("PEFT refuses lora_dropout > 0 on fused experts (ParamWrapper): set lora.dropout: 0 "
+                         "or target attention only")
     return Estimate(weights=weights, adapter=adapter, gradients=grad_b, optimizer=opt_b, activations=act_b,
                     logits=log_b, overhead=overhead, phase=phase, pageable=pageable, trainable_params=train_n,
                     total_params=a.total_params(), notes=notes)

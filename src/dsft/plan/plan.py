@@ -231,7 +231,7 @@ def make_plan(req: PlanRequest, *, examples: int | None = None, avg_tokens: floa
         s = smallest_hardware(req, req.gpu)
         if s:
             there = replace(req, num_gpus=s[0], sharding=s[1])
-            mb = fit_micro_batch(there, limit=max(req.micro_batch, 1))
+            mb = fit_micro_batch(there)
             smallest = {"gpus": s[0], "gpu": req.gpu.name, "sharding": s[1], "hardware": f"{s[0]} × {req.gpu.name}",
                         "micro_batch": mb}
         for name in SEARCH_ORDER:
