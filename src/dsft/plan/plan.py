@@ -157,9 +157,12 @@ class Plan:
         if self.fits:
             return f"FITS on {where}: {used / GiB:.1f} of {r.gpu.memory_gib:.1f} GiB per GPU ({pct:.0f} %)"
         hint = ""
+        gc_mb = 0 if r.gradient_checkpointing else fit_micro_batch(replace(r, gradient_checkpointing=True))
+        gc_hint = f"; with gradient checkpointing micro-batch {gc_mb} fits" if gc_mb >= r.micro_batch else ""
         if self.max_micro_batch:
-            hint = (f"; micro-batch {self.max_micro_batch} fits (keep the effective batch with --grad-accum"
-                    f"{'' if r.gradient_checkpointing else ', or turn on gradient checkpointing'})")
+            hint = f"; micro-batch {self.max_micro_batch} fits (keep the effective batch with gradient accumulation){gc_hint}"
+        elif gc_mb:
+            hint = f"; with gradient checkpointing micro-batch {gc_mb} fits"
         elif self.smallest:
             hint = f"; smallest that fits: {self.smallest['hardware']}"
         return f"DOES NOT FIT on {where}: needs {used / GiB:.1f} GiB per GPU, has {r.gpu.memory_gib:.1f}{hint}"
