@@ -329,6 +329,9 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         s += lin_group(["gate_proj", "up_proj"], h)
         s += 3 * it * ab + lin_in("down_proj", it, False)
         bwd = (2 * h + 2 * it) * ab  # gradients of the MLP's inputs while its saved tensors are released
+    if lora and req.method == "dora":
+        # DoRA rescales the base output and the LoRA output by the magnitude: both (fp32) are kept for backward
+        s += sum(2 * lin.d_out * f32 for lin in _targets(req, i))
     return s, bwd, per_layer
 
 
@@ -463,6 +466,14 @@ def estimate(req: PlanRequest) -> Estimate:
 
     ab = _act_bytes(req)
     hid = req.tokens * a.hidden * ab
+    # per-layer temporaries that do not scale with tokens: QLoRA dequantises one weight at a time to 16-bit;
+    # DoRA builds W + s·BA (fp32) of a module to take its norm
+    biggest = max(lin.params for i in range(a.layers) for lin in a.layer_linears(i))
+    layer_tmp = 0.0
+    if req.method == "qlora":
+        layer_tmp += biggest * 2
+    if req.method == "dora":
+        layer_tmp += max((lin.params for i in range(a.layers) for lin in _targets(req, i)), default=0) * 4
     saved_total = sum(acts.saved) + acts.final
     candidates: list[tuple[float, str, float, float, float]] = []  # (total, phase, acts, logits, grads)
     # 1) end of forward, loss computed
@@ -476,6 +487,7 @@ def estimate(req: PlanRequest) -> Estimate:
         grads += layer_grad[i]
         # checkpointing: the peak is the recomputed layer (+ incoming gradient); else the layer's gradient buffers
         work = acts.recompute[i] + 3 * hid if req.gradient_checkpointing else acts.bwd_temp[i]
+        work += layer_tmp
         candidates.append((static + live + work + grads, f"backward (layer {i})", live + work, 0.0, grads))
         live -= acts.saved[i]
     grads += embed_grad
