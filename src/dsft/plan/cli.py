@@ -86,6 +86,12 @@ def build_request(args: argparse.Namespace):
             cfg.model.name_or_path = args.model
         req = request_from_config(cfg, gpu=gpu)
         tflops = tflops or cfg.plan.tflops
+        if args.examples is None:
+            from dsft.plan.plan import dataset_tokens
+
+            ds = dataset_tokens(cfg)
+            if ds:
+                args.examples, args.avg_tokens = ds[0], args.avg_tokens or ds[1]
     else:
         if not args.model:
             raise ConfigError("dsft plan: give --model (a built-in name, a model folder or config.json) or a CONFIG file")

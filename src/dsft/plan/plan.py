@@ -323,7 +323,9 @@ def plan_for_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | None
         req = replace(request_from_config(cfg, model_dir, gpu=gpu, micro_batch=mb), grad_accum=accum)
     else:
         req = request_from_config(cfg, model_dir, gpu=gpu)
-    return make_plan(req, search=search, tflops=cfg.plan.tflops)
+    ds = dataset_tokens(cfg, model_dir)
+    return make_plan(req, search=search, tflops=cfg.plan.tflops, examples=ds[0] if ds else None,
+                     avg_tokens=ds[1] if ds else None)
 
 
 def plan_json(plan: Plan) -> str:
@@ -346,3 +348,39 @@ def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print, gpu: 
                  f"{r.gpu.memory_gib:.1f} GiB; expect out-of-memory (lower the micro-batch or sequence length, or turn "
                  f"on gradient checkpointing)")
     return r.micro_batch, r.grad_accum, plan
+
+
+def dataset_tokens(cfg, model_dir: str | Path | None = None, *, sample: int = 256) -> tuple[int, float] | None:
+    """(training examples, mean tokens per example) from the run's data stage, if it has run: the examples are
+    counted from its manifest and a sample is rendered with the chat template and tokenized."""
+    import random
+
+    from dsft.run import RunDir, read_jsonl
+
+    run = RunDir(cfg.run_dir)
+    if not run.has("data"):
+        return None
+    man = run.read_manifest("data")
+    train_path = Path(man.get("train", "train.jsonl"))
+    if not train_path.is_absolute():
+        train_path = run.stage_dir("data", create=False) / train_path
+    if not train_path.exists():
+        return None
+    rows = read_jsonl(train_path)
+    if not rows:
+        return None
+    pick = random.Random(0).sample(rows, min(sample, len(rows)))
+    try:
+        from dsft.model.load import resolve_model_dir
+        from dsft.model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.model.tokenizer or str(resolve_model_dir(str(model_dir or cfg.model.name_or_path))),
+                             chat_template=cfg.model.chat_template)
+        lengths = []
+        for r in pick:
+            ids = tok.apply_chat_template(r["messages"], tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            lengths.append(len(ids))
+    except Exception:  # no local tokenizer (e.g. a built-in architecture name): ~1 token per 1.5 characters
+        lengths = [sum(len(m.get("content", "")) for m in r.get("messages", [])) / 1.5 for r in pick]
+    return len(rows), sum(lengths) / len(lengths)
