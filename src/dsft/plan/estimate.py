@@ -16,7 +16,7 @@ from typing import Any
 
 from dsft.errors import ConfigError
 from dsft.plan.hardware import GiB, Gpu, cpu_device
-from dsft.plan.models import Arch
+from dsft.plan.models import Arch, fmt_count
 
 METHODS = ("lora", "qlora", "dora", "full", "freeze")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
@@ -404,7 +404,7 @@ def estimate(req: PlanRequest) -> Estimate:
     base = _weights_bytes(req)
     train_n = trainable_params(req)
     if req.adapter:
-        adapter = train_n * 4.0  # PEFT keeps adapter weights in fp32
+        adapter = train_n * 4.0 / par_div  # PEFT keeps adapter weights in fp32
         weights = base / par_div
         param_bytes = 4
     else:
@@ -422,11 +422,19 @@ def estimate(req: PlanRequest) -> Estimate:
         opt = train_n * 2 * param_bytes
     opt /= opt_div
     pageable = 0.0
+    offload_grads = 1.0
     if req.cpu_offload:
-        notes.append("optimizer state (and fp32 master weights) offloaded to CPU")
         opt = 0.0
         if req.sharding in ("zero3", "fsdp"):
-            weights = weights / 4  # parameters live on CPU; only gathered layers on GPU
+            weights = 0.0  # parameters live on CPU; only the gathered ones are on the GPU (added below)
+            notes.append("CPU offload: optimizer state, fp32 master weights and parameters live in host memory")
+        else:
+            if wb == 4 and not req.adapter:
+                weights = base / 2  # the 16-bit working copy stays; fp32 masters go to the CPU optimizer
+            notes.append("CPU offload: optimizer state and fp32 master weights live in host memory")
+        # gradients stream to the CPU through ~1 GiB of reduce buckets
+        total_grads = train_n * param_bytes / grad_div
+        offload_grads = min(1.0, GiB / total_grads) if total_grads else 1.0
     if req.optimizer.startswith("paged"):
         pageable = opt
         notes.append("paged optimizer: its state can spill to CPU memory under pressure")
@@ -439,10 +447,17 @@ def estimate(req: PlanRequest) -> Estimate:
         step_tmp = 0.0  # fused AdamW (the Trainer's default on CUDA) updates in place
     else:
         step_tmp = (largest if not req.adapter else 0) * param_bytes * 2
-    if req.sharding in ("zero3", "fsdp") and req.num_gpus > 1:
-        gathered = 2 * max(a.layer_params(i) for i in range(a.layers)) * (2 if wb == 4 else wb)
-        weights += gathered
-        notes.append("ZeRO-3/FSDP: two layers' parameters gathered at a time")
+    if req.sharding in ("zero3", "fsdp") and (req.num_gpus > 1 or req.cpu_offload):
+        gb = 2 if wb == 4 else (wb if req.method != "qlora" else QLORA_BYTES)
+        if req.sharding == "fsdp":  # one decoder layer per FSDP unit, the next one prefetched
+            live = 2 * max(a.layer_params(i) for i in range(a.layers))
+            notes.append("FSDP: two decoder layers' parameters gathered at a time")
+        else:  # DeepSpeed: up to stage3_max_live_parameters (1e9) elements, whole tensors
+            largest_tensor = max(a.embed_params, a.n_routed_experts * 2 * a.moe_intermediate * a.hidden,
+                                 max(lin.params for i in range(a.layers) for lin in a.layer_linears(i)))
+            live = min(max(largest_tensor, 1e9), a.total_params())
+            notes.append(f"ZeRO-3: up to {fmt_count(live)} parameters gathered at a time")
+        weights += live * gb
 
     acts = _activations(req)
     lfwd, lbwd = _logits_phases(req)
@@ -457,11 +472,11 @@ def estimate(req: PlanRequest) -> Estimate:
             g = a.layer_params(i) * param_bytes
         else:
             g = 0.0
-        layer_grad.append(g / grad_div)
-    head_grad = (a.head_params if req.method == "full" else 0) * param_bytes / grad_div
-    embed_grad = (a.embed_params if req.method == "full" else 0) * param_bytes / grad_div
+        layer_grad.append(g / grad_div * offload_grads)
+    head_grad = (a.head_params if req.method == "full" else 0) * param_bytes / grad_div * offload_grads
+    embed_grad = (a.embed_params if req.method == "full" else 0) * param_bytes / grad_div * offload_grads
     if req.method == "full" and a.tie_embeddings:
-        head_grad = a.embed_params * param_bytes / grad_div
+        head_grad = a.embed_params * param_bytes / grad_div * offload_grads
         embed_grad = 0.0
 
     ab = _act_bytes(req)

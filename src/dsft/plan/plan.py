@@ -48,14 +48,19 @@ def split_batch(effective: int, max_micro: int) -> tuple[int, int]:
     return m, effective // m
 
 
-def smallest_hardware(req: PlanRequest, gpu: Gpu) -> tuple[int, str] | None:
-    """Smallest N (and the sharding it needs) such that N × gpu fits this setup at micro-batch 1."""
+def smallest_hardware(req: PlanRequest, gpu: Gpu) -> tuple[int, str, bool] | None:
+    """Smallest N such that N × gpu fits this setup at micro-batch 1: (N, sharding, gradient checkpointing).
+
+    More than one GPU only helps when something is sharded, so N > 1 uses ZeRO-3 unless the request already
+    shards; gradient checkpointing is switched on only when it is what makes the setup fit.
+    """
+    gcs = [True] if req.gradient_checkpointing else [False, True]
     for n in GPU_COUNTS:
-        options = [req.sharding] if n == 1 else ([req.sharding] if req.sharding in ("zero3", "fsdp") else [req.sharding, "zero3"])
-        for sharding in options:
-            trial = replace(req, gpu=gpu, num_gpus=n, sharding=sharding if n > 1 else req.sharding, micro_batch=1)
+        sharding = req.sharding if (n == 1 or req.sharding in ("zero3", "fsdp")) else "zero3"
+        for gc in gcs:
+            trial = replace(req, gpu=gpu, num_gpus=n, sharding=sharding, micro_batch=1, gradient_checkpointing=gc)
             if fits(trial):
-                return n, trial.sharding
+                return n, sharding, gc
     return None
 
 
@@ -188,8 +193,10 @@ class Plan:
         lines.append(f"verdict: {self.verdict()}")
         lines.append(f"largest micro-batch that fits at seq {r.seq_len}: {self.max_micro_batch or 'none (even 1 does not fit)'}")
         if self.smallest:
+            needs = ([self.smallest["sharding"]] if self.smallest["sharding"] != "none" else []) + (
+                ["gradient checkpointing"] if self.smallest["gradient_checkpointing"] and not r.gradient_checkpointing else [])
             lines.append(f"smallest hardware: {self.smallest['hardware']}"
-                         + (f" with {self.smallest['sharding']}" if self.smallest["sharding"] != "none" else "")
+                         + (f" with {' + '.join(needs)}" if needs else "")
                          + f" (largest micro-batch there: {self.smallest['micro_batch']})")
         else:
             lines.append(f"smallest hardware: none of up to {GPU_COUNTS[-1]} × {r.gpu.name} fits")
@@ -233,15 +240,16 @@ def make_plan(req: PlanRequest, *, examples: int | None = None, avg_tokens: floa
     if search:
         s = smallest_hardware(req, req.gpu)
         if s:
-            there = replace(req, num_gpus=s[0], sharding=s[1])
+            there = replace(req, num_gpus=s[0], sharding=s[1], gradient_checkpointing=s[2])
             mb = fit_micro_batch(there)
-            smallest = {"gpus": s[0], "gpu": req.gpu.name, "sharding": s[1], "hardware": f"{s[0]} × {req.gpu.name}",
-                        "micro_batch": mb}
+            smallest = {"gpus": s[0], "gpu": req.gpu.name, "sharding": s[1], "gradient_checkpointing": s[2],
+                        "hardware": f"{s[0]} × {req.gpu.name}", "micro_batch": mb}
         for name in SEARCH_ORDER:
             if name == req.gpu.name:
                 continue
             s2 = smallest_hardware(req, GPUS[name])
-            alternatives[name] = f"{s2[0]} × {name}" if s2 else f"> {GPU_COUNTS[-1]} × {name}"
+            alternatives[name] = (f"{s2[0]} × {name}" + (" (checkpointing)" if s2[2] and not req.gradient_checkpointing else "")
+                                  if s2 else f"> {GPU_COUNTS[-1]} × {name}")
     return Plan(req, e, mmb, smallest, alternatives, recommend(req.arch), examples, avg_tokens, tflops)
 
 
