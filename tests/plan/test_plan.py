@@ -192,3 +192,10 @@ def test_tokens_per_epoch_from_the_data_stage(tmp_path):
     plan = plan_for_config(cfg, search=False)
     assert plan.examples == 40 and 20 < plan.avg_tokens < 80
     assert plan.tokens_per_epoch == int(40 * plan.avg_tokens) and plan.seconds_per_epoch > 0
+
+
+def test_cli_example_config_resolves_auto_batch():
+    r = _dsft(str(ROOT / "examples" / "plan_r1_distill_7b.yaml"), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["setup"]
+    assert s["micro_batch"] * s["grad_accum"] == 16 and s["micro_batch"] > 1 and s["gpu"] == "A100-40GB"

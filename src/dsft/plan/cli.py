@@ -85,6 +85,11 @@ def build_request(args: argparse.Namespace):
         if args.model:
             cfg.model.name_or_path = args.model
         req = request_from_config(cfg, gpu=gpu)
+        if cfg.train.per_device_train_batch_size == "auto" and args.batch is None:
+            from dsft.plan.plan import auto_micro_batch
+
+            micro, accum = auto_micro_batch(cfg, gpu=gpu)
+            req = replace(req, micro_batch=micro, grad_accum=accum)
         tflops = tflops or cfg.plan.tflops
         if args.examples is None:
             from dsft.plan.plan import dataset_tokens
