@@ -388,7 +388,7 @@ def _logits_phases(req: PlanRequest) -> tuple[float, float]:
     upcast = n * 4 if ab != 4 else 0
     fwd = logits + upcast + n * 4  # logits, fp32 copy, log-softmax output
     held = logits if req.hold_logits else 0.0
-    bwd = held + 3 * n * 4 + (n * ab if ab != 4 else 0)  # log-probs, nll grad, softmax grad (+ cast back)
+    bwd = held + 3 * n * 4  # log-probs, nll grad, softmax grad (the cast back to 16-bit comes after they go)
     return fwd, bwd
 
 
