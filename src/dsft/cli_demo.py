@@ -9,7 +9,7 @@ from pathlib import Path
 from dsft.cli_common import parse_overrides
 
 EXAMPLE = """example:
-  dsft demo                       # writes runs/demo/{data,train,eval,export,serve}/ and runs/demo/report.{json,md}
+  dsft demo                       # writes runs/demo/{plan,data,train,eval,export,serve}/ and runs/demo/report.{json,md}
   dsft demo --out /tmp/d --force  # elsewhere, overwriting an earlier demo there
   dsft demo --print-config        # the embedded config it runs (a starting point for your own)
 """
@@ -21,7 +21,7 @@ def demo_config_path() -> Path:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded default (CPU, offline)",
-                       description="data → train → eval → export → serve on a tiny DeepSeek-V3 and real Chinese medical "
+                       description="plan → data → train → eval → export → serve on a tiny DeepSeek-V3 and real Chinese medical "
                                    "QA shipped inside dsft; writes report.json and report.md.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")

@@ -1,4 +1,4 @@
-"""CLI of `dsft run`: every stage of a config in order (data → train → eval → export → serve check)."""
+"""CLI of `dsft run`: every stage of a config in order (plan → data → train → eval → export → serve check)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ EXAMPLE = """example:
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run every stage of a config in order",
-                       description="Run data → train → eval → export → serve-check for one config, writing "
+                       description="Run plan → data → train → eval → export → serve-check for one config, writing "
                                    "each stage's outputs and manifest under the run directory, then report.json/md.",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--stages", default="data,train,eval,export,serve",
-                   help="comma-separated subset of data,train,eval,export,serve (default: all)")
+    p.add_argument("--stages", default="plan,data,train,eval,export,serve",
+                   help="comma-separated subset of plan,data,train,eval,export,serve (default: all)")
     p.set_defaults(func=_run)
 
 

@@ -11,10 +11,12 @@ from typing import Any
 from dsft.config import Config
 from dsft.run import RunDir, atomic_write_json, atomic_write_text
 
-PIPELINE = ("data", "train", "eval", "export", "serve")
+PIPELINE = ("plan", "data", "train", "eval", "export", "serve")
 
 
 def _stage_fn(stage: str) -> Callable[..., dict]:
+    if stage == "plan":
+        return plan_stage
     if stage == "data":
         from dsft.data import prepare
 
@@ -34,6 +36,26 @@ def _stage_fn(stage: str) -> Callable[..., dict]:
     if stage == "serve":
         return serve_check
     raise ValueError(stage)
+
+
+def plan_stage(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
+    """Size memory before training: the planner's table for this config on this device (plan/plan.{txt,json})."""
+    from dsft.model.load import resolve_model_dir
+    from dsft.plan import plan_for_config
+
+    run.prepare_stage("plan", force=force)
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    plan = plan_for_config(cfg, model_dir)
+    d = plan.to_dict()
+    out = run.stage_dir("plan")
+    atomic_write_text(out / "plan.txt", plan.table() + "\n")
+    atomic_write_json(out / "plan.json", d)
+    print(plan.table())
+    manifest = {"plan_json": "plan.json", "plan_txt": "plan.txt", "fits": d["fits"], "verdict": d["verdict"],
+                "peak_bytes": d["memory_bytes"]["peak"], "max_micro_batch": d["max_micro_batch"],
+                "device": d["setup"]["gpu"]}
+    run.write_manifest("plan", manifest)
+    return manifest
 
 
 def serve_check(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
@@ -91,19 +113,23 @@ def _get(d: dict, *keys, default=None):
 
 def build_report(cfg: Config, results: dict[str, Any]) -> dict[str, Any]:
     """The run report (report.json): what each stage did, in a few numbers."""
-    data, train, ev, exp, srv = (results.get(s, {}) for s in PIPELINE)
+    pl, data, train, ev, exp, srv = (results.get(s, {}) for s in PIPELINE)
     counts = data.get("counts", {})
     before, after = ev.get("before", {}), ev.get("after", {})
     timings = dict(results.get("timings", {}))
     timings["total"] = round(sum(timings.values()), 2)
     return {
         "config": {"model": cfg.model.name_or_path, "data": cfg.data.path, "method": cfg.train.method},
+        "plan": {"fits": pl.get("fits"), "verdict": pl.get("verdict"), "peak_bytes": pl.get("peak_bytes"),
+                 "max_micro_batch": pl.get("max_micro_batch")},
         "data": {"input": counts.get("input"), "kept": counts.get("kept"), "dropped": counts.get("dropped", {}),
                  "train": counts.get("train"), "test": counts.get("test"), "derived": counts.get("derived")},
         "train": {"loss_first": train.get("loss_first"), "loss_last": train.get("loss_last"), "steps": train.get("steps"),
                   "tokens_per_s": train.get("tokens_per_s"), "trainable_params": train.get("trainable_params")},
-        "eval": {"before": before, "after": after},
-        "export": {"max_abs_diff": exp.get("max_abs_diff"), "dtype": exp.get("dtype"), "variants": exp.get("variants")},
+        "eval": {"before": before, "after": after, "headline": ev.get("headline"),
+                 "report_html": f"eval/{ev['report_html']}" if ev.get("report_html") else None},
+        "export": {"max_abs_diff": exp.get("max_abs_diff"), "dtype": exp.get("dtype"), "variants": exp.get("variants"),
+                   "quant_report": exp.get("quant_report")},
         "serve": {"ok": srv.get("ok"), "status": srv.get("status"), "text": srv.get("text")},
         "timings": timings,
     }
@@ -128,6 +154,12 @@ def render_report_md(rep: dict[str, Any]) -> str:
         f"**Department accuracy {_pct(b.get('accuracy'))} → {_pct(a.get('accuracy'))}; "
         f"ROUGE-L {_num(b.get('rouge_l'))} → {_num(a.get('rouge_l'))}** (held-out test split, base → fine-tuned).",
         "",
+        *([f"Headline (seed form): **{rep['eval']['headline']}**.", ""] if rep["eval"].get("headline") else []),
+        *([f"Full evaluation report: [{rep['eval']['report_html']}]({rep['eval']['report_html']})", ""]
+          if rep["eval"].get("report_html") else []),
+        "## Plan",
+        f"- {rep.get('plan', {}).get('verdict') or '—'} (see plan/plan.txt)",
+        "",
         "## Data",
         f"- input {rep['data']['input']} = kept {rep['data']['kept']} + dropped {json.dumps(rep['data']['dropped'], ensure_ascii=False)}",
         f"- train {rep['data']['train']} (+{rep['data']['derived']} derived classification records), test {rep['data']['test']}",
@@ -147,6 +179,8 @@ def render_report_md(rep: dict[str, Any]) -> str:
         "",
         "## Export",
         f"- merged ({rep['export']['dtype']}), max |merged − adapter| logits = {_num(rep['export']['max_abs_diff'], '{:.2e}')}",
+        *[f"- variant `{v.get('name')}`: {v.get('format')} {v.get('dtype', '')}, {_num(v.get('size_bytes'), '{:,.0f}')} bytes"
+          for v in (rep["export"].get("variants") or [])],
         "",
         "## Serve",
         f"- POST /generate → HTTP {rep['serve']['status']}, ok = {rep['serve']['ok']}: {rep['serve']['text']!r}",

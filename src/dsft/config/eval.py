@@ -19,3 +19,22 @@ class EvalConfig(Section):
     lang: Literal["auto", "zh", "en"] = "auto"
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1"])
     compare_base: bool = True
+    no_repeat_ngram_size: int = Field(3, ge=0)
+    """Greedy decoding never repeats an n-gram of this many tokens (0 = off); 3 keeps small models from looping."""
+    repetition_penalty: float = Field(1.0, gt=0)
+    label_scoring: Literal["sum", "mean"] = "sum"
+    """How a label's log-likelihood is aggregated over its tokens (sum = full-sequence probability)."""
+    breakdown_fields: list[str] = Field(default_factory=lambda: ["domain", "difficulty"])
+    """Record fields to break metrics down by (groups with a single value are skipped)."""
+    samples_in_report: int = Field(8, ge=0)
+    """Side-by-side generations shown in report.md / report.html."""
+    contamination_ngram: int = Field(8, gt=0)
+    """n (in characters for Chinese, words otherwise) of the eval-vs-train overlap check."""
+    contamination_threshold: float = Field(0.5, gt=0, le=1)
+    """Flag an eval item when this fraction of its n-grams occur in one training item."""
+    during_training_metric: str = "eval_loss"
+    """Metric that drives early stopping: eval_loss, perplexity (lower is better) or rouge_l, bleu, f1, em (higher)."""
+    during_training_samples: int = Field(16, gt=0)
+    """Size of the fixed held-out subset scored during training."""
+    backend: Literal["transformers", "vllm", "auto"] = "transformers"
+    """Generation backend; vllm (GPU, optional extra) or auto = vllm when installed and CUDA is available."""

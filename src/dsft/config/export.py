@@ -13,5 +13,13 @@ class ExportConfig(Section):
     merge: bool = True
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     formats: list[str] = Field(default_factory=lambda: ["merged"])
-    """Variants to produce: merged, int8, int4, gguf-f16, gguf-q8_0, gguf-q4_k_m."""
+    """Variants to produce: merged, int8, int4 (CPU), nf4, bnb-int8 (CUDA + bitsandbytes), gguf-f16, gguf-q8_0,
+    gguf-q4_k_m (optional extra `gguf`)."""
     report: bool = False
+    """Measure every variant (size, perplexity, task metric, prefill/decode tokens/s) → quant_report.json/.md/.png."""
+    report_samples: int = Field(16, gt=0)
+    """Held-out records the report measures perplexity and the task metric on."""
+    report_new_tokens: int = Field(32, gt=0)
+    """Greedy tokens generated per record for the task metric and the decode speed."""
+    report_threads: int | None = Field(None, gt=0)
+    """CPU threads for the speed columns (default: torch's current setting)."""

@@ -18,11 +18,15 @@ class LoraConfig(Section):
     target_modules: Literal["auto"] | list[str] = "auto"
     use_rslora: bool = False
     use_dora: bool = False
+    modules_to_save: Literal["auto"] | list[str] = "auto"
+    """Modules trained fully next to the adapter. auto: embeddings, LM head and norms for tiny (< 100 M
+    parameters, random-init demo) models, none otherwise."""
 
 
 class TrainConfig(Section):
     method: Literal["lora", "dora", "qlora", "full", "freeze"] = "lora"
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float | None = Field(None, gt=0)
+    """Default from the preset for the model size: 2 for tiny (< 0.5 B) models, else 1."""
     max_steps: int | None = Field(None, gt=0)
     per_device_train_batch_size: int | Literal["auto"] = 8
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -32,7 +36,8 @@ class TrainConfig(Section):
     cycle_fraction: float = Field(0.2, gt=0, le=1)
     """One cosine cycle = this fraction of total steps (seed: 20 %)."""
     warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Used when warmup_steps is 0."""
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     adam_beta1: float = 0.9
@@ -53,5 +58,21 @@ class TrainConfig(Section):
     freeze_trainable_modules: list[str] = Field(default_factory=list)
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
     seed: int = 42
+    loss_health_ratio: float = Field(0.3, gt=0, lt=1)
+    loss_health_steps: int = Field(1000, gt=0)
+    """Seed rule: warn when the training loss has not fallen below loss_health_ratio × its initial value
+    within loss_health_steps steps."""
+    grad_spike_factor: float = Field(10.0, gt=1)
+    """Log a grad-norm spike when the norm exceeds this × the median of the last 50 steps."""
+    oom_ladder: bool = True
+    """On out-of-memory: halve micro-batch (double accumulation) → gradient checkpointing → offload."""
+    pack_length: int | None = Field(None, gt=8)
+    """Row capacity when packing; default data.max_seq_length."""
+    group_by_length: bool = True
+    """When packing is off: batch samples of similar length together (less padding)."""
+    loss_chunk_size: int = Field(4096, gt=0)
+    """Tokens per chunk of the LM head + cross-entropy (logits only where labels exist)."""
+    compile: bool = False
+    """torch.compile the model (inductor)."""
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     nproc: int = Field(1, gt=0)

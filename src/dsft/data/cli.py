@@ -1,14 +1,116 @@
-"""CLI of the 'data' stage (first cut pending)."""
+"""CLI of the data stage: `dsft data prepare CONFIG`, `dsft data stats INPUT`."""
 
 from __future__ import annotations
 
-from dsft.errors import DsftError
+import argparse
+import json
+
+from dsft.cli_common import add_config_args, config_and_run
+
+EXAMPLES = """examples:
+  dsft data prepare examples/demo.yaml                 # → runs/demo/data/{train,test,eval}.jsonl + data_report.{json,md}
+  dsft data prepare cfg.yaml --strict                  # stop at the first invalid record (file:line: reason)
+  dsft data prepare cfg.yaml --set data.path=../shared/data/alpaca_zh_demo.json --force
+  dsft data stats ../shared/data/medical_dialogue_internal_medicine.gb18030.csv
+"""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="data stage (being built)")
-    p.set_defaults(func=_run)
+    p = sub.add_parser("data", help="read, validate, dedup, filter, balance and split SFT data",
+                       description="Data stage: any SFT format/encoding → canonical JSONL records with a report.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    pp = dsub.add_parser("prepare", help="run the whole data stage of a config",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(pp)
+    pp.add_argument("--strict", action="store_true", help="fail on the first invalid record instead of rejecting it")
+    pp.add_argument("--engine", choices=["local", "ray"], help="run the batch steps locally (default) or on Ray Data")
+    pp.set_defaults(func=_prepare)
+    ps = dsub.add_parser("stats", help="print a summary of a data file (counts, lengths, labels)")
+    ps.add_argument("input", nargs="+", help="data file(s) or embedded:medical")
+    ps.add_argument("--encoding", default="auto")
+    ps.add_argument("--format", default="auto", help="auto, seed, alpaca, sharegpt, openai, text")
+    ps.add_argument("--label-field", default="domain")
+    ps.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ps.set_defaults(func=_stats)
+    pd = dsub.add_parser("dedup", help="MinHash + LSH near-duplicate removal of one file (CJK-aware)",
+                         epilog="example:\n  dsft data dedup ../shared/data/medical_dialogue_internal_medicine.gb18030.csv "
+                                "-o /tmp/dedup.jsonl --fields answer --threshold 0.8",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pd.add_argument("input", nargs="+", help="data file(s) in any supported format")
+    pd.add_argument("-o", "--output", required=True, help="kept records as canonical JSONL")
+    pd.add_argument("--duplicates", help="where to list removed records (default: OUTPUT with .duplicates.jsonl)")
+    pd.add_argument("--threshold", type=float, default=0.8)
+    pd.add_argument("--fields", default="question,answer", help="canonical fields compared (default question,answer)")
+    pd.add_argument("--ngram", type=int, default=5, help="character n-gram size for CJK text (default 5)")
+    pd.add_argument("--word-ngram", type=int, default=3, help="word n-gram size for space-separated text (default 3)")
+    pd.add_argument("--num-perm", type=int, default=128)
+    pd.add_argument("--bands", type=int, help="LSH bands (default: derived from --threshold)")
+    pd.add_argument("--verify", choices=["exact", "minhash", "none"], default="exact")
+    pd.add_argument("--encoding", default="auto")
+    pd.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    pd.set_defaults(func=_dedup)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
-def _run(args) -> int:
-    raise DsftError("'dsft data' is not built yet")
+def _prepare(args) -> int:
+    from dsft.data import prepare
+
+    if args.strict:
+        args.overrides.append("data.strict=true")
+    if args.engine:
+        args.overrides.append(f"data.engine={args.engine}")
+    cfg, run = config_and_run(args)
+    m = prepare(cfg, run, force=args.force)
+    c = m["counts"]
+    print(f"data: {c['input']} in → {c['kept']} kept; dropped {json.dumps(c['dropped'], ensure_ascii=False)}")
+    print(f"split: train {c['train']} (+{c['derived']} derived), test {c['test']}, eval {c['eval']}; "
+          f"{len(m['labels'])} labels")
+    print(f"→ {run.root / 'data'}")
+    return 0
+
+
+def _stats(args) -> int:
+    from dsft.data.stats import stats_for_paths, stats_text
+
+    st = stats_for_paths(args.input, encoding=args.encoding, fmt=args.format, label_field=args.label_field)
+    print(json.dumps(st, ensure_ascii=False, indent=2) if args.json else stats_text(st))
+    return 0
+
+
+def _dedup(args) -> int:
+    import time
+    from pathlib import Path
+
+    from dsft.config import DataConfig
+    from dsft.data.minhash import near_dedup
+    from dsft.data.prepare import load_records
+    from dsft.data.schema import record_text
+    from dsft.errors import DataError, OverwriteError
+    from dsft.run import write_jsonl
+
+    out = Path(args.output)
+    dup_path = Path(args.duplicates) if args.duplicates else out.with_name(out.stem + ".duplicates.jsonl")
+    for p in (out, dup_path):
+        if p.exists() and not args.force:
+            raise OverwriteError(f"{p} exists; pass --force to overwrite it")
+    if not 0 < args.threshold < 1:
+        raise DataError(f"--threshold {args.threshold}: expected a Jaccard similarity between 0 and 1")
+    t0 = time.perf_counter()
+    records, rejected, _ = load_records(DataConfig(path=list(args.input), encoding=args.encoding, label_field=None))
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
+    texts = [record_text(r, fields) for r in records]
+    try:
+        res = near_dedup(texts, threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, word_ngram=args.word_ngram,
+                         bands=args.bands, rows=(args.num_perm // args.bands) if args.bands else None, verify=args.verify)
+    except ValueError as err:
+        raise DataError(str(err)) from err
+    kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
+    dups = [{**d, "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"]} for d in res.duplicates]
+    write_jsonl(out, kept)
+    write_jsonl(dup_path, dups)
+    st = res.stats
+    print(f"{len(records)} records ({len(rejected)} invalid skipped) → {len(kept)} kept, {len(dups)} near-duplicates removed "
+          f"in {time.perf_counter() - t0:.2f} s ({st['bands']}×{st['rows']} bands, {st.get('candidate_pairs', 0)} candidate pairs)")
+    print(f"→ {out}\n→ {dup_path}")
+    return 0

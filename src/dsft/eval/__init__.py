@@ -1,1 +1,15 @@
-"""Stage 'eval' of dsft."""
+"""Stage 'eval' of dsft: metrics, predictors, reports; `evaluate(cfg, run)` is the stage function."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def evaluate(cfg, run, force: bool = False) -> dict[str, Any]:
+    """Evaluate base vs fine-tuned on the held-out split of a run directory (see dsft.eval.stage)."""
+    from dsft.eval.stage import evaluate as _evaluate
+
+    return _evaluate(cfg, run, force=force)
+
+
+__all__ = ["evaluate"]

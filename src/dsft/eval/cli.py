@@ -1,14 +1,74 @@
-"""CLI of the 'eval' stage (first cut pending)."""
+"""CLI of the eval stage: `dsft eval CONFIG` (base vs fine-tuned) and `dsft eval score PREDICTIONS.jsonl`."""
 
 from __future__ import annotations
 
-from dsft.errors import DsftError
+import argparse
+import json
+
+from dsft.cli_common import add_config_args, config_and_run
+
+DESCRIPTION = """Evaluate on the held-out split of a run: base vs fine-tuned (and an exported quantized variant
+when present): loss, perplexity, ROUGE-1/2/L, BLEU, F1/EM, department accuracy, Macro-F1, AUC.
+Writes <run_dir>/eval/{eval.json, predictions.jsonl, report.md, report.html, *.png, manifest.json}.
+
+`dsft eval score FILE` scores an existing predictions JSONL instead: lines {"prediction", "reference"}
+for text metrics and {"label", "prediction", "scores"?} for classification (grouped by "model" if present)."""
+
+EPILOG = """examples:
+  dsft eval examples/demo.yaml
+  dsft eval examples/demo.yaml --set eval.max_samples=32 --force
+  dsft eval score runs/demo/eval/predictions.jsonl --metrics bleu,rouge_l,accuracy,macro_f1,auc --lang zh
+  dsft eval score preds.jsonl --metrics f1,em --json
+"""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="eval stage (being built)")
+    p = sub.add_parser("eval", help="evaluate base vs fine-tuned; `dsft eval score FILE` scores predictions",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("predictions", nargs="?", metavar="PREDICTIONS.jsonl", help="with `score`: the predictions file")
+    p.add_argument("--metrics", help="with `score`: comma list of bleu,rouge_1,rouge_2,rouge_l,f1,em,accuracy,macro_f1,auc")
+    p.add_argument("--lang", choices=["auto", "zh", "en"], default="auto", help="with `score`: text language (default: detect)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    raise DsftError("'dsft eval' is not built yet")
+    if args.config == "score":
+        return _score(args)
+    if args.predictions:
+        from dsft.errors import ConfigError
+
+        raise ConfigError(f"unexpected argument {args.predictions!r} (did you mean `dsft eval score {args.predictions}`?)")
+    from dsft.eval import evaluate
+
+    cfg, run = config_and_run(args)
+    m = evaluate(cfg, run, force=args.force)
+    if args.json:
+        print(json.dumps(m, ensure_ascii=False))
+        return 0
+    keys = ("loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1", "auc")
+    print(f"eval: {m['n']} held-out records → {run.root / 'eval'}")
+    print(f"{'metric':<12}{'base':>12}{'fine-tuned':>12}")
+    for k in keys:
+        b, a = m["before"].get(k), m["after"].get(k)
+        if b is None and a is None:
+            continue
+        print(f"{k:<12}{'—' if b is None else f'{b:.4f}':>12}{'—' if a is None else f'{a:.4f}':>12}")
+    print(m["headline"])
+    return 0
+
+
+def _score(args) -> int:
+    from dsft.errors import DataError
+    from dsft.eval.score import format_table, parse_metrics, score_file
+
+    if not args.predictions:
+        raise DataError("dsft eval score: give a predictions file (e.g. dsft eval score preds.jsonl --metrics bleu,rouge_l)")
+    names = parse_metrics(args.metrics)
+    scores = score_file(args.predictions, names, args.lang)
+    if args.json:
+        print(json.dumps(scores if len(scores) > 1 else next(iter(scores.values())), ensure_ascii=False))
+    else:
+        print(format_table(scores, names))
+    return 0

@@ -1,0 +1,226 @@
+"""Predictors over a causal LM: answer loss, batched greedy generation (left padding), label log-likelihoods.
+
+All prompts are rendered with the tokenizer's chat template, exactly as the train stage renders them
+(`dsft.records` builds the messages); the scored continuation is the assistant turn as the template writes it
+(text + end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+
+def prompt_text(tok, messages: Messages) -> str:
+    """The chat-template text of `messages` followed by the assistant generation prompt."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def continuation_text(tok, messages: Messages, answer: str) -> tuple[str, str]:
+    """(prompt text, assistant continuation text as the template renders it, end-of-turn token included)."""
+    prompt = prompt_text(tok, messages)
+    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    if full.startswith(prompt) and len(full) > len(prompt):
+        return prompt, full[len(prompt):]
+    return prompt, answer + (tok.eos_token or "")
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _model_device(model):
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        import torch
+
+        return torch.device("cpu")
+
+
+def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 8,
+                          max_length: int | None = None) -> list[tuple[float, int]]:
+    """For each (prompt ids, continuation ids): (sum of log p(continuation | prompt), number of tokens scored).
+
+    Sequences longer than max_length lose prompt tokens from the left (the continuation is kept).
+    Batches are right-padded and built from length-sorted items; results come back in input order.
+    """
+    import torch
+
+    device = _model_device(model)
+    pad = _pad_id(tok)
+    seqs = []
+    for p, c in pairs:
+        if max_length and len(p) + len(c) > max_length:
+            keep_p = max(1, max_length - len(c))
+            p = p[-keep_p:]
+            c = c[: max_length - len(p)]
+        seqs.append((p, c))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            L = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+            ids = torch.full((len(idx), L), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), L), dtype=torch.long)
+            tgt = torch.full((len(idx), L), -100, dtype=torch.long)
+            for row, i in enumerate(idx):
+                p, c = seqs[i]
+                full = p + c
+                ids[row, : len(full)] = torch.tensor(full)
+                att[row, : len(full)] = 1
+                tgt[row, len(p): len(full)] = torch.tensor(c)
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            labels = tgt[:, 1:].to(device)
+            mask = labels != -100
+            tok_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            sums, counts = tok_lp.sum(-1).tolist(), mask.sum(-1).tolist()
+            for row, i in enumerate(idx):
+                out[i] = (float(sums[row]), int(counts[row]))
+    model.train(was_training)
+    return out
+
+
+def answer_loss(model, tok, items: Sequence[tuple[Messages, str]], *, batch_size: int = 8,
+                max_length: int | None = None) -> dict[str, Any]:
+    """Token-weighted mean NLL of each reference answer given its prompt → {loss, perplexity, tokens, per_item}."""
+    pairs = []
+    for msgs, answer in items:
+        p, c = continuation_text(tok, msgs, answer)
+        pairs.append((_ids(tok, p), _ids(tok, c)))
+    res = continuation_logprobs(model, tok, pairs, batch_size=batch_size, max_length=max_length)
+    nll = -sum(s for s, _ in res)
+    n = sum(k for _, k in res)
+    loss = nll / n if n else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if n else float("nan"), "tokens": n,
+            "per_item": [(-s / k if k else None) for s, k in res]}
+
+
+def label_scores(model, tok, prompts: Sequence[Messages], labels: Sequence[str], *, batch_size: int = 8,
+                 max_length: int | None = None, mean: bool = False) -> list[dict[str, float]]:
+    """For each prompt, {label: log p(label turn | prompt)} (label text + end-of-turn token; summed, or per-token mean)."""
+    pairs, where = [], []
+    for i, msgs in enumerate(prompts):
+        p_text = prompt_text(tok, msgs)
+        p_ids = _ids(tok, p_text)
+        for lab in labels:
+            _, c = continuation_text(tok, msgs, lab)
+            pairs.append((p_ids, _ids(tok, c)))
+            where.append((i, lab))
+    res = continuation_logprobs(model, tok, pairs, batch_size=batch_size, max_length=max_length)
+    out: list[dict[str, float]] = [{} for _ in prompts]
+    for (i, lab), (s, k) in zip(where, res, strict=True):
+        out[i][lab] = s / max(k, 1) if mean else s
+    return out
+
+
+def classify(model, tok, prompts: Sequence[Messages], labels: Sequence[str], **kw) -> tuple[list[str], list[dict[str, float]]]:
+    """Pick the most likely label per prompt; return (predictions, probabilities over labels)."""
+    from dsft.eval.metrics import softmax
+
+    scores = label_scores(model, tok, prompts, labels, **kw)
+    probs = [softmax(s) for s in scores]
+    preds = [max(p, key=p.get) for p in probs]
+    return preds, probs
+
+
+def multiple_choice(model, tok, prompts: Sequence[Messages], choices: Sequence[Sequence[str]], *,
+                    normalize: bool = False, **kw) -> list[int]:
+    """Index of the most likely choice per prompt (sum log-prob; per-token mean when normalize)."""
+    pairs, where = [], []
+    for i, (msgs, opts) in enumerate(zip(prompts, choices, strict=True)):
+        p_ids = _ids(tok, prompt_text(tok, msgs))
+        for j, opt in enumerate(opts):
+            _, c = continuation_text(tok, msgs, opt)
+            pairs.append((p_ids, _ids(tok, c)))
+            where.append((i, j))
+    res = continuation_logprobs(model, tok, pairs, **kw)
+    best: list[tuple[float, int]] = [(-math.inf, -1)] * len(prompts)
+    for (i, j), (s, k) in zip(where, res, strict=True):
+        v = s / max(k, 1) if normalize else s
+        if v > best[i][0]:
+            best[i] = (v, j)
+    return [j for _, j in best]
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings, recorded next to every generation result."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    batch_size: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("max_new_tokens", "do_sample", "temperature", "no_repeat_ngram_size",
+                                           "repetition_penalty", "batch_size")}
+        d.update(self.extra)
+        return d
+
+
+def generate(model, tok, prompts: Sequence[Messages], settings: GenerationSettings, *,
+             max_prompt_length: int | None = None) -> dict[str, Any]:
+    """Batched generation with left padding → {texts, seconds, new_tokens, settings}."""
+    import torch
+
+    device = _model_device(model)
+    pad = _pad_id(tok)
+    encoded = [_ids(tok, prompt_text(tok, m)) for m in prompts]
+    if max_prompt_length:
+        encoded = [e[-max_prompt_length:] for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    new_tokens = 0
+    eos = tok.eos_token_id
+    gen_kw: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+                              "pad_token_id": pad, "eos_token_id": eos}
+    if settings.do_sample:
+        gen_kw["temperature"] = settings.temperature
+    else:
+        gen_kw.update(temperature=None, top_p=None, top_k=None)
+    if settings.no_repeat_ngram_size:
+        gen_kw["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
+    if settings.repetition_penalty != 1.0:
+        gen_kw["repetition_penalty"] = settings.repetition_penalty
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(order), settings.batch_size):
+            idx = order[b: b + settings.batch_size]
+            L = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), L), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), L), dtype=torch.long)
+            for row, i in enumerate(idx):
+                e = encoded[i]
+                ids[row, L - len(e):] = torch.tensor(e)
+                att[row, L - len(e):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **gen_kw)
+            for row, i in enumerate(idx):
+                new = out[row, L:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                while new and new[-1] == pad:
+                    new.pop()
+                new_tokens += len(new)
+                texts[i] = tok.decode(new, skip_special_tokens=True).strip()
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    return {"texts": texts, "seconds": seconds, "new_tokens": new_tokens, "settings": settings.as_dict()}

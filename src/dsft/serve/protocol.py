@@ -1,0 +1,97 @@
+"""Request bodies of the seed's /generate and the OpenAI-compatible endpoints (validated → 400 naming the field)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored (as vLLM and OpenAI do), wrong types and ranges are rejected.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def _stops(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    return list(v)
+
+
+class GenerateRequest(_Body):
+    """The seed's body: {prompt, max_tokens=512, temperature=0.7} (+ optional top_p, seed, stop)."""
+
+    prompt: StrictStr = Field(min_length=1)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    model: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    seed: int | None = None
+    stop: StrictStr | list[StrictStr] | None = Field(None)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_count(cls, v):
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    def stop_list(self) -> list[str]:
+        return _stops(self.stop)
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[int]
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    echo: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v

@@ -1,0 +1,106 @@
+"""`dsft serve --engine vllm`: hand over to vLLM's OpenAI server with dsft's flags mapped (GPU; untested here).
+
+vLLM serves the same API as dsft (/v1/chat/completions, /v1/completions, /v1/models with LoRA `parent`,
+/health, /metrics, the same error envelope), so clients do not change. Mapping (dsft → vLLM):
+
+    --model DIR                 → --model DIR
+    --host / --port             → --host / --port            (port 0 is not supported by vLLM)
+    --api-key / $DSFT_API_KEY   → --api-key                   (vLLM also reads $VLLM_API_KEY)
+    --served-model-name         → --served-model-name
+    --max-batch-size            → --max-num-seqs
+    --max-model-len             → --max-model-len
+    --dtype                     → --dtype
+    --lora NAME=DIR …           → --enable-lora --lora-modules NAME=DIR … --max-loras N --max-lora-rank R
+    --chat-template NAME        → --chat-template FILE        (the named DeepSeek template written to a file)
+    --tensor-parallel-size      → --tensor-parallel-size
+    --gpu-memory-utilization    → --gpu-memory-utilization
+    R1-style template (<think>) → --reasoning-parser deepseek_r1 (reasoning_content, as dsft does)
+    --max-queue                 → (no vLLM equivalent: vLLM queues without bound; scale on
+                                   vllm:num_requests_waiting instead)
+
+Not tested in this repository's CI (no GPU, vLLM not installed); `--dry-run` prints the command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from dsft.config import ServeConfig
+from dsft.errors import ServeError
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def _lora_rank(path: str) -> int | None:
+    try:
+        return int(json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8")).get("r"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _uses_think(model: str, chat_template: str | None) -> bool:
+    if chat_template:
+        return "r1" in chat_template
+    try:
+        cfg = json.loads((Path(model) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return "<think>" in str(cfg.get("chat_template") or "")
+
+
+def vllm_args(model: str, cfg: ServeConfig, *, template_file: str | None = None) -> list[str]:
+    """vLLM api_server arguments equivalent to a dsft serve configuration (without the API key)."""
+    if cfg.port == 0:
+        raise ServeError("--engine vllm needs a fixed --port (vLLM cannot pick a free port)")
+    args = ["--model", str(model), "--host", cfg.host, "--port", str(cfg.port),
+            "--max-num-seqs", str(cfg.max_batch_size), "--dtype", cfg.dtype,
+            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    args += ["--served-model-name", cfg.served_model_name or Path(str(model)).name]
+    if cfg.max_model_len:
+        args += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.lora_modules:
+        ranks = [r for r in (_lora_rank(p) for p in cfg.lora_modules.values()) if r]
+        args += ["--enable-lora", "--max-loras", str(len(cfg.lora_modules))]
+        if ranks:
+            args += ["--max-lora-rank", str(max(ranks))]
+        args += ["--lora-modules", *[f"{n}={p}" for n, p in cfg.lora_modules.items()]]
+    if template_file:
+        args += ["--chat-template", template_file]
+    if _uses_think(str(model), cfg.chat_template):
+        args += ["--reasoning-parser", "deepseek_r1"]
+    return args
+
+
+def vllm_command(model: str, cfg: ServeConfig, *, template_file: str | None = None) -> list[str]:
+    return [sys.executable, "-m", VLLM_MODULE, *vllm_args(model, cfg, template_file=template_file)]
+
+
+def exec_vllm(model: str, cfg: ServeConfig, *, dry_run: bool = False) -> int:
+    """Replace this process with vLLM's OpenAI server (or print the command with --dry-run)."""
+    template_file = None
+    if cfg.chat_template:
+        from dsft.model.templates import get_template
+
+        fd, template_file = tempfile.mkstemp(prefix="dsft-template-", suffix=".jinja")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(get_template(cfg.chat_template))
+    cmd = vllm_command(model, cfg, template_file=template_file)
+    if dry_run:
+        print(shlex.join(cmd))
+        return 0
+    if importlib.util.find_spec("vllm") is None:
+        raise ServeError("--engine vllm: vLLM is not installed (GPU + Linux: pip install 'dsft[vllm]')")
+    key = cfg.api_key or os.environ.get("DSFT_API_KEY")
+    env = dict(os.environ)
+    if key:
+        env["VLLM_API_KEY"] = key  # not on the command line: it would show in `ps`
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # pragma: no cover

@@ -1,0 +1,502 @@
+"""The train stage: data manifest → encoded chats → method (LoRA/DoRA/QLoRA/full/freeze) → loop → adapter + manifest.
+
+One readable loop (no HF Trainer): each optimizer step takes a fixed, seed-determined list of samples,
+splits it into micro-batches (packed by default), and divides the summed token loss by the step's label
+count, so the gradient does not depend on how the step is split. That is what makes the OOM ladder
+(smaller micro-batches, same effective batch) and packing exact, and resume bit-exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.config import Config
+from dsft.errors import DataError, OverwriteError, TrainError
+from dsft.run import RunDir, read_jsonl
+from dsft.train import checkpoint as ck
+from dsft.train.batching import StepPlan, collate_packed, collate_padded, real_tokens, split_micro
+from dsft.train.encode import Encoded, dataset_fingerprint, encode_records
+from dsft.train.loss import CausalLMLoss, unwrap
+from dsft.train.monitor import Monitor
+from dsft.train.presets import preset_for
+
+log = logging.getLogger("dsft.train")
+
+FaultHook = Callable[[int, int], None]
+"""fault_hook(step, micro_batch_size) runs before every micro-batch (tests inject OOM with it)."""
+EvalFn = Callable[[Any, int], dict]
+"""eval_fn(model, step) → {"eval_loss": float, ...}; drives early stopping when given."""
+
+
+# ---------------------------------------------------------------- schedule
+def lr_factor(step: int, total: int, warmup: int, kind: str, cycle_fraction: float) -> float:
+    """Multiplier of the base LR at 0-based optimizer step `step` (linear warmup, then the schedule)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    cycles = max(1, round(1.0 / cycle_fraction))  # seed rule: one cycle = cycle_fraction of the steps
+    return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+
+
+# ---------------------------------------------------------------- model + method
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias", ".router.weight"))
+
+
+def _load_base(cfg: Config, model_dir: Path, device: torch.device):
+    from dsft.model.load import load_model
+
+    if cfg.train.method == "qlora":
+        if device.type != "cuda":
+            raise TrainError("train.method qlora needs a CUDA GPU (bitsandbytes NF4); on CPU use method: lora "
+                             "(same adapter, fp32 base) — the adapter trains the same way")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        except ImportError as err:
+            raise TrainError("train.method qlora needs bitsandbytes: pip install 'dsft[qlora]'") from err
+        from peft import prepare_model_for_kbit_training
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.bfloat16,
+                                                     use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code,
+                                                     device_map={"": device.index or 0})
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = load_model(model_dir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                       attn_implementation=cfg.model.attn_implementation)
+    return model.to(device)
+
+
+def setup_method(model, cfg: Config, preset) -> tuple[Any, dict[str, Any]]:
+    """Apply the fine-tuning method; return (model to train, info for the manifest and the console)."""
+    from dsft.model.adapters import adapted_module_names, attach_lora, default_modules_to_save
+
+    method = cfg.train.method
+    n_params = _n_params(model)
+    info: dict[str, Any] = {"method": method}
+    for name, mod in model.named_modules():  # the MoE router stays fp32 and frozen
+        if name.endswith(".mlp.gate") and type(mod).__name__.endswith("Router"):
+            mod.to(torch.float32)
+    if method in ("lora", "dora", "qlora"):
+        mts = cfg.lora.modules_to_save
+        if mts == "auto":
+            mts = default_modules_to_save(model) if n_params < 100e6 else []
+        r = cfg.lora.r or preset.lora_r
+        alpha = cfg.lora.alpha or 2 * r
+        model, targets = attach_lora(model, cfg.lora, modules_to_save=mts, r=r, alpha=alpha,
+                                     use_dora=cfg.lora.use_dora or method == "dora")
+        info.update(r=r, alpha=alpha, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora or method == "dora",
+                    dropout=cfg.lora.dropout, modules_to_save=mts, targets=targets.summary(),
+                    adapted=adapted_module_names(model))
+    elif method == "full":
+        for n, p in model.named_parameters():
+            p.requires_grad = not _is_router(n)
+    elif method == "freeze":
+        import re
+
+        for p in model.parameters():
+            p.requires_grad = False
+        layers = unwrap(model).get_decoder().layers
+        k = min(cfg.train.freeze_trainable_layers, len(layers))
+        first = len(layers) - k
+        pats = [re.compile(m) for m in cfg.train.freeze_trainable_modules]
+        for n, p in model.named_parameters():
+            layer_idx = re.search(r"\.layers\.(\d+)\.", n)
+            in_last = layer_idx is not None and int(layer_idx.group(1)) >= first
+            if (in_last or any(pt.search(n) for pt in pats)) and not _is_router(n):
+                p.requires_grad = True
+        info.update(trainable_layers=list(range(first, len(layers))), trainable_modules=cfg.train.freeze_trainable_modules)
+    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["total_params"] = n_params
+    if info["trainable_params"] == 0:
+        raise TrainError(f"train.method {method}: no parameter is trainable (check lora.target_modules / freeze_* keys)")
+    return model, info
+
+
+def make_optimizer(model, cfg: Config, lr: float) -> tuple[torch.optim.AdamW, dict[int, str]]:
+    """AdamW; no weight decay on biases, norms and 1-D parameters; β2 0.95 for full fine-tuning, else 0.999."""
+    decay, no_decay, names = [], [], {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        names[id(p)] = n
+        (no_decay if p.ndim < 2 or "norm" in n or n.endswith(".bias") else decay).append(p)
+    beta2 = cfg.train.adam_beta2 or (0.95 if cfg.train.method in ("full", "freeze") else 0.999)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(cfg.train.adam_beta1, beta2),
+                            foreach=True)
+    return opt, names
+
+
+# ---------------------------------------------------------------- OOM ladder
+@dataclass
+class Ladder:
+    """Seed 5.2: halve micro-batch (accumulation doubles, effective batch unchanged) → checkpointing → offload."""
+
+    micro_batch: int
+    gradient_checkpointing: bool = False
+
+    def next_rung(self, model) -> str | None:
+        if self.micro_batch > 1:
+            self.micro_batch //= 2
+            return f"micro-batch halved to {self.micro_batch} (gradient accumulation doubled; effective batch unchanged)"
+        if not self.gradient_checkpointing:
+            self.gradient_checkpointing = True
+            enable_checkpointing(model)
+            return "gradient checkpointing enabled"
+        return None
+
+
+def enable_checkpointing(model) -> None:
+    inner = unwrap(model)
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+# ---------------------------------------------------------------- the stage
+def _stage_paths(run: RunDir, resume: str | None, force: bool) -> Path:
+    d = run.root / "train"
+    if resume is None:
+        if (d / "manifest.json").exists() or not (d / "checkpoints").exists() or force:
+            return run.prepare_stage("train", force=force)
+        raise OverwriteError(f"{d} holds checkpoints of an interrupted run: pass --resume auto to continue it, "
+                             f"or --force to start over")
+    if (d / "manifest.json").exists():
+        raise OverwriteError(f"{d} already holds a finished training run; nothing to resume (--force starts over)")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _read_split(run: RunDir, manifest: dict, key: str) -> tuple[list[dict], Path | None]:
+    rel = manifest.get(key)
+    if not rel:
+        return [], None
+    p = Path(rel)
+    if not p.is_absolute():
+        p = run.root / "data" / p
+    if not p.exists():
+        raise DataError(f"{p}: the data manifest names this '{key}' file but it does not exist")
+    return read_jsonl(p), p
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _autocast(precision: str, device: torch.device):
+    import contextlib
+
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext, precision
+    dt = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dt)), precision
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = False, *,
+          resume_force: bool = False, eval_fn: EvalFn | None = None, fault_hook: FaultHook | None = None,
+          progress: bool | None = None) -> dict[str, Any]:
+    """Run the train stage (see docs/ARCHITECTURE.md); returns the manifest it wrote."""
+    from tqdm.auto import tqdm
+
+    from dsft.model.load import resolve_model_dir
+    from dsft.model.tokenizer import load_tokenizer
+
+    tc = cfg.train
+    data_m = run.read_manifest("data")
+    records, train_path = _read_split(run, data_m, "train")
+    if train_path is None:
+        raise DataError(f"{run.manifest_path('data')}: key 'train': expected the path of train.jsonl")
+    eval_records, _ = _read_split(run, data_m, "eval")
+    stage = _stage_paths(run, resume, force)
+    ckpt_root = stage / "checkpoints"
+
+    torch.manual_seed(tc.seed)
+    device = _device()
+    model_dir = resolve_model_dir(cfg.model.name_or_path).resolve()
+    tok = load_tokenizer(cfg.model.tokenizer or str(model_dir), trust_remote_code=cfg.model.trust_remote_code,
+                         chat_template=cfg.model.chat_template)
+    if tok.chat_template is None:
+        raise TrainError(f"{model_dir}: the tokenizer has no chat template; set model.chat_template")
+    max_len = cfg.data.max_seq_length
+    examples, enc_rep = encode_records(tok, records, max_len, source=str(train_path))
+    eval_examples = encode_records(tok, eval_records, max_len, source="eval.jsonl")[0] if eval_records else []
+    fingerprint = dataset_fingerprint(examples)
+
+    model = _load_base(cfg, model_dir, device)
+    preset = preset_for(_n_params(model))
+    model, info = setup_method(model, cfg, preset)
+    model.train()
+    lr = tc.learning_rate or preset.learning_rate
+    micro = tc.per_device_train_batch_size if tc.per_device_train_batch_size != "auto" else preset.batch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    effective = micro * tc.gradient_accumulation_steps * world
+    epochs = tc.num_train_epochs or preset.epochs
+    plan = StepPlan(len(examples), effective, tc.seed, group_by_length=not tc.packing and tc.group_by_length,
+                    lengths=tuple(len(e.input_ids) for e in examples))
+    total_steps = tc.max_steps or max(1, math.ceil(epochs * plan.steps_per_epoch))
+    warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
+    ladder = Ladder(micro_batch=micro, gradient_checkpointing=tc.gradient_checkpointing)
+    if tc.gradient_checkpointing:
+        enable_checkpointing(model)
+    opt, names = make_optimizer(model, cfg, lr)
+    loss_mod = CausalLMLoss(model, tc.loss_chunk_size)
+    if tc.compile:
+        loss_mod = torch.compile(loss_mod, dynamic=True)
+    autocast, precision = _autocast(tc.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    capacity = tc.pack_length or max_len
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # ---- resume
+    start = 0
+    history: list[dict] = []
+    best_eval, bad_evals = math.inf, 0
+    train_seconds_before = 0.0
+    if resume:
+        path = ck.latest_valid(ckpt_root) if resume == "auto" else Path(resume)
+        if path is not None and resume != "auto" and (why := ck.verify(path)):
+            raise TrainError(f"{path}: cannot resume from this checkpoint: {why}")
+        if path is None:
+            log.info("dsft train: --resume auto: no checkpoint in %s, starting from step 0", ckpt_root)
+        else:
+            import json as _json
+
+            st = _json.loads((path / "state.json").read_text(encoding="utf-8"))
+            changes = []
+            if st["dataset"] != fingerprint:
+                changes.append(f"dataset changed (fingerprint {st['dataset']} → {fingerprint})")
+            if st["effective_batch"] != effective:
+                changes.append(f"effective batch changed ({st['effective_batch']} → {effective})")
+            if st.get("method") != tc.method:
+                changes.append(f"method changed ({st.get('method')} → {tc.method})")
+            if changes and not resume_force:
+                raise TrainError(f"{path}: refusing to resume: {'; '.join(changes)} — pass --resume-force to continue anyway")
+            try:
+                st = ck.load_checkpoint(path, model, opt, names)
+            except KeyError as err:
+                raise TrainError(str(err).strip("'\"")) from err
+            start = st["step"]
+            history = st.get("history", [])
+            best_eval, bad_evals = st.get("best_eval", math.inf), st.get("bad_evals", 0)
+            train_seconds_before = st.get("train_seconds", 0.0)
+            if st.get("micro_batch") and st["micro_batch"] < ladder.micro_batch:
+                ladder.micro_batch = st["micro_batch"]
+            if st.get("gradient_checkpointing") and not ladder.gradient_checkpointing:
+                ladder.gradient_checkpointing = True
+                enable_checkpointing(model)
+            log.info("dsft train: resumed from %s (step %d of %d)", path, start, total_steps)
+
+    monitor = Monitor(stage, tc, start_step=start, history=history)
+    _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, len(examples), enc_rep, device, precision)
+
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=(not progress) if progress is not None else None,
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    stopped_early = False
+    step = start
+    try:
+        for step in range(start, total_steps):
+            idx = plan.samples(step)
+            exs = [examples[i] for i in idx]
+            n_lab = sum(e.n_labels for e in exs)
+            cur_lr = lr * lr_factor(step, total_steps, warmup, tc.lr_scheduler, tc.cycle_fraction)
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            rng = torch.get_rng_state()
+            while True:
+                try:
+                    loss_sum, toks = _accumulate(loss_mod, exs, ladder.micro_batch, n_lab, tc.packing, capacity,
+                                                 pad_id, device, autocast, scaler, fault_hook, step + 1)
+                    break
+                except torch.OutOfMemoryError:
+                    opt.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rung = ladder.next_rung(model) if tc.oom_ladder else None
+                    if rung is None:
+                        raise TrainError(f"out of memory at step {step + 1} with micro-batch {ladder.micro_batch} and "
+                                         f"gradient checkpointing on: use method qlora, a smaller data.max_seq_length, or "
+                                         f"strategy deepspeed with offload") from None
+                    monitor.event(step + 1, "oom", action=rung)
+                    torch.set_rng_state(rng)  # the retried step sees the same dropout masks
+            if scaler is not None:
+                scaler.unscale_(opt)
+            gn = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
+            loss = loss_sum / max(1, n_lab)
+            rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": gn, "tokens": toks,
+                   "epoch": round((step + 1) / plan.steps_per_epoch, 4), "micro_batch": ladder.micro_batch}
+            monitor.step(rec)  # raises on NaN/inf before the optimizer applies it
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += toks
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cur_lr:.2e}")
+            done = step + 1
+            if eval_fn is not None or (tc.evaluation_strategy == "steps" and eval_examples):
+                if done % tc.eval_steps == 0 or done == total_steps:
+                    metrics = eval_fn(model, done) if eval_fn else {"eval_loss": eval_loss(loss_mod, eval_examples, micro, capacity, pad_id, device, tc.packing)}
+                    model.train()
+                    monitor.eval_record(done, metrics)
+                    ev = metrics.get("eval_loss")
+                    if ev is not None and tc.early_stopping_patience:
+                        if ev < best_eval - tc.early_stopping_delta:
+                            best_eval, bad_evals = ev, 0
+                        else:
+                            bad_evals += 1
+                            if bad_evals >= tc.early_stopping_patience:
+                                monitor.event(done, "early_stop", eval_loss=ev, best=best_eval,
+                                              patience=tc.early_stopping_patience)
+                                stopped_early = True
+            if done % tc.save_steps == 0 or stopped_early:
+                _save(ckpt_root, done, model, opt, names, tc, effective, fingerprint, ladder, monitor,
+                      best_eval, bad_evals, train_seconds_before + time.perf_counter() - t_start, total_steps)
+                monitor.plot(stage / "loss.png")
+            if stopped_early:
+                break
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    steps_done = step + 1 if total_steps > start else start
+    # ---- outputs
+    inner = unwrap(model)
+    adapter_rel = model_rel = None
+    if tc.method in ("lora", "dora", "qlora"):
+        from dsft.model.adapters import _exact_targets
+
+        with _exact_targets():
+            model.save_pretrained(str(stage / "adapter"), safe_serialization=True)
+        tok.save_pretrained(str(stage / "adapter"))
+        adapter_rel = "adapter"
+    else:
+        inner.save_pretrained(str(stage / "model"), safe_serialization=True)
+        tok.save_pretrained(str(stage / "model"))
+        model_rel = "model"
+    monitor.plot(stage / "loss.png")
+    monitor.close()
+    losses = monitor.losses()
+    window = max(1, min(tc.logging_steps, len(losses)))
+    manifest = {
+        "base_model": str(model_dir),
+        "method": tc.method,
+        "adapter": adapter_rel,
+        "model": model_rel,
+        "steps": steps_done,
+        "total_steps": total_steps,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": sum(losses[-window:]) / window if losses else None,
+        "loss_last_step": losses[-1] if losses else None,
+        "log": "log.jsonl",
+        "loss_png": "loss.png",
+        "tb": "tb" if "tensorboard" in tc.report_to and not tc.logging_dir else tc.logging_dir,
+        "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed > 0 and tokens_seen else None,
+        "train_seconds": round(train_seconds_before + elapsed, 2),
+        "trainable_params": info["trainable_params"],
+        "total_params": info["total_params"],
+        "learning_rate": lr,
+        "epochs": epochs,
+        "micro_batch": ladder.micro_batch,
+        "effective_batch": effective,
+        "preset": preset.name,
+        "precision": precision,
+        "packing": tc.packing,
+        "early_stopped": stopped_early,
+        "encode": {"total": enc_rep.total, "kept": enc_rep.kept, "dropped": enc_rep.dropped,
+                   "truncated": enc_rep.truncated, "tokens": enc_rep.tokens, "label_tokens": enc_rep.assistant_tokens},
+        "dataset_fingerprint": fingerprint,
+        "method_info": {k: v for k, v in info.items() if k not in ("trainable_params", "total_params")},
+    }
+    run.write_manifest("train", manifest)
+    return manifest
+
+
+def _accumulate(loss_mod, exs: list[Encoded], micro: int, n_lab: int, packing: bool, capacity: int, pad_id: int,
+                device, autocast, scaler, fault_hook, step: int) -> tuple[float, int]:
+    """Forward/backward every micro-batch of one step; gradients = d(Σ token CE / n_lab)."""
+    total, toks = 0.0, 0
+    for chunk in split_micro(exs, micro):
+        if fault_hook is not None:
+            fault_hook(step, micro)
+        batch = collate_packed(chunk, capacity, pad_id) if packing else collate_padded(chunk, pad_id)
+        toks += real_tokens(batch)
+        with autocast():
+            loss_sum = loss_mod(_to(batch, device))
+        scaled = loss_sum / max(1, n_lab)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += float(loss_sum.detach())
+    return total, toks
+
+
+@torch.no_grad()
+def eval_loss(loss_mod, examples: list[Encoded], micro: int, capacity: int, pad_id: int, device, packing: bool) -> float:
+    """Mean token loss on held-out examples (dropout off)."""
+    loss_mod.model.eval()
+    total, n = 0.0, 0
+    for chunk in split_micro(examples, micro):
+        batch = collate_packed(chunk, capacity, pad_id) if packing else collate_padded(chunk, pad_id)
+        total += float(loss_mod(_to(batch, device)))
+        n += sum(e.n_labels for e in chunk)
+    loss_mod.model.train()
+    return total / max(1, n)
+
+
+def _save(ckpt_root, done, model, opt, names, tc, effective, fingerprint, ladder, monitor, best_eval, bad_evals,
+          train_seconds, total_steps) -> None:
+    state = {
+        "step": done, "total_steps": total_steps, "effective_batch": effective, "dataset": fingerprint,
+        "method": tc.method, "micro_batch": ladder.micro_batch, "gradient_checkpointing": ladder.gradient_checkpointing,
+        "best_eval": best_eval if math.isfinite(best_eval) else None, "bad_evals": bad_evals,
+        "train_seconds": train_seconds, "history": monitor.history,
+        "scheduler": {"kind": tc.lr_scheduler, "step": done, "cycle_fraction": tc.cycle_fraction},
+        "data_position": {"next_step": done},
+    }
+    if state["best_eval"] is None:
+        state["best_eval"] = math.inf
+    ck.save_checkpoint(ckpt_root, done, model, opt, names, state, keep=tc.save_total_limit)
+
+
+def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, enc_rep, device, precision) -> None:
+    lines = [f"dsft train: {info['method']} on {model_dir.name} ({info['total_params']:,} params, preset {preset.name}), "
+             f"{info['trainable_params']:,} trainable ({100 * info['trainable_params'] / max(1, info['total_params']):.2f} %)",
+             f"dsft train: {n} examples ({enc_rep.tokens:,} tokens, {enc_rep.truncated} truncated, dropped {enc_rep.dropped}), "
+             f"{total_steps} steps, lr {lr:g}, micro-batch {micro}, effective batch {effective}, {device.type} {precision}"]
+    if "targets" in info:
+        t = info["targets"]
+        lines.append(f"dsft train: LoRA r={info['r']} alpha={info['alpha']} on {t['modules']} modules + "
+                     f"{t['expert_parameters']} fused expert parameters {t['by_kind']}; fully trained: {info['modules_to_save']}")
+    for line in lines:
+        print(line, flush=True)

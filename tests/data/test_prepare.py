@@ -1,0 +1,103 @@
+"""The data stage end to end on real files: manifest contract, accounting, split, derived label task, --force."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from dsft.config import config_from_dict, load_config
+from dsft.data import prepare
+from dsft.errors import OverwriteError
+from dsft.run import RunDir, read_jsonl
+
+MANIFEST_KEYS = {"stage", "train", "test", "eval", "report", "counts", "labels", "label_field"}
+COUNT_KEYS = {"input", "kept", "dropped", "train", "test", "eval", "derived"}
+
+
+def _cfg(tmp_path, **data):
+    return config_from_dict({"run_dir": str(tmp_path / "run"), "data": data})
+
+
+def test_embedded_medical_contract(tmp_path):
+    cfg = _cfg(tmp_path)
+    run = RunDir(cfg.run_dir)
+    m = prepare(cfg, run)
+    on_disk = json.loads((run.root / "data" / "manifest.json").read_text(encoding="utf-8"))
+    assert set(on_disk) == MANIFEST_KEYS
+    assert set(m["counts"]) == COUNT_KEYS
+    c = m["counts"]
+    assert c["input"] == 1667
+    assert c["input"] == c["kept"] + sum(c["dropped"].values())
+    assert c["dropped"].get("duplicate_exact", 0) > 0
+    assert c["kept"] == c["train"] + c["test"] + c["eval"]
+    assert 1600 <= c["kept"] <= 1640
+    assert m["label_field"] == "domain"
+    assert m["labels"] == sorted(m["labels"]) and len(m["labels"]) == 11
+    d = run.root / "data"
+    train, test = read_jsonl(d / m["train"]), read_jsonl(d / m["test"])
+    assert read_jsonl(d / m["eval"]) == []
+    orig = [r for r in train if r["provenance"] == "original"]
+    derived = [r for r in train if r["provenance"] == "derived:label_task"]
+    assert len(orig) == c["train"] and len(derived) == c["derived"] == c["train"]
+    assert all(r["provenance"] == "original" for r in test)
+    # the derived record asks for the department and answers with the label
+    assert "科室" in derived[0]["messages"][-2]["content"] and derived[0]["messages"][-1]["content"] == derived[0]["label"]
+    # every label with ≥ 3 kept records is in test (stratified), and test ≈ 10 %
+    kept_labels = Counter(r["label"] for r in orig + test)
+    test_labels = Counter(r["label"] for r in test)
+    assert all(test_labels[k] >= 1 for k, n in kept_labels.items() if n >= 3)
+    assert abs(len(test) / c["kept"] - 0.1) < 0.02
+    # no id in both train and test; canonical record shape
+    assert not {r["id"] for r in orig} & {r["id"] for r in test}
+    r0 = test[0]
+    assert set(r0) >= {"id", "messages", "fields", "label", "domain", "source", "provenance"}
+    assert r0["messages"][0]["role"] == "user" and r0["messages"][-1]["role"] == "assistant"
+    assert r0["source"]["file"] == "embedded:medical" and r0["source"]["line"] >= 2
+    rep = json.loads((d / m["report"]).read_text(encoding="utf-8"))
+    assert rep["accounting_holds"] and rep["files"][0]["encoding"] == "gb18030"
+    assert (d / "data_report.md").read_text(encoding="utf-8").count("|") > 20
+    dups = read_jsonl(d / "duplicates.jsonl")
+    assert len(dups) == c["dropped"]["duplicate_exact"] + c["dropped"].get("near_duplicate", 0)
+    assert all(x["duplicate_of"] < x["index"] for x in dups)
+    assert c["dropped"].get("near_duplicate", 0) > 0  # the shipped subset has template replies that differ a little
+
+
+def test_deterministic_and_refuses_overwrite(tmp_path):
+    cfg = _cfg(tmp_path)
+    run = RunDir(cfg.run_dir)
+    prepare(cfg, run)
+    first = (run.root / "data" / "train.jsonl").read_bytes(), (run.root / "data" / "test.jsonl").read_bytes()
+    with pytest.raises(OverwriteError):
+        prepare(cfg, run)
+    prepare(cfg, run, force=True)
+    assert ((run.root / "data" / "train.jsonl").read_bytes(), (run.root / "data" / "test.jsonl").read_bytes()) == first
+    other = _cfg(tmp_path / "o", seed=7)
+    prepare(other, RunDir(other.run_dir))
+    assert (RunDir(other.run_dir).root / "data" / "test.jsonl").read_bytes() != first[1]
+
+
+def test_real_gb18030_csv_via_seed_layout(tmp_path, medical_csv):
+    p = tmp_path / "seed.yaml"
+    p.write_text(f"model_name: embedded:tiny-deepseek-v3\ntraining_args:\n  output_dir: {tmp_path / 'run'}\n"
+                 f"data_args:\n  dataset_path: {medical_csv}\n  test_size: 0.2\n", encoding="utf-8")
+    cfg = load_config(p, {"data.columns": {"question": "title", "context": "ask", "answer": "answer", "domain": "department"}})
+    m = prepare(cfg, RunDir(cfg.run_dir))
+    c = m["counts"]
+    assert c["input"] == 7644 and c["input"] == c["kept"] + sum(c["dropped"].values())
+    assert c["dropped"]["duplicate_exact"] >= 300  # the README: ~400 answers are exact duplicates
+    assert abs(c["test"] / c["kept"] - 0.2) < 0.01
+    assert len(m["labels"]) == 11
+
+
+def test_alpaca_and_sharegpt_together(tmp_path, alpaca_json, sharegpt_json):
+    cfg = _cfg(tmp_path, path=[str(alpaca_json), str(sharegpt_json)], label_field=None)
+    m = prepare(cfg, RunDir(cfg.run_dir))
+    c = m["counts"]
+    assert c["input"] == 1300 and c["input"] == c["kept"] + sum(c["dropped"].values())
+    assert c["derived"] == 0 and m["labels"] == []
+    recs = read_jsonl(RunDir(cfg.run_dir).root / "data" / "train.jsonl")
+    tool = [r for r in recs if r["tools"]]
+    assert tool and any(msg["role"] == "tool" for r in tool for msg in r["messages"])
+    assert all(isinstance(msg["content"], str) for r in recs for msg in r["messages"])

@@ -1,0 +1,154 @@
+"""The seed's /generate and /health on a live server: good request, bad requests → 4xx, chat template applied."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from dsft.config import ServeConfig
+from dsft.errors import DsftError
+
+
+def test_generate_good_request(server, tiny_model_dir):
+    r = httpx.post(f"{server}/generate", json={"prompt": "头痛、发烧三天，应该怎么办？", "max_tokens": 12, "temperature": 0.7},
+                   timeout=60)
+    assert r.status_code == 200
+    body = r.json()
+    assert isinstance(body["text"], str) and body["text"]
+    u = body["usage"]
+    assert 1 <= u["completion_tokens"] <= 12 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    # the DeepSeek chat template was applied: prompt tokens == the templated user turn
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    text = tok.apply_chat_template([{"role": "user", "content": "头痛、发烧三天，应该怎么办？"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<｜begin▁of▁sentence｜><｜User｜>") and text.endswith("<｜Assistant｜>")
+    assert u["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_generate_defaults_and_greedy_is_deterministic(server):
+    a = httpx.post(f"{server}/generate", json={"prompt": "胃疼", "max_tokens": 8, "temperature": 0}, timeout=60).json()
+    b = httpx.post(f"{server}/generate", json={"prompt": "胃疼", "max_tokens": 8, "temperature": 0}, timeout=60).json()
+    assert a["text"] == b["text"] and a["usage"]["completion_tokens"] <= 8
+
+
+@pytest.mark.parametrize("payload, param", [
+    ({"prompt": 42}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+])
+def test_generate_bad_fields_are_400_naming_the_field(server, payload, param):
+    r = httpx.post(f"{server}/generate", json=payload, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"] and err["code"] == 400 and err["type"] == "BadRequestError"
+
+
+def test_generate_bad_json_is_400(server):
+    r = httpx.post(f"{server}/generate", content=b'{"prompt": "hi",', headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/generate", json=["not", "an", "object"], timeout=30)
+    assert r.status_code == 400
+
+
+def test_unknown_route_and_method_are_4xx_envelopes(server):
+    r = httpx.get(f"{server}/nope", timeout=30)
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{server}/generate", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+def test_health_ok(server):
+    r = httpx.get(f"{server}/health", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_health_is_503_until_the_model_is_loaded(tiny_model_dir):
+    from starlette.testclient import TestClient
+
+    from dsft.serve import create_app
+
+    app = create_app(str(tiny_model_dir), ServeConfig())
+    client = TestClient(app)  # no lifespan: the model is not loaded yet
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    r = client.post("/generate", json={"prompt": "hi"})
+    assert r.status_code == 503 and r.headers["retry-after"]
+
+
+def test_busy_port_falls_back_to_a_free_one(tiny_model_dir):
+    from dsft.serve import serve_in_background
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    busy = blocker.getsockname()[1]
+    try:
+        with serve_in_background(str(tiny_model_dir), ServeConfig(port=busy)) as url:
+            assert not url.endswith(f":{busy}")
+            assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+        with pytest.raises(httpx.ConnectError):  # shut down
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        blocker.close()
+
+
+def test_model_without_weights_fails_with_one_line(tmp_path):
+    from dsft.serve import serve_in_background
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(DsftError, match="no \\*.safetensors") as info:
+        with serve_in_background(str(tmp_path), ServeConfig(port=0)):
+            pass
+    assert "\n" not in str(info.value)
+
+
+def test_cli_serve_runs_and_stops_on_sigterm(tiny_model_dir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
+                             "--port", "0", "--served-model-name", "cli-tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        url = f"http://127.0.0.1:{m.group(1)}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/generate", json={"prompt": "头痛", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and isinstance(r.json()["text"], str)
+        assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "cli-tiny"
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15 is expected)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        rest = proc.stdout.read()
+        assert "Finished server process" in rest, rest[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_bad_lora_flag_is_one_line_exit_2(tiny_model_dir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--lora", "nope"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "NAME=DIR" in out.stderr

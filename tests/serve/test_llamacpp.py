@@ -1,0 +1,49 @@
+"""llama.cpp engine (GGUF, optional extra): same API; greedy output equals the transformers engine's."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from dsft.config import ServeConfig
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="optional extra dsft[gguf] (llama-cpp-python) not installed")
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tiny_model_dir, tmp_path_factory):
+    try:  # converting HF → GGUF is the export stage's job; it needs llama.cpp's converter script
+        from dsft.export.gguf import convert, gguf_unavailable_reason
+    except ImportError:
+        pytest.skip("dsft.export.gguf (HF → GGUF converter) is not available on this branch")
+    why = gguf_unavailable_reason()
+    if why:
+        pytest.skip(why)
+    return convert(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32")
+
+
+def test_llamacpp_engine_serves_the_same_api(gguf_file, server):
+    from dsft.serve import serve_in_background
+
+    body = {"messages": [{"role": "user", "content": "头痛怎么办"}], "max_tokens": 8, "temperature": 0}
+    want = httpx.post(f"{server}/v1/chat/completions", json={**body, "model": "tiny"}, timeout=60).json()
+    with serve_in_background(str(gguf_file), ServeConfig(port=0, engine="llamacpp", served_model_name="g")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        got = client.chat.completions.create(model="g", **body)
+        assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"]  # same template, same vocabulary
+        assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(model="g", stream=True, **body))
+        assert streamed == got.choices[0].message.content
+        r = httpx.post(f"{url}/generate", json={"prompt": 1}, timeout=30)
+        assert r.status_code == 400
+        assert [m.id for m in client.models.list().data] == ["g"]
+
+
+def test_llamacpp_needs_a_gguf_file(tmp_path):
+    from dsft.errors import DsftError
+    from dsft.serve import serve_in_background
+
+    with pytest.raises(DsftError, match=".gguf"):
+        with serve_in_background(str(tmp_path), ServeConfig(port=0, engine="llamacpp")):
+            pass
