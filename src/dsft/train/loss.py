@@ -102,8 +102,8 @@ class CausalLMLoss(nn.Module):
         head = unwrap(self.model).get_output_embeddings()
         if torch.is_grad_enabled() and _plain_head(head) and tg.numel():
             w = head.weight
-            # keep each chunk's fp32 logits near 64 MB whatever the vocabulary
-            chunk = max(16, min(self.chunk_size, (1 << 24) // w.shape[0]))
+            # each chunk's fp32 logits ≈ 256 MB at most, whatever the vocabulary (bigger chunks: faster matmuls)
+            chunk = max(16, min(self.chunk_size, (1 << 26) // w.shape[0]))
             return _FusedLinearCrossEntropy.apply(hs, w, getattr(head, "bias", None), tg, chunk)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, tg.numel(), self.chunk_size):
