@@ -137,7 +137,8 @@ class Plan:
                       "gradient_checkpointing": r.gradient_checkpointing, "packing": r.packing,
                       "sharding": r.sharding, "cpu_offload": r.cpu_offload, "num_gpus": r.num_gpus,
                       "gpu": r.gpu.name, "gpu_memory_bytes": r.gpu.memory_bytes,
-                      "lora_rank": r.rank if r.adapter else None, "trainable_params": e.trainable_params},
+                      "lora_rank": r.rank if r.adapter else None, "trainable_params": e.trainable_params,
+                      "trainer": r.trainer, "label_fraction": r.label_fraction},
             "memory_bytes": {**{k: int(v) for k, v in e.breakdown().items()}, "allocated": int(e.allocated),
                              "peak": int(e.peak), "pageable": int(e.pageable)},
             "peak_phase": e.phase,
@@ -180,7 +181,9 @@ class Plan:
         lines.append(f"setup: {meth}, seq {r.seq_len} × micro-batch {r.micro_batch} × accum {r.grad_accum} × "
                      f"{r.num_gpus} GPU, {r.precision}, {r.optimizer}, "
                      f"{'gradient checkpointing' if r.gradient_checkpointing else 'no checkpointing'}, "
-                     f"{'packing' if r.packing else 'padding'}, sharding {r.sharding}{', CPU offload' if r.cpu_offload else ''}")
+                     f"{'packing' if r.packing else 'padding'}, sharding {r.sharding}{', CPU offload' if r.cpu_offload else ''}, "
+                     f"{'dsft train' if r.trainer == 'dsft' else 'HF Trainer'} step"
+                     + (f" (loss on {100 * r.label_fraction:.0f} % of tokens)" if r.trainer == "dsft" and r.label_fraction < 1 else ""))
         lines.append(f"trainable: {fmt_count(e.trainable_params)} of {fmt_count(e.total_params)} params")
         lines.append(f"per-GPU peak memory (at {e.phase}):")
         labels = {"weights": "weights", "adapter": "adapter", "gradients": "gradients", "optimizer": "optimizer state",
@@ -292,6 +295,7 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
     if sharding == "auto":
         sharding = "fsdp" if t.strategy == "fsdp" else ("zero2" if t.strategy == "deepspeed" else "none")
     targets = cfg.lora.target_modules
+    mts_cfg = getattr(cfg.lora, "modules_to_save", "auto")
     return PlanRequest(
         arch=arch, method=method, seq_len=cfg.data.max_seq_length, micro_batch=mb,
         grad_accum=t.gradient_accumulation_steps, precision=prec, optimizer=plan_cfg.optimizer,
@@ -299,7 +303,8 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
         cpu_offload=plan_cfg.cpu_offload, num_gpus=max(plan_cfg.num_gpus, t.nproc) if dev.cuda else 1, gpu=dev,
         lora_rank=cfg.lora.r, lora_dropout=cfg.lora.dropout,
         lora_targets="all" if targets == "auto" else list(targets), freeze_layers=t.freeze_trainable_layers,
-        attn=cfg.model.attn_implementation, mfu=plan_cfg.mfu,
+        attn=cfg.model.attn_implementation, mfu=plan_cfg.mfu, trainer="dsft", label_fraction=plan_cfg.label_fraction,
+        modules_to_save=None if mts_cfg == "auto" else bool(mts_cfg),
     )
 
 
