@@ -284,8 +284,10 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
     fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
 
     # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
-    # base computes in 16-bit); dropout then copies it again and keeps a mask
+    # base computes in 16-bit); dropout then copies it again and keeps a mask. Under autocast (dsft train in
+    # 16-bit) the adapter matmuls run in 16-bit, so what lora_A keeps is a 16-bit cast of that copy.
     cast = ab != f32
+    li = ab if (cast and req.trainer == "dsft") else f32
 
     def lin_in(name: str, width: int, already_saved: bool, grad_in: bool = True) -> float:
         """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
@@ -293,8 +295,8 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
             return 0.0 if already_saved else width * ab
         if name in tset:
             if p > 0:
-                return width * f32 + (width * mask if grad_in else 0.0) + r * f32
-            return r * f32 + (width * f32 if cast else (0.0 if already_saved else width * ab))
+                return width * li + (width * mask if grad_in else 0.0) + r * li
+            return r * li + (width * li if cast else (0.0 if already_saved else width * ab))
         return 0.0
 
     def lin_group(names: list[str], width: int, grad_in: bool = True) -> float:
@@ -305,9 +307,9 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         if not ts:
             return 0.0
         if p > 0:
-            return len(ts) * (width * f32 + (width * mask if grad_in else 0.0) + r * f32)
+            return len(ts) * (width * li + (width * mask if grad_in else 0.0) + r * li)
         if cast:
-            return len(ts) * (width * f32 + r * f32)
+            return len(ts) * (width * li + r * li)
         return width * ab + len(ts) * r * f32
 
     def norm(width: int, grad_in: bool) -> float:
@@ -547,6 +549,13 @@ def estimate(req: PlanRequest) -> Estimate:
         layer_tmp += biggest * 2
     if req.method == "dora":
         layer_tmp += max((lin.params for i in range(a.layers) for lin in _targets(req, i)), default=0) * 4
+    # recomputing a checkpointed layer in 16-bit: PEFT's fp32 cast of the widest adapted input (and, under
+    # autocast, its fp32 dropout copy) exist for a moment on top of the rebuilt layer
+    recompute_tmp = 0.0
+    if req.adapter and ab != 4:
+        widest = max((lin.d_in for i in range(a.layers) for lin in _targets(req, i)), default=0)
+        copies = 2 if (req.trainer == "dsft" and req.lora_dropout > 0) else 1
+        recompute_tmp = widest * 4 * copies * req.tokens
     saved_total = sum(acts.saved) + acts.final
     candidates: list[tuple[float, str, float, float, float]] = []  # (total, phase, acts, logits, grads)
     # 1) end of forward, loss computed
@@ -559,7 +568,7 @@ def estimate(req: PlanRequest) -> Estimate:
     for i in reversed(range(a.layers)):
         grads += layer_grad[i]
         # checkpointing: the peak is the recomputed layer (+ incoming gradient); else the layer's gradient buffers
-        work = acts.recompute[i] + 3 * hid if req.gradient_checkpointing else acts.bwd_temp[i]
+        work = acts.recompute[i] + 3 * hid + recompute_tmp if req.gradient_checkpointing else acts.bwd_temp[i]
         work += layer_tmp
         candidates.append((static + live + work + grads, f"backward (layer {i})", live + work, 0.0, grads))
         live -= acts.saved[i]

@@ -170,13 +170,19 @@ def _steps(spec: Spec, model) -> float:
     g = torch.Generator().manual_seed(0)
     vocab = spec.hf_config()["vocab_size"]
     loss = torch.tensor(0.0)
+    import contextlib
+
+    # dsft train runs 16-bit precisions under autocast (even with 16-bit weights)
+    autocast = (lambda: torch.autocast(spec.device, dtype=getattr(torch, spec.dtype))) if (
+        spec.trainer == "dsft" and spec.dtype != "float32") else contextlib.nullcontext
     for _ in range(spec.steps):
         ids = torch.randint(0, vocab, (spec.batch, spec.seq_len), generator=g).to(spec.device)
         if spec.trainer == "dsft":
             targets = torch.roll(ids, -1, dims=1)
             targets[:, : int(round(spec.seq_len * (1 - spec.label_fraction)))] = -100  # the prompt part
             targets[:, -1] = -100
-            loss = _dsft_loss(model, ids, targets)
+            with autocast():
+                loss = _dsft_loss(model, ids, targets)
         else:
             loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
         loss.backward()
