@@ -24,6 +24,7 @@ def test_matrix_covers_the_issue(rows):
     assert {s.method for s in specs} == {"lora", "full", "freeze"}
     assert {s.gc for s in specs} == {True, False}
     assert len({s.seq_len for s in specs}) >= 2 and len({s.batch for s in specs}) >= 2
+    assert {s.dtype for s in specs} == {"float32", "bfloat16"} and {s.trainer for s in specs} == {"dsft", "hf"}
     # the peaks fall in different phases, so every part of the memory model is exercised
     kinds = {r["phase"].split(" (layer")[0] for r in rows}
     assert {"backward (loss)", "backward", "optimizer step"} <= kinds, kinds

@@ -59,7 +59,8 @@ class Spec:
                 f"{'-attn' if self.lora_targets == 'attention' else ''} seq{self.seq_len} "
                 f"b{self.batch}{' gc' if self.gc else ''}"
                 + (f" vocab{self.shape['vocab_size']}" if "vocab_size" in self.shape else "")
-                + (" p0" if self.method == "lora" and self.lora_dropout == 0 else ""))
+                + (" p0" if self.method == "lora" and self.lora_dropout == 0 else "")
+                + (" bf16" if self.dtype == "bfloat16" else ""))
 
     def hf_config(self) -> dict[str, Any]:
         return {**TINY_SHAPES[self.arch], **self.shape}
@@ -291,4 +292,7 @@ def validation_specs() -> list[Spec]:
         Spec("deepseek_v3", "lora", 256, 4, shape=_SMALL_VOCAB),
         Spec("llama", "lora", 128, 2, trainer="hf"),
         Spec("deepseek_v3", "lora", 128, 2, trainer="hf", lora_dropout=0.0),
+        # 16-bit under autocast, as dsft train runs bf16 (fp32 norm upcasts, PEFT's fp32 adapter casts)
+        Spec("qwen2", "lora", 128, 2, gc=True, shape=_SMALL_VOCAB, dtype="bfloat16"),
+        Spec("deepseek_v3", "full", 128, 2, shape=_SMALL_VOCAB, dtype="bfloat16"),
     ]
