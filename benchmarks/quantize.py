@@ -1,6 +1,10 @@
 """Quantization benchmark: every export variant vs fp32 PyTorch (the peer), demo model and a ≈150 M model.
 
-Usage: python benchmarks/quantize.py [--samples 8] [--new-tokens 16] [--threads N] [--skip-large] [--no-gguf]
+Usage: python benchmarks/quantize.py [--samples 8] [--new-tokens 16] [--threads 1] [--clock cpu|wall] [--skip-large] [--no-gguf]
+
+Speeds are timed by this process's CPU time at 1 thread by default: on a shared machine (here 2 cores, 7 busy
+processes) wall time swings several-fold between variants measured a minute apart; CPU time does not. Use
+`--clock wall --threads N` on an idle machine.
 
 For each model it runs the real export (merged fp32 + int8 + int4 [+ GGUF f16/q8_0/Q4_K_M when the `gguf` extra is
 installed]) and the quantization report on held-out medical QA records (the packaged GB18030 subset), then prints
@@ -33,14 +37,18 @@ LARGE = dict(
 )
 
 
-def conversations(n: int) -> list[list[dict[str, str]]]:
-    """Held-out style records from the packaged medical QA subset (last rows, real text)."""
+def records(n: int) -> tuple[list[dict], list[str]]:
+    """Held-out style records (last rows of the packaged medical QA subset, real text) and the department labels."""
     from dsft.model.paths import assets_dir
+    from dsft.records import qa_messages
 
     raw = (assets_dir() / "data" / "medical_qa_subset.gb18030.csv").read_bytes().decode("gb18030")
-    rows = list(csv.DictReader(io.StringIO(raw)))[-n:]
-    return [[{"role": "user", "content": f"{r['title']}\n{r['ask']}"}, {"role": "assistant", "content": r["answer"][:200]}]
-            for r in rows]
+    rows = list(csv.DictReader(io.StringIO(raw)))
+    out = []
+    for r in rows[-n:]:
+        fields = {"question": r["title"], "context": r["ask"], "answer": r["answer"][:200]}
+        out.append({"messages": qa_messages(fields), "fields": fields, "label": r["department"]})
+    return out, sorted({r["department"] for r in rows})
 
 
 def run_model(label: str, overrides: dict, work: Path, formats: list[str], args) -> dict:
@@ -51,12 +59,14 @@ def run_model(label: str, overrides: dict, work: Path, formats: list[str], args)
     t0 = time.perf_counter()
     base = build_tiny_deepseek_v3(work / f"{label}-base", seed=0, **overrides)
     cfg = config_from_dict({"export": {"formats": formats, "report": True, "report_samples": args.samples,
-                                       "report_new_tokens": args.new_tokens, "report_threads": args.threads}})
-    m = export_model(base, work / f"{label}-out", cfg, conversations=conversations(args.samples), force=True)
+                                       "report_new_tokens": args.new_tokens, "report_threads": args.threads,
+                                       "report_clock": args.clock}})
+    recs, labels = records(args.samples)
+    m = export_model(base, work / f"{label}-out", cfg, records=recs, labels=labels, force=True)
     params = m["params"]
     print(f"\n## {label} model: {params / 1e6:.1f} M parameters (export + report {time.perf_counter() - t0:.0f} s)\n")
     print((work / f"{label}-out" / "quant_report.md").read_text(encoding="utf-8"))
-    return {"params": params, "rows": {r["variant"]: r for r in m["report"]["rows"]}}
+    return {"params": params, "rows": {r["variant"]: r for r in m["quant_report"]["rows"]}}
 
 
 def summary(res: dict) -> dict:
@@ -71,6 +81,7 @@ def summary(res: dict) -> dict:
         out[f"{key}_decode_speedup"] = round(r["decode_speedup"], 2)
         out[f"{key}_prefill_speedup"] = round(r["prefill_speedup"], 2)
         out[f"{key}_quality_delta"] = round(r["perplexity_delta_pct"], 3)
+        out[f"{key}_accuracy_delta"] = None if r["accuracy_delta"] is None else round(r["accuracy_delta"], 3)
         out[f"{key}_greedy_match"] = round(r["greedy_match"], 3)
     return out
 
@@ -79,12 +90,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for the speed columns (default 1)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="time speeds by process CPU time or wall time")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--no-gguf", action="store_true")
     ap.add_argument("--work", help="keep the models and exports here (default: a temp dir)")
     args = ap.parse_args()
-    args.threads = args.threads or os.cpu_count()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
@@ -97,8 +108,8 @@ def main() -> int:
         formats += ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
     elif not args.no_gguf:
         print(f"(GGUF rows skipped: {why})")
-    print(f"# dsft quantization benchmark — peer: fp32 PyTorch; {args.threads} threads, {args.samples} records, "
-          f"{args.new_tokens} new tokens")
+    print(f"# dsft quantization benchmark — peer: fp32 PyTorch; {args.threads} threads, {args.clock} clock, "
+          f"{args.samples} records, {args.new_tokens} new tokens")
     with tempfile.TemporaryDirectory(prefix="dsft-qbench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,7 @@ def main() -> int:
     final["model"] = "large" if large else "demo"
     final["demo"] = summary(demo)
     final["threads"] = args.threads
+    final["clock"] = args.clock
     final["goal"] = {"int8_size_ratio_max": 0.3, "int8_decode_speedup_min": 1.5}
     head = final
     print(f"\nint8 vs fp32 ({final['model']}): size {head['int8_size_ratio']:.2f}×, decode {head['int8_decode_speedup']:.2f}×, "

@@ -38,11 +38,14 @@ def make_run(root: Path, base_dir: Path, adapter_dir: Path | None, *, model_dir:
     run = RunDir(root)
     d = run.stage_dir("data")
     recs = [
-        {"id": "t:2", "messages": [{"role": "user", "content": "胃痛怎么办？"}, {"role": "assistant", "content": "少食多餐，必要时就医。"}]},
-        {"id": "t:3", "messages": [{"role": "user", "content": "失眠怎么调理？"}, {"role": "assistant", "content": "规律作息，睡前少看手机。"}]},
+        {"id": "t:2", "label": "消化科", "fields": {"question": "胃痛怎么办？", "answer": "少食多餐，必要时就医。"},
+         "messages": [{"role": "user", "content": "胃痛怎么办？"}, {"role": "assistant", "content": "少食多餐，必要时就医。"}]},
+        {"id": "t:3", "label": "神经科", "fields": {"question": "失眠怎么调理？", "answer": "规律作息，睡前少看手机。"},
+         "messages": [{"role": "user", "content": "失眠怎么调理？"}, {"role": "assistant", "content": "规律作息，睡前少看手机。"}]},
     ]
     write_jsonl(d / "test.jsonl", recs)
-    run.write_manifest("data", {"train": "test.jsonl", "test": "test.jsonl", "eval": None, "labels": [], "label_field": None})
+    run.write_manifest("data", {"train": "test.jsonl", "test": "test.jsonl", "eval": None, "labels": ["消化科", "神经科"],
+                                "label_field": "domain"})
     t = run.stage_dir("train")
     manifest = {"base_model": str(base_dir), "method": "lora", "adapter": None, "model": None}
     if adapter_dir is not None:

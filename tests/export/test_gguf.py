@@ -49,3 +49,27 @@ def test_gguf_variants_reload_and_match_the_source(tmp_path, tiny_base, tiny_ada
     assert abs(rows["gguf-f16"]["perplexity_delta_pct"]) < 1.0, rows["gguf-f16"]
     assert rows["gguf-f16"]["greedy_match"] >= 0.5, rows["gguf-f16"]  # the speed path decodes the same tokens
     assert rows["gguf-q4_k_m"]["decode_tok_s"] > 0 and rows["gguf-q4_k_m"]["prefill_tok_s"] > 0
+
+
+@needs_gguf
+def test_dense_llama_shape_converts_and_matches(tmp_path):
+    """DeepSeek-LLM / Coder / R1-Distill-Llama are Llama-shaped: llama.cpp arch `llama`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dsft.export.gguf import make_gguf
+    from dsft.model.tokenizer import embedded_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    d = tmp_path / "llama"
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    row = make_gguf(d, d / "gguf", "q8_0", tok=tok)
+    assert row["verify"]["tokenizer_matches"] is True and row["verify"]["greedy_match"] >= 0.5
+    with open(d / "gguf" / row["file"], "rb") as fh:
+        head = fh.read(4096)
+    assert head[:4] == b"GGUF" and b"llama" in head

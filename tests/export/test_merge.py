@@ -164,3 +164,22 @@ def test_cli_config_mode(tmp_path, tiny_base, tiny_adapter):
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_json(run.root / "export" / "manifest.json")
     assert m["dtype"] == "float16" and m["stage"] == "export" and (run.root / "export" / "merged" / "config.json").exists()
+
+
+def test_cli_direct_mode_with_eval_data_and_report(tmp_path, tiny_base, tiny_adapter):
+    data = tmp_path / "held_out.jsonl"
+    rows = [{"question": "胃痛怎么办？", "answer": "少食多餐，必要时就医。", "domain": "消化科"},
+            {"question": "失眠怎么调理？", "answer": "规律作息。", "domain": "神经科"}]
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dsft", "export", "--model", str(tiny_base), "--adapter", str(tiny_adapter), "-o", str(out),
+           "--eval-data", str(data), "--formats", "merged,int8", "--report", "--set", "export.report_new_tokens=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = read_json(out / "quant_report.json")
+    assert rep["samples"] == 2 and rep["classified"] == 2 and [x["variant"] for x in rep["rows"]] == ["merged", "int8"]
+    (tmp_path / "bad.jsonl").write_text('{"q": 1}\n', encoding="utf-8")
+    r = subprocess.run(cmd[:8] + ["-o", str(tmp_path / "o2"), "--eval-data", str(tmp_path / "bad.jsonl")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "bad.jsonl:1: expected a record" in r.stderr

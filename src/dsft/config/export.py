@@ -12,7 +12,8 @@ from dsft.config.base import Section
 class ExportConfig(Section):
     merge: bool = True
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    formats: list[str] = Field(default_factory=lambda: ["merged"])
+    formats: list[Literal["merged", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]] = Field(
+        default_factory=lambda: ["merged"])
     """Variants to produce: merged, int8, int4 (CPU), nf4, bnb-int8 (CUDA + bitsandbytes), gguf-f16, gguf-q8_0,
     gguf-q4_k_m (optional extra `gguf`)."""
     report: bool = False
@@ -23,3 +24,5 @@ class ExportConfig(Section):
     """Greedy tokens generated per record for the task metric and the decode speed."""
     report_threads: int | None = Field(None, gt=0)
     """CPU threads for the speed columns (default: torch's current setting)."""
+    report_clock: Literal["wall", "cpu"] = "wall"
+    """Speed clock: wall time, or this process's CPU time (robust on a shared machine; use with report_threads: 1)."""

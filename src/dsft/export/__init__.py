@@ -32,13 +32,14 @@ def dir_size(path: str | Path, *, weights_only: bool = False) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _conversations_from_run(run, limit: int = 8) -> list[list[dict[str, str]]] | None:
-    """The first held-out conversations of the data stage (test, else eval split), if the run has them."""
+def _records_from_run(run, limit: int) -> tuple[list[dict[str, Any]] | None, list[str] | None]:
+    """The first held-out records of the data stage (test, else eval split) and its label set, if any."""
     from dsft.run import read_jsonl
 
     if run is None or not run.has("data"):
-        return None
+        return None, None
     m = run.read_manifest("data")
+    labels = [str(x) for x in (m.get("labels") or [])] or None
     for key in ("test", "eval"):
         rel = m.get(key)
         if not rel:
@@ -47,8 +48,8 @@ def _conversations_from_run(run, limit: int = 8) -> list[list[dict[str, str]]] |
         if p.exists():
             rows = [r for r in read_jsonl(p) if r.get("messages")][:limit]
             if rows:
-                return [r["messages"] for r in rows]
-    return None
+                return rows, labels
+    return None, labels
 
 
 def _tokenizer_source(model_cfg, base_dir: Path, adapter_dir: Path | None, model_dir: Path | None) -> str:
@@ -67,11 +68,15 @@ def export_model(
     *,
     adapter_dir: str | Path | None = None,
     conversations: list[list[dict[str, str]]] | None = None,
+    records: list[dict[str, Any]] | None = None,
+    labels: list[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Export a base (+ adapter) into out_dir: `merged/` and every variant in cfg.export.formats.
 
-    `cfg` is the whole Config (model + export + eval sections). Returns the manifest (paths relative to out_dir).
+    `cfg` is the whole Config (model + data + export + eval sections). `records` (canonical held-out records) and
+    `labels` feed the quantization report; `conversations` (default: the records' messages) the merge check.
+    Returns the manifest (paths relative to out_dir).
     """
     from dsft.export.merge import check_adapter_dir, merge_and_save
     from dsft.model.load import resolve_model_dir
@@ -96,6 +101,8 @@ def export_model(
     if tok.chat_template is None:
         raise ExportError(f"{base_dir}: the tokenizer has no chat template; set model.chat_template "
                           f"(deepseek-v3, deepseek-llm, deepseek-coder, r1-distill …)")
+    if conversations is None and records:
+        conversations = [r["messages"] for r in records[:8]]
     t0 = time.perf_counter()
     res = merge_and_save(base_dir, merged_dir, tok=tok, adapter_dir=adapter_dir, dtype=ecfg.dtype,
                          conversations=conversations, trust_remote_code=cfg.model.trust_remote_code)
@@ -129,7 +136,8 @@ def export_model(
     if ecfg.report:
         from dsft.export.report import quant_report
 
-        manifest["report"] = quant_report(out_dir, variants, cfg, conversations=conversations, tok=tok)
+        manifest["quant_report"] = quant_report(out_dir, variants, cfg, records=records, labels=labels,
+                                                conversations=conversations, tok=tok)
     return manifest
 
 
@@ -155,8 +163,8 @@ def export(cfg, run, force: bool = False) -> dict[str, Any]:
     else:
         raise ExportError(f"{run.manifest_path('train')}: neither 'adapter' nor 'model' is set; nothing to export")
     out = run.prepare_stage("export", force=force)
-    manifest = export_model(base_dir, out, cfg, adapter_dir=adapter_dir,
-                            conversations=_conversations_from_run(run), force=True)
+    records, labels = _records_from_run(run, max(8, cfg.export.report_samples))
+    manifest = export_model(base_dir, out, cfg, adapter_dir=adapter_dir, records=records, labels=labels, force=True)
     manifest["method"] = train_m.get("method")
     manifest["base_model"] = str(base)
     run.write_manifest("export", manifest)

@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of merged/ (export.dtype)")
     p.add_argument("--formats", help="comma-separated variants: merged,int8,int4,nf4,bnb-int8,gguf-f16,gguf-q8_0,gguf-q4_k_m")
     p.add_argument("--report", action="store_true", help="measure every variant → quant_report.json/.md/.png (export.report)")
+    p.add_argument("--eval-data", metavar="JSONL",
+                   help="--model mode: held-out records (dsft records with `messages`, or seed rows with question/answer[/domain]) "
+                        "for the merge check and the report (default: 3 built-in probe conversations)")
     p.add_argument("--install-gguf-converter", metavar="PATH",
                    help="copy llama.cpp's convert_hf_to_gguf.py from a llama.cpp folder or the llama-cpp-python sdist "
                         "(.tar.gz) into $DSFT_HOME/llama.cpp, then exit")
@@ -74,10 +77,38 @@ def _run_direct(args) -> int:
     if (out / "manifest.json").exists() and not args.force:
         raise ExportError(f"{out} already holds an export; pass --force to overwrite it")
     cfg = load_config(args.config, parse_overrides(args.overrides))
-    m = export_model(args.model, out, cfg, adapter_dir=args.adapter, force=args.force)
+    records, labels = _read_records(Path(args.eval_data)) if args.eval_data else (None, None)
+    m = export_model(args.model, out, cfg, adapter_dir=args.adapter, records=records, labels=labels, force=args.force)
     atomic_write_json(out / "manifest.json", {"stage": "export", **m})
     print(json.dumps(_summary(m, out), ensure_ascii=False, indent=2))
     return 0
+
+
+def _read_records(path) -> tuple[list[dict], list[str] | None]:
+    """Records from a JSONL of dsft records (`messages`) or seed rows (question/answer[/context][/domain])."""
+    from dsft.records import qa_messages
+
+    if not path.exists():
+        raise ExportError(f"--eval-data {path}: file not found")
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ExportError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+        if isinstance(row, dict) and row.get("messages"):
+            records.append(row)
+        elif isinstance(row, dict) and row.get("question") and row.get("answer"):
+            fields = {k: row.get(k) for k in ("question", "context", "answer") if row.get(k)}
+            records.append({"messages": qa_messages(fields), "fields": fields, "label": row.get("label") or row.get("domain")})
+        else:
+            raise ExportError(f"{path}:{i}: expected a record with 'messages' or 'question' + 'answer'")
+    if not records:
+        raise ExportError(f"--eval-data {path}: no records")
+    labels = sorted({str(r["label"]) for r in records if r.get("label") is not None})
+    return records, labels if len(labels) >= 2 else None
 
 
 def _summary(m: dict, out) -> dict:

@@ -145,9 +145,9 @@ def quantize(src: Path, dst: Path, ftype: int = FTYPE_Q4_K_M) -> Path:
 def load_gguf(path: Path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None):
     import llama_cpp
 
+    threads = n_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1))
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                           n_threads=n_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)),
-                           n_gpu_layers=0, seed=0)
+                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, seed=0)
 
 
 def last_logits(llm):

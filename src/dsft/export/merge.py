@@ -32,16 +32,10 @@ DTYPE_TOL_REL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 
 
 def load_adapter(base, adapter_dir: str | Path):
-    """Wrap `base` with the adapter in `adapter_dir` (the train stage's loader when present, else PEFT)."""
-    try:
-        from dsft.model.adapters import load_adapter as _train_load_adapter  # written by the train stage
-    except ImportError:
-        _train_load_adapter = None
-    if _train_load_adapter is not None:
-        return _train_load_adapter(base, adapter_dir)
-    from peft import PeftModel
+    """Wrap `base` with the adapter in `adapter_dir`, exactly on the modules it was trained on (train's loader)."""
+    from dsft.model.adapters import load_adapter as _load_adapter
 
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    return _load_adapter(base, adapter_dir)
 
 
 def check_adapter_dir(adapter_dir: Path) -> Path:

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import platform
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,32 +14,6 @@ from dsft.errors import ExportError
 from dsft.run import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[A-Za-z0-9]+(?:['.][A-Za-z0-9]+)*")
-
-
-def text_units(s: str) -> list[str]:
-    """Chinese-aware units: each CJK character alone, latin words/numbers whole, punctuation dropped."""
-    return _TOKEN.findall((s or "").lower())
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 on text_units (LCS based)."""
-    a, b = text_units(pred), text_units(ref)
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
-
 
 def hardware() -> str:
     cpu = platform.processor() or platform.machine()
@@ -55,27 +28,57 @@ def hardware() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def build_samples(tok, conversations: list[list[dict[str, str]]], n: int, max_len: int = 384) -> list[dict[str, Any]]:
+def build_samples(tok, records: list[dict[str, Any]], n: int, max_len: int = 384) -> list[dict[str, Any]]:
     """Per record: prompt ids (up to the last assistant turn), full ids, the answer's start and reference text."""
+    from dsft.eval.predict import continuation_text
+    from dsft.records import prompt_and_reference
+
     out = []
-    for msgs in conversations:
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None:
+    for rec in records:
+        msgs = rec.get("messages") or []
+        if not any(m["role"] == "assistant" for m in msgs):
             continue
-        prompt = tok(tok.apply_chat_template(msgs[:last], add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"]
-        full = tok(tok.apply_chat_template(msgs[:last + 1], tokenize=False), add_special_tokens=False)["input_ids"]
-        start = len(prompt) if full[:len(prompt)] == prompt else 1
-        if len(full) > max_len:
-            full = full[:max_len]
-        if start >= len(full) or len(prompt) >= max_len:
+        prompt_msgs, reference = prompt_and_reference(rec)
+        p_text, c_text = continuation_text(tok, prompt_msgs, reference)
+        prompt = _ids(tok, p_text)
+        full = (prompt + _ids(tok, c_text))[:max_len]
+        start = len(prompt)
+        if start >= len(full):
             continue
-        out.append({"prompt": prompt, "full": full, "start": start, "reference": msgs[last]["content"]})
+        out.append({"prompt": prompt, "full": full, "start": start, "reference": reference})
         if len(out) >= n:
             break
     if not out:
         raise ExportError("quantization report: no held-out record with an assistant answer to measure on")
     return out
+
+
+def build_label_samples(tok, records: list[dict[str, Any]], labels: list[str] | None, cfg, n: int) -> list[dict[str, Any]]:
+    """Department-classification items (the eval stage's prompt and scoring): prompt ids + one continuation per label."""
+    from dsft.eval.predict import continuation_text, prompt_text
+    from dsft.records import label_prompt_messages
+
+    if not labels or len(labels) < 2 or not cfg.data.label_prompt:
+        return []
+    conts: dict[str, list[int]] = {}
+    out = []
+    for rec in records:
+        gold = rec.get("label")
+        if gold is None or str(gold) not in labels:
+            continue
+        msgs = label_prompt_messages(rec, cfg.data.label_prompt, cfg.data.system_prompt)
+        p_ids = _ids(tok, prompt_text(tok, msgs))
+        for lab in labels:
+            if lab not in conts:
+                conts[lab] = _ids(tok, continuation_text(tok, msgs, lab)[1])
+        out.append({"prompt": p_ids, "gold": str(gold)})
+        if len(out) >= n:
+            break
+    return [{**o, "continuations": conts} for o in out]
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------------ engines
@@ -84,7 +87,8 @@ class TorchRunner:
 
     engine = "torch"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, clock=time.perf_counter) -> None:
+        self.clock = clock
         self.model = model.eval()
         self.device = next(model.parameters()).device
 
@@ -105,16 +109,16 @@ class TorchRunner:
         with torch.no_grad():
             x = torch.tensor([ids], device=self.device)
             cache = DynamicCache(config=self.model.config)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             out = self.model(input_ids=x, cache=cache, use_cache=True)
             nxt = int(out.logits[0, -1].argmax())
-            t1 = time.perf_counter()
+            t1 = self.clock()
             toks = [nxt]
             for _ in range(n - 1):
                 out = self.model(input_ids=torch.tensor([[nxt]], device=self.device), cache=cache, use_cache=True)
                 nxt = int(out.logits[0, -1].argmax())
                 toks.append(nxt)
-            t2 = time.perf_counter()
+            t2 = self.clock()
         return toks, t1 - t0, t2 - t1
 
 
@@ -123,9 +127,10 @@ class GGUFRunner:
 
     engine = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, clock=time.perf_counter) -> None:
         from dsft.export.gguf import load_gguf
 
+        self.clock = clock
         self.ppl_llm = load_gguf(path, n_ctx=512, logits_all=True, n_threads=threads)
         self.llm = load_gguf(path, n_ctx=512, logits_all=False, n_threads=threads)
 
@@ -148,45 +153,48 @@ class GGUFRunner:
 
         llm = self.llm
         llm.reset()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         llm.eval(ids)
         nxt = int(np.argmax(last_logits(llm)))
-        t1 = time.perf_counter()
+        t1 = self.clock()
         toks = [nxt]
         for _ in range(n - 1):
             llm.eval([nxt])
             nxt = int(np.argmax(last_logits(llm)))
             toks.append(nxt)
-        t2 = time.perf_counter()
+        t2 = self.clock()
         return toks, t1 - t0, t2 - t1
 
 
-def _runner(variant: dict[str, Any], out_dir: Path, dtype: str, threads: int):
+def _runner(variant: dict[str, Any], out_dir: Path, dtype: str, threads: int, clock):
     path = out_dir / variant["path"]
     fmt = variant.get("format")
     if fmt == "gguf":
-        return GGUFRunner(path, threads)
+        return GGUFRunner(path, threads, clock)
     if fmt == "dsft-quant":
         from dsft.export.quant import load_quantized
 
-        return TorchRunner(load_quantized(path)[0])
+        return TorchRunner(load_quantized(path)[0], clock)
     if fmt == "safetensors":
         from dsft.model.load import load_model
 
-        return TorchRunner(load_model(path, dtype=dtype))
+        return TorchRunner(load_model(path, dtype=dtype), clock)
     if fmt == "safetensors+bitsandbytes":
         from transformers import AutoModelForCausalLM
 
-        return TorchRunner(AutoModelForCausalLM.from_pretrained(str(path), device_map={"": 0}))
+        return TorchRunner(AutoModelForCausalLM.from_pretrained(str(path), device_map={"": 0}), time.perf_counter)
     raise ExportError(f"quantization report: cannot measure variant format {fmt!r}")
 
 
-def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int) -> dict[str, Any]:
-    """Perplexity of the reference answers, ROUGE-L of greedy answers, prefill and decode tokens/s."""
+def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int, label_samples: list[dict[str, Any]] | None = None,
+            label_scoring: str = "sum") -> dict[str, Any]:
+    """Perplexity of the reference answers, ROUGE-L of greedy answers, label accuracy, prefill and decode tokens/s."""
+    from dsft.eval.metrics import rouge_l as eval_rouge_l
+
     nll = ntok = 0.0
     prefill_t = decode_t = 0.0
     prefill_n = decode_n = 0
-    rouge, gens = [], []
+    preds, refs, gens = [], [], []
     eos = tok.eos_token_id
     runner.generate_timed(samples[0]["prompt"], 2)  # warm-up (allocations, kernel selection)
     for s in samples:
@@ -197,10 +205,19 @@ def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int) -> dict
         prefill_n, decode_n = prefill_n + len(s["prompt"]), decode_n + len(toks) - 1
         gens.append(toks)
         cut = toks[: toks.index(eos)] if eos in toks else toks
-        rouge.append(rouge_l(tok.decode(cut, skip_special_tokens=True), s["reference"]))
+        preds.append(tok.decode(cut, skip_special_tokens=True))
+        refs.append(s["reference"])
+    correct = 0
+    for item in label_samples or []:
+        scores = {}
+        for lab, cont in item["continuations"].items():
+            v, k = runner.nll(item["prompt"] + cont, len(item["prompt"]))
+            scores[lab] = -v / max(k, 1) if label_scoring == "mean" else -v
+        correct += max(scores, key=scores.get) == item["gold"]
     return {
         "perplexity": math.exp(nll / max(ntok, 1)),
-        "rouge_l": sum(rouge) / len(rouge),
+        "rouge_l": eval_rouge_l(preds, refs),
+        "accuracy": correct / len(label_samples) if label_samples else None,
         "prefill_tok_s": prefill_n / prefill_t if prefill_t else None,
         "decode_tok_s": decode_n / decode_t if decode_t else None,
         "tokens_scored": int(ntok),
@@ -208,7 +225,8 @@ def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int) -> dict
     }
 
 
-def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversations=None, tok=None) -> dict[str, Any]:
+def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, records=None, labels=None, conversations=None,
+                 tok=None) -> dict[str, Any]:
     """Measure each variant in this run; write quant_report.json / .md / .png under out_dir; return paths + rows."""
     import torch
 
@@ -221,17 +239,21 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversa
 
         tok = AutoTokenizer.from_pretrained(str(out_dir / "merged"))
     threads = ecfg.report_threads or torch.get_num_threads()
+    clock = time.process_time if ecfg.report_clock == "cpu" else time.perf_counter
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        samples = build_samples(tok, conversations or FALLBACK_PROBES, ecfg.report_samples)
+        if not records:
+            records = [{"messages": m} for m in (conversations or FALLBACK_PROBES)]
+        samples = build_samples(tok, records, ecfg.report_samples)
+        label_samples = build_label_samples(tok, records, labels, cfg, ecfg.report_samples)
         rows, ref = [], None
         for v in variants:
             if v.get("format") == "safetensors+bitsandbytes" and not torch.cuda.is_available():
                 continue
             t0 = time.perf_counter()
-            runner = _runner(v, out_dir, ecfg.dtype, threads)
-            m = measure(runner, samples, tok, ecfg.report_new_tokens)
+            runner = _runner(v, out_dir, ecfg.dtype, threads, clock)
+            m = measure(runner, samples, tok, ecfg.report_new_tokens, label_samples, cfg.eval.label_scoring)
             del runner
             gens = m.pop("_gens")
             if ref is None:
@@ -244,6 +266,8 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversa
                 "size_ratio": v["size_bytes"] / ref["size"],
                 "perplexity": m["perplexity"], "perplexity_delta_pct": 100 * (m["perplexity"] / ref["perplexity"] - 1),
                 "rouge_l": m["rouge_l"], "rouge_l_delta": m["rouge_l"] - ref["rouge_l"],
+                "accuracy": m["accuracy"],
+                "accuracy_delta": None if m["accuracy"] is None else m["accuracy"] - ref["accuracy"],
                 "greedy_match": same / max(total, 1),
                 "prefill_tok_s": m["prefill_tok_s"], "decode_tok_s": m["decode_tok_s"],
                 "prefill_speedup": _ratio(m["prefill_tok_s"], ref["prefill_tok_s"]),
@@ -256,7 +280,10 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, conversa
     rep = {
         "reference": variants[0]["name"], "dtype": ecfg.dtype, "samples": len(samples),
         "new_tokens": ecfg.report_new_tokens, "threads": threads, "hardware": hardware(),
-        "task_metric": "rouge_l (greedy answer vs reference, Chinese characters / latin words)",
+        "clock": "process CPU time" if ecfg.report_clock == "cpu" else "wall time",
+        "task_metric": "accuracy (department classification, the eval stage's label prompt and log-likelihood scoring) "
+                       "and rouge_l (greedy answer vs reference; dsft.eval.metrics, character-level for Chinese)",
+        "classified": len(label_samples),
         "perplexity_on": "reference answers (assistant tokens) of the held-out records",
         "rows": rows,
     }
@@ -278,18 +305,20 @@ def render_markdown(rep: dict[str, Any]) -> str:
     lines = [
         "# Quantization report",
         "",
-        f"Measured in this run on {rep['hardware']} ({rep['threads']} threads), {rep['samples']} held-out records, "
+        f"Measured in this run on {rep['hardware']} ({rep['threads']} threads, speeds by {rep['clock']}), "
+        f"{rep['samples']} held-out records ({rep.get('classified', 0)} classified), "
         f"{rep['new_tokens']} greedy tokens each. Reference: `{rep['reference']}` ({rep['dtype']}). "
         f"Perplexity on {rep['perplexity_on']}; task metric {rep['task_metric']}; greedy match = share of generated "
         f"tokens identical to the reference's.",
         "",
-        "| variant | engine | size MB | size × | perplexity | Δ ppl | ROUGE-L | Δ ROUGE-L | greedy match | prefill tok/s | decode tok/s | decode × |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | engine | size MB | size × | perplexity | Δ ppl | accuracy | Δ acc | ROUGE-L | Δ ROUGE-L | greedy match | prefill tok/s | decode tok/s | decode × |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["rows"]:
         lines.append(
             f"| {r['variant']} | {r['engine']} | {r['size_bytes'] / 1e6:.2f} | {_f(r['size_ratio'])} | {_f(r['perplexity'], '{:.3f}')} | "
-            f"{_f(r['perplexity_delta_pct'], '{:+.2f} %')} | {_f(r['rouge_l'], '{:.4f}')} | {_f(r['rouge_l_delta'], '{:+.4f}')} | "
+            f"{_f(r['perplexity_delta_pct'], '{:+.2f} %')} | {_f(r['accuracy'], '{:.3f}')} | {_f(r['accuracy_delta'], '{:+.3f}')} | "
+            f"{_f(r['rouge_l'], '{:.4f}')} | {_f(r['rouge_l_delta'], '{:+.4f}')} | "
             f"{_f(100 * r['greedy_match'], '{:.0f} %')} | {_f(r['prefill_tok_s'], '{:.0f}')} | {_f(r['decode_tok_s'], '{:.1f}')} | "
             f"{_f(r['decode_speedup'])} |")
     lines.append("")
