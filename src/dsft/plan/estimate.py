@@ -94,8 +94,8 @@ class PlanRequest:
             raise bad("trainer", self.trainer, "dsft or hf")
         if not 0 < self.label_fraction <= 1:
             raise bad("label-fraction", self.label_fraction, "a fraction in (0, 1]")
-        if self.attn not in ("sdpa", "eager", "flash_attention_2"):
-            raise bad("attn", self.attn, "sdpa, eager or flash_attention_2")
+        if self.attn not in ("sdpa", "eager", "flash_attention_2", "dsft_packed"):
+            raise bad("attn", self.attn, "sdpa, eager, flash_attention_2 or dsft_packed")
         return self
 
     @property
@@ -335,11 +335,12 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         s += lin_in("o_proj", a.o_dim, False)  # the (B,H,S,D) output is copied to (B,S,H·D) for o_proj
     else:
         s += lin_group(["q_proj", "k_proj", "v_proj"], h, input_grad)
-        gqa_repeat = a.kv_heads != a.heads and req.attn == "eager"
+        packed = req.attn == "dsft_packed"  # dsft's CPU packed path: SDPA per sample, outputs concatenated
+        gqa_repeat = a.kv_heads != a.heads and req.attn in ("eager", "dsft_packed")
         kv = a.q_dim if gqa_repeat else a.kv_heads * a.hd
         s += (a.q_dim + 2 * kv) * ab  # rotated q, k and v kept by attention
         s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
-        s += lin_in("o_proj", a.o_dim, True)
+        s += lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
     if req.attn == "eager":
         s += a.heads * req.seq_len * 2 * ab  # softmax probabilities (+ the scores they came from)
     s += norm(h, True)  # residual after attention, kept by the second norm
@@ -584,13 +585,19 @@ def estimate(req: PlanRequest) -> Estimate:
         notes.append("eager attention keeps the S×S score matrix per head")
     if fused_expert_lora(req):
         a_ = req.arch
-        copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _weight_bytes(req)
-        notes.append(f"PEFT maps gate/up/down_proj targets of {a_.family} onto the fused routed experts: LoRA on every "
-                     f"expert, dense MLPs and shared experts get none, and W+ΔW of each MoE layer is kept for "
-                     f"backward ({copy / GiB:.1f} GiB without checkpointing); --lora-targets attention avoids it")
-        if req.lora_dropout > 0:
-            notes.append("PEFT refuses lora_dropout > 0 on fused experts (ParamWrapper): set lora.dropout: 0 "
-                         "or target attention only")
+        copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _act_bytes(req)
+        where = (f"{copy / GiB:.1f} GiB" if not req.gradient_checkpointing
+                 else f"{copy / max(a_.n_moe_layers, 1) / GiB:.1f} GiB at a time with checkpointing")
+        if req.trainer == "hf":
+            notes.append(f"PEFT maps gate/up/down_proj targets of {a_.family} onto the fused routed experts: LoRA on "
+                         f"every expert, dense MLPs and shared experts get none, and W+ΔW of each MoE layer is kept "
+                         f"for backward ({where}); --lora-targets attention avoids it")
+            if req.lora_dropout > 0:
+                notes.append("PEFT refuses lora_dropout > 0 on fused experts (ParamWrapper): set lora.dropout: 0 "
+                             "or target attention only")
+        elif copy > 0.02 * req.gpu.memory_bytes:
+            notes.append(f"LoRA on the fused routed experts keeps W+ΔW of each MoE layer for backward ({where}); "
+                         f"lora.target_modules without gate/up/down_proj (--lora-targets attention) avoids it")
     return Estimate(weights=weights, adapter=adapter, gradients=grad_b, optimizer=opt_b, activations=act_b,
                     logits=log_b, overhead=overhead, phase=phase, pageable=pageable, trainable_params=train_n,
                     total_params=a.total_params(), notes=notes)

@@ -273,6 +273,15 @@ def detect_device() -> Gpu:
     return cpu_device()
 
 
+def _attn_for(cfg, dev: Gpu) -> str:
+    """dsft train's attention path: per-sample SDPA for packed rows on CPU (train.packed_attention auto/segments)."""
+    t = cfg.train
+    mode = getattr(t, "packed_attention", "mask")
+    if t.packing and (mode == "segments" or (mode == "auto" and not dev.cuda)):
+        return "dsft_packed"
+    return cfg.model.attn_implementation
+
+
 def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | None = None,
                         micro_batch: int | None = None) -> PlanRequest:
     """Map a dsft Config (train / lora / data / plan sections) to a PlanRequest."""
@@ -303,7 +312,7 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
         cpu_offload=plan_cfg.cpu_offload, num_gpus=max(plan_cfg.num_gpus, t.nproc) if dev.cuda else 1, gpu=dev,
         lora_rank=cfg.lora.r, lora_dropout=cfg.lora.dropout,
         lora_targets="all" if targets == "auto" else list(targets), freeze_layers=t.freeze_trainable_layers,
-        attn=cfg.model.attn_implementation, mfu=plan_cfg.mfu, trainer="dsft", label_fraction=plan_cfg.label_fraction,
+        attn=_attn_for(cfg, dev), mfu=plan_cfg.mfu, trainer="dsft", label_fraction=plan_cfg.label_fraction,
         modules_to_save=None if mts_cfg == "auto" else bool(mts_cfg),
     )
 
