@@ -39,7 +39,12 @@ def test_published_parameter_counts(name, total, active):
 
 
 def _tiny_models():
-    from transformers import DeepseekV3Config, LlamaConfig, Qwen2Config
+    from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, Qwen2Config
+
+    yield DeepseekV2Config(vocab_size=500, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                           kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
 
     yield LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)

@@ -20,7 +20,7 @@ def rows():
 def test_matrix_covers_the_issue(rows):
     specs = validation_specs()
     assert len(specs) >= 8
-    assert {s.arch for s in specs} == {"llama", "qwen2", "deepseek_v3"}
+    assert {s.arch for s in specs} == {"llama", "qwen2", "deepseek_v3", "deepseek_v2"}
     assert {s.method for s in specs} == {"lora", "full", "freeze"}
     assert {s.gc for s in specs} == {True, False}
     assert len({s.seq_len for s in specs}) >= 2 and len({s.batch for s in specs}) >= 2

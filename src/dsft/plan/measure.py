@@ -30,6 +30,11 @@ TINY_SHAPES: dict[str, dict[str, Any]] = {
                         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                         q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
                         n_group=1, topk_group=1, tie_word_embeddings=False),
+    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=1024, hidden_size=128, intermediate_size=256,
+                        moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+                        tie_word_embeddings=False),
 }
 
 
@@ -272,7 +277,7 @@ _SMALL_VOCAB = {"vocab_size": 128}  # activations, not logits, set the peak
 
 
 def validation_specs() -> list[Spec]:
-    """The CPU validation matrix: 3 architectures (Llama, Qwen2 GQA, DeepSeek-V3 MLA+MoE) × lora/full/freeze ×
+    """The CPU validation matrix: Llama, Qwen2 (GQA), DeepSeek-V3 and -V2 (MLA + MoE) × lora/full/freeze ×
     seq 64/128/256 × batch 1/2/4 × with/without gradient checkpointing, as `dsft train` runs them (plus two
     HF-Trainer-style steps); peaks land in the loss, in a layer's backward and in the optimizer step."""
     return [
@@ -290,6 +295,7 @@ def validation_specs() -> list[Spec]:
         Spec("deepseek_v3", "freeze", 256, 4),
         Spec("deepseek_v3", "full", 256, 4, gc=True, shape=_SMALL_VOCAB),
         Spec("deepseek_v3", "lora", 256, 4, shape=_SMALL_VOCAB),
+        Spec("deepseek_v2", "lora", 256, 4, gc=True, shape=_SMALL_VOCAB),
         Spec("llama", "lora", 128, 2, trainer="hf"),
         Spec("deepseek_v3", "lora", 128, 2, trainer="hf", lora_dropout=0.0),
         # 16-bit under autocast, as dsft train runs bf16 (fp32 norm upcasts, PEFT's fp32 adapter casts)
