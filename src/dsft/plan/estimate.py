@@ -235,6 +235,12 @@ def adapter_params(req: PlanRequest) -> int:
     return sum(_layer_adapter(req, i) for i in range(req.arch.layers)) + (_mts_params(req) if req.mts else 0)
 
 
+def packed_mask(req: PlanRequest) -> bool:
+    """Packed rows through transformers' SDPA path get a (B,1,S,S) block-diagonal mask, which every layer's
+    attention converts to a float bias and saves for backward (flash_attention_2 / dsft's CPU path avoid it)."""
+    return req.packing and req.attn == "sdpa"
+
+
 def _freeze_first(req: PlanRequest) -> int:
     """Index of the first trainable layer under `freeze` (the last N layers train)."""
     return max(req.arch.layers - req.freeze_layers, 0)
@@ -343,6 +349,8 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         s += lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
     if req.attn == "eager":
         s += a.heads * req.seq_len * 2 * ab  # softmax probabilities (+ the scores they came from)
+    if packed_mask(req):
+        s += req.seq_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
     s += norm(h, True)  # residual after attention, kept by the second norm
     per_layer = 0.0
     if a.is_moe_layer(i):
@@ -410,7 +418,7 @@ def _activations(req: PlanRequest) -> _Acts:
         per_tok, tmp, per_layer = _layer_bytes(req, i, mode, input_grad=not first_trainable)
         full_layer = per_tok * tok + per_layer
         if req.gradient_checkpointing:
-            saved.append(a.hidden * tok * ab)
+            saved.append(a.hidden * tok * ab + (tok * req.seq_len if packed_mask(req) and i == 0 else 0.0))
             rec.append(full_layer)
         else:
             saved.append(full_layer)
@@ -583,6 +591,10 @@ def estimate(req: PlanRequest) -> Estimate:
     overhead = (CUDA_CONTEXT + FRAGMENTATION * alloc) if req.gpu.cuda else 0.0
     if req.attn == "eager":
         notes.append("eager attention keeps the S×S score matrix per head")
+    if packed_mask(req) and req.seq_len >= 2048:
+        m = a.layers * req.tokens * req.seq_len * _act_bytes(req)
+        notes.append(f"packing through SDPA keeps an S×S float mask per layer ({m / GiB:.1f} GiB); "
+                     f"attn_implementation flash_attention_2 (varlen) avoids it")
     if fused_expert_lora(req):
         a_ = req.arch
         copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _act_bytes(req)

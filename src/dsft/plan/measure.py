@@ -53,6 +53,7 @@ class Spec:
     lora_targets: str = "all"
     trainer: str = "dsft"  # dsft: the step `dsft train` runs; hf: model(labels=…) + AdamW, as HF Trainer does
     label_fraction: float = 0.5
+    packed: bool = False  # two samples per row (position ids restart), through transformers' SDPA mask path
     steps: int = 2
     shape: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -65,7 +66,7 @@ class Spec:
                 f"b{self.batch}{' gc' if self.gc else ''}"
                 + (f" vocab{self.shape['vocab_size']}" if "vocab_size" in self.shape else "")
                 + (" p0" if self.method == "lora" and self.lora_dropout == 0 else "")
-                + (" bf16" if self.dtype == "bfloat16" else ""))
+                + (" bf16" if self.dtype == "bfloat16" else "") + (" packed" if self.packed else ""))
 
     def hf_config(self) -> dict[str, Any]:
         return {**TINY_SHAPES[self.arch], **self.shape}
@@ -84,7 +85,7 @@ def plan_request(spec: Spec):
                        gradient_checkpointing=spec.gc, gpu=gpu, lora_rank=spec.lora_rank,
                        lora_dropout=spec.lora_dropout, freeze_layers=spec.freeze_layers, attn="sdpa",
                        lora_targets=spec.lora_targets, trainer=spec.trainer,
-                       label_fraction=spec.label_fraction if spec.trainer == "dsft" else 1.0)
+                       label_fraction=spec.label_fraction if spec.trainer == "dsft" else 1.0, packing=spec.packed)
 
 
 def _lora_names(spec: Spec) -> list[str] | str:
@@ -144,13 +145,17 @@ def _build(spec: Spec):
     return model
 
 
-def _dsft_loss(model, ids, targets, chunk: int = 4096):
+def _dsft_loss(model, ids, targets, chunk: int = 4096, packed: bool = False):
     """The loss `dsft train` computes: logits only where a target exists, in chunks, fp32 cross-entropy."""
     import torch
     import torch.nn.functional as F
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    n = ids.shape[1]
+    pos = torch.arange(n, device=ids.device)
+    if packed:
+        pos = torch.cat([pos[: n // 2], pos[: n - n // 2]])
+    pos = pos.expand_as(ids)
     h = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     sel = targets != -100
     hs, tg = h[sel], targets[sel]
@@ -188,7 +193,7 @@ def _steps(spec: Spec, model) -> float:
             targets[:, : int(round(spec.seq_len * (1 - spec.label_fraction)))] = -100  # the prompt part
             targets[:, -1] = -100
             with autocast():
-                loss = _dsft_loss(model, ids, targets)
+                loss = _dsft_loss(model, ids, targets, packed=spec.packed)
         else:
             loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
         loss.backward()
@@ -296,6 +301,7 @@ def validation_specs() -> list[Spec]:
         Spec("deepseek_v3", "full", 256, 4, gc=True, shape=_SMALL_VOCAB),
         Spec("deepseek_v3", "lora", 256, 4, shape=_SMALL_VOCAB),
         Spec("deepseek_v2", "lora", 256, 4, gc=True, shape=_SMALL_VOCAB),
+        Spec("llama", "lora", 256, 4, shape=_SMALL_VOCAB, packed=True),  # SDPA's per-layer packed-mask bias
         Spec("llama", "lora", 128, 2, trainer="hf"),
         Spec("deepseek_v3", "lora", 128, 2, trainer="hf", lora_dropout=0.0),
         # 16-bit under autocast, as dsft train runs bf16 (fp32 norm upcasts, PEFT's fp32 adapter casts)
