@@ -207,3 +207,13 @@ def test_cli_example_config_resolves_auto_batch():
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)["setup"]
     assert s["micro_batch"] * s["grad_accum"] == 16 and s["micro_batch"] > 1 and s["gpu"] == "A100-40GB"
+
+
+def test_plan_training_never_raises(tmp_path):
+    from dsft.plan import plan_training
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    said: list[str] = []
+    cfg = config_from_dict({"model": {"name_or_path": str(tmp_path)}, "train": {"per_device_train_batch_size": "auto"}})
+    assert plan_training(cfg, echo=said.append) == (None, 1, None)
+    assert said[0].startswith("warning: the memory planner cannot plan this run") and "num_hidden_layers" in said[0]

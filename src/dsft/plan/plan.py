@@ -354,14 +354,26 @@ def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=2, ensure_ascii=False)
 
 
-def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print, gpu: Gpu | None = None) -> tuple[int, int, Plan]:
+def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print,
+                  gpu: Gpu | None = None) -> tuple[int | None, int, Plan | None]:
     """ONE call for `dsft train`: resolve `per_device_train_batch_size: auto`, print the plan, warn if it won't fit.
 
     Returns (micro_batch, grad_accum, plan). With an integer batch size these are the configured values; with
     `auto` they are the largest micro-batch that fits and the accumulation that keeps the effective batch.
-    Never raises for a setup that does not fit (training may still be attempted); it warns through `echo`.
+    Never raises: a setup that does not fit gets a warning through `echo` (training may still be attempted);
+    a model the planner cannot read gets a warning and (configured micro-batch or None, configured accumulation,
+    None) — None meaning "use your own default".
     """
-    plan = plan_for_config(cfg, model_dir, gpu=gpu, search=False)
+    from dsft.errors import DsftError
+
+    t = cfg.train
+    try:
+        plan = plan_for_config(cfg, model_dir, gpu=gpu, search=False)
+    except (DsftError, ValueError, KeyError, OSError) as err:
+        if echo:
+            echo(f"warning: the memory planner cannot plan this run ({err}); continuing without it")
+        micro = t.per_device_train_batch_size if isinstance(t.per_device_train_batch_size, int) else None
+        return micro, t.gradient_accumulation_steps, None
     r = plan.request
     if echo:
         echo(plan.table())
