@@ -262,7 +262,8 @@ def _weights_bytes(req: PlanRequest) -> float:
         lin = sum(lin.params for i in range(a.layers) for lin in a.layer_linears(i))
         experts = sum(a.n_routed_experts * a.expert_params() for i in range(a.layers) if a.is_moe_layer(i))
         rest = a.total_params() - lin - experts
-        return (lin + experts) * QLORA_BYTES + rest * 2
+        # prepare_model_for_kbit_training upcasts what is not quantized (embeddings, LM head, norms) to fp32
+        return (lin + experts) * QLORA_BYTES + rest * 4
     return a.total_params() * wb
 
 
