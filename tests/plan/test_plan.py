@@ -87,7 +87,7 @@ def test_seven_b_matches_published_figures():
     dsft_full = estimate(PlanRequest(arch, method="full", precision="amp-bf16", seq_len=512, micro_batch=1, gpu=a100))
     assert dsft_full.optimizer - full.optimizer == pytest.approx(4 * arch.total_params(), rel=0.01)  # foreach temp
     qlora = estimate(PlanRequest(arch, method="qlora", seq_len=512, micro_batch=1, gpu=a100))
-    assert qlora.weights < 0.35 * lora.weights
+    assert qlora.weights < 0.5 * lora.weights  # NF4 linears; embeddings and head upcast to fp32
 
 
 def test_memory_grows_with_batch_and_checkpointing_saves_activations():
