@@ -124,6 +124,15 @@ class Plan:
         r = self.request
         return tok * train_flops_per_token(r) / (r.num_gpus * tf * 1e12 * r.mfu)
 
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Trained tokens per second over all GPUs at the stated MFU (None when the device's FLOPS are unknown)."""
+        tf = self.tflops or self.request.gpu.bf16_tflops
+        if not tf:
+            return None
+        r = self.request
+        return r.num_gpus * tf * 1e12 * r.mfu / train_flops_per_token(r)
+
     def to_dict(self) -> dict[str, Any]:
         r, e = self.request, self.estimate
         rec = self.recommendation
@@ -151,7 +160,7 @@ class Plan:
             "throughput": {"tokens_per_step": self.tokens_per_step, "tokens_per_epoch": self.tokens_per_epoch,
                            "flops_per_token": train_flops_per_token(r), "mfu": r.mfu,
                            "tflops_per_gpu": self.tflops or r.gpu.bf16_tflops,
-                           "seconds_per_epoch": self.seconds_per_epoch},
+                           "seconds_per_epoch": self.seconds_per_epoch, "tokens_per_second": self.tokens_per_second},
             "notes": e.notes + self.notes,
         }
 
@@ -218,6 +227,11 @@ class Plan:
                       f"{t['tflops_per_gpu']:g} TFLOPS × {r.num_gpus}")
         elif t["tokens_per_epoch"]:
             tline += " (time: unknown FLOPS for this device; pass --tflops)"
+        if t["tokens_per_second"]:
+            tline += (f"; ≈ {fmt_count(t['tokens_per_second'])} tokens/s (≈ {_fmt_time(1e6 / t['tokens_per_second'])} per "
+                      f"1 M tokens) at {100 * r.mfu:.0f} % MFU")
+            if not t["tokens_per_epoch"]:
+                tline += "; pass --examples/--avg-tokens (or run the data stage) for time per epoch"
         lines.append(tline)
         for n in d["notes"]:
             lines.append(f"note: {n}")
