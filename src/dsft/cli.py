@@ -40,10 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Keep the console to dsft's own progress: no per-request HTTP logs, weight-loading bars or deprecation chatter."""
+    import warnings
+
+    for name in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DSFT_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s")
+    if not debug:
+        _quiet_third_party()
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     args = parser.parse_args(argv)

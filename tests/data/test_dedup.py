@@ -55,6 +55,7 @@ def test_lowest_index_kept_in_a_chain_and_deterministic():
     r1, r2 = near_dedup(texts, threshold=0.7), near_dedup(list(texts), threshold=0.7)
     assert r1.keep.tolist() == r2.keep.tolist() == [True, True, False, False, False]
     assert {d["index"]: d["duplicate_of"] for d in r1.duplicates} == {2: 1, 3: 1, 4: 0}
+    assert all("matched" not in d or d["matched_jaccard"] >= 0.7 for d in r1.duplicates)
     assert r1.duplicates == r2.duplicates
 
 
@@ -97,6 +98,11 @@ def test_real_answers_against_exact_jaccard(medical_csv):
     for d in res.duplicates:  # every reported pair really is that similar (and chained ones are listed honestly)
         assert d["duplicate_of"] < d["index"]
         assert d["jaccard"] == pytest.approx(_jaccard(norm[d["index"]], norm[d["duplicate_of"]]), abs=1e-4)
+        if "matched" in d:
+            assert d["matched_jaccard"] == pytest.approx(_jaccard(norm[d["index"]], norm[d["matched"]]), abs=1e-4)
+            assert d["matched_jaccard"] >= 0.8
+        else:
+            assert d["jaccard"] >= 0.8
     exact = {i for i in range(len(texts)) if norm[i] in set(norm[:i])}
     assert exact <= {d["index"] for d in res.duplicates}
     assert len(res.duplicates) > len(exact)  # near (not only exact) duplicates are found in the real answers

@@ -89,6 +89,15 @@ def test_real_gb18030_csv_via_seed_layout(tmp_path, medical_csv):
     assert c["dropped"]["duplicate_exact"] >= 300  # the README: ~400 answers are exact duplicates
     assert abs(c["test"] / c["kept"] - 0.2) < 0.01
     assert len(m["labels"]) == 11
+    # exact and near duplicates are both listed, each with its partner (which was kept)
+    d = RunDir(cfg.run_dir).root / "data"
+    dups = read_jsonl(d / "duplicates.jsonl")
+    assert {x["method"] for x in dups} == {"exact", "minhash"} and c["dropped"]["near_duplicate"] > 10
+    removed = {x["id"] for x in dups}
+    assert all(x["duplicate_of_id"] not in removed for x in dups)
+    near = [x for x in dups if x["method"] == "minhash"]
+    assert all(0.8 <= x.get("matched_jaccard", x["jaccard"]) <= 1.0 for x in near)
+    assert any("matched_id" in x for x in near)  # chains are explained: the confirmed partner is named too
 
 
 def test_alpaca_and_sharegpt_together(tmp_path, alpaca_json, sharegpt_json):

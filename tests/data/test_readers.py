@@ -144,5 +144,66 @@ def test_cli_prepare_stats_and_errors(tmp_path, medical_csv):
     r = _dsft("data", "prepare", "--run-dir", str(tmp_path / "r2"), "--set", f"data.path={medical_csv}",
               "--set", "data.encoding=utf-8")
     assert r.returncode == 2 and r.stderr.startswith("dsft: error: ") and len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QA, ensure_ascii=False) + "\n" + json.dumps({**QA, "answer": " "}, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    r = _dsft("data", "prepare", "--run-dir", str(tmp_path / "r3"), "--set", f"data.path={bad}", "--strict")
+    assert r.returncode == 2 and f"{bad}:2: empty_answer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _dsft("data", "stats", str(medical_csv))
     assert r.returncode == 0 and "gb18030" in r.stdout and "肝病科 3121" in r.stdout
+
+
+def test_sharegpt_tool_calls_render_with_the_deepseek_template(sharegpt_json):
+    """function_call turns are assistant text and observations tool turns: the real V3 template renders all of them."""
+    from dsft.model.tokenizer import load_tokenizer
+
+    recs, _, _ = _load(sharegpt_json, label_field=None)
+    tok = load_tokenizer("embedded:tiny-deepseek-v3")
+    rendered = [tok.apply_chat_template(r["messages"], tokenize=False) for r in recs]
+    assert len(rendered) == 300 and all("<｜Assistant｜>" in x for x in rendered)
+    assert sum("<｜tool▁output▁begin｜>" in x for x in rendered) > 100
+
+
+def test_cli_split_streams(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({**QA, "id": str(i), "label": "AB"[i % 2]}) + "\n" for i in range(100)), encoding="utf-8")
+    r = _dsft("data", "split", str(src), "-o", str(tmp_path / "s"), "--test-size", "0.2", "--buffer", "10")
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(tmp_path / "s" / "test.jsonl")) == 20 and len(read_jsonl(tmp_path / "s" / "train.jsonl")) == 80
+    src.write_text('{"a": 1}\n{broken\n', encoding="utf-8")
+    r = _dsft("data", "split", str(src), "-o", str(tmp_path / "s2"))
+    assert r.returncode == 2 and "in.jsonl:2: not valid JSON" in r.stderr
+
+
+def test_mapping_covers_other_schemas(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"prompt": "头痛怎么办？", "completion": "多休息。", "dept": "神经科"}, ensure_ascii=False) + "\n"
+                 + json.dumps({"dialog": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]}, ensure_ascii=False)
+                 + "\n", encoding="utf-8")
+    (r,), rej, info = _load(p, columns={"instruction": "prompt", "output": "completion", "domain": "dept"})
+    assert info[0]["schema"] == "alpaca" and r["fields"]["question"] == "头痛怎么办？" and r["label"] == "神经科"
+    assert rej[0]["reason"] == "empty_question"  # the second row has no prompt/completion: rejected, not lost
+    q = tmp_path / "s.jsonl"
+    q.write_text(json.dumps({"dialog": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+                            ensure_ascii=False) + "\n", encoding="utf-8")
+    (r,), _, info = _load(q, columns={"conversations": "dialog"})
+    assert info[0]["schema"] == "sharegpt" and r["messages"][-1] == {"role": "assistant", "content": "你好！"}
+
+
+def test_any_column_can_be_the_label(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("title,answer,specialty\n头痛怎么办？,多休息。,神经\n胃痛,少食多餐。,消化\n", encoding="utf-8")
+    recs, _, _ = _load(p, label_field="specialty")
+    assert [r["label"] for r in recs] == ["神经", "消化"] and recs[0]["domain"] is None
+
+
+def test_json_object_file_single_record_or_wrapper(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+                              ensure_ascii=False), encoding="utf-8")
+    recs, _, info = _load(one)
+    assert len(recs) == 1 and info[0]["schema"] == "sharegpt"
+    wrap = tmp_path / "wrap.json"
+    wrap.write_text(json.dumps({"version": 1, "data": [QA, {**QA, "answer": "另一个答案。"}]}, ensure_ascii=False), encoding="utf-8")
+    recs, _, info = _load(wrap)
+    assert len(recs) == 2 and info[0]["schema"] == "seed"

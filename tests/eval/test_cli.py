@@ -87,3 +87,37 @@ def test_vllm_backend_absent_is_one_line_error(tmp_path, tiny_model_dir, tiny_ad
     err = capsys.readouterr().err
     assert "eval.backend" in err and len(err.strip().splitlines()) == 1
     assert not (run.root / "eval" / "manifest.json").exists()
+
+
+def test_no_base_and_no_label_prompt(tmp_path, tiny_model_dir, tiny_adapter_dir, capsys):
+    run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(3))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run.root), "data": {"label_prompt": None},
+                                   "eval": {"compare_base": False, "max_new_tokens": 4}}))
+    assert main(["eval", str(cfg)]) == 0
+    m = json.loads((run.root / "eval" / "manifest.json").read_text())
+    assert m["before"] == {} and m["after"]["accuracy"] is None and m["models"] == ["finetuned"]
+    assert m["headline"] == "fine-tuned model evaluated (no base comparison)"
+    assert "<th>finetuned</th>" in (run.root / "eval" / "report.html").read_text()
+
+
+def test_unknown_eval_metric_is_config_error(tmp_path, tiny_model_dir, tiny_adapter_dir, capsys):
+    run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(2))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run.root), "eval": {"metrics": ["rouge_l", "bleurt"]}}))
+    assert main(["eval", str(cfg)]) == 2
+    assert "eval.metrics" in capsys.readouterr().err and not (run.root / "eval" / "manifest.json").exists()
+
+
+def test_labels_from_test_split_when_manifest_has_none(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    from dsft.config import config_from_dict
+    from dsft.eval import evaluate
+
+    run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(4, per_label=1))
+    dm = json.loads((run.root / "data" / "manifest.json").read_text())
+    dm.pop("labels")
+    (run.root / "data" / "manifest.json").write_text(json.dumps(dm))
+    m = evaluate(config_from_dict({"run_dir": str(run.root), "eval": {"max_new_tokens": 2, "compare_base": False}}), run)
+    assert isinstance(m["after"]["accuracy"], float)
+    ev = json.loads((run.root / "eval" / "eval.json").read_text())
+    assert ev["labels"] == sorted({r["label"] for r in real_records(4, per_label=1)})

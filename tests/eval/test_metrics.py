@@ -20,7 +20,7 @@ from dsft.eval import metrics as M
 ZH_CHARS = "头痛发烧咳嗽胃炎肝病糖尿病高血压心脏医生建议检查治疗注意休息多喝水药物饮食"
 EN_WORDS = "the a an patient doctor fever headache take rest drink water hospital check test blood sugar".split()
 CMRC_PUNCT = ["-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=", "，", "。", "：", "？", "！", "“", "”", "；",
-              "’", "《", "》", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』"]
+              "’", "《", "》", "……", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』"]  # cmrc2018_evaluate.py
 
 
 def rand_zh(rng: random.Random, n: int) -> str:
@@ -138,18 +138,25 @@ def squad_f1_ref(pred, gt):
     return 2 * prec * rec / (prec + rec)
 
 
-def cmrc_segment(s):  # CMRC 2018 mixed_segmentation(rm_punc=True), English runs split on whitespace
+def cmrc_segment(s):  # cmrc2018_evaluate.py mixed_segmentation(rm_punc=True), transcribed
+    from nltk.tokenize import NLTKWordTokenizer  # nltk.word_tokenize without punkt's sentence split
+
+    word_tokenize = NLTKWordTokenizer().tokenize
     s = str(s).lower().strip()
     segs, tmp = [], ""
     for ch in s:
+        if ch in CMRC_PUNCT:
+            continue
         if re.search(r"[\u4e00-\u9fa5]", ch) or ch in CMRC_PUNCT:
-            segs += tmp.split()
-            tmp = ""
-            if ch not in CMRC_PUNCT:
-                segs.append(ch)
+            if tmp != "":
+                segs.extend(word_tokenize(tmp))
+                tmp = ""
+            segs.append(ch)
         else:
             tmp += ch
-    return segs + tmp.split()
+    if tmp != "":
+        segs.extend(word_tokenize(tmp))
+    return segs
 
 
 def cmrc_lcs(a, b):  # CMRC 2018 find_lcs: longest common substring
@@ -187,11 +194,19 @@ def test_squad_f1_em_english(seed):
     assert M.squad_em(preds, refs, "en") == pytest.approx(want_em, abs=1e-6) and want_em > 0
 
 
+def noisy_zh(rng: random.Random, n: int) -> str:
+    """Chinese with the cases CMRC's script treats specially: ASCII words/punctuation, listed punctuation inside runs."""
+    pieces = [rng.choice(ZH_CHARS) for _ in range(n)]
+    for _ in range(rng.randint(0, 4)):
+        pieces.insert(rng.randrange(len(pieces) + 1), rng.choice(["，", "。", "？", "-", " ", "3.5mg", "CT?", "B-超", "(", "don't", "…", "……"]))
+    return "".join(pieces)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_squad_f1_em_chinese_is_cmrc2018(seed):
     rng = random.Random(seed)
-    refs = [[rand_zh(rng, rng.randint(2, 12)).replace("?", "？") for _ in range(rng.randint(1, 3))] for _ in range(25)]
-    preds = [rng.choice(r)[: rng.randint(1, 12)] + rng.choice(["", "。", "的"]) for r in refs]
+    refs = [[noisy_zh(rng, rng.randint(2, 12)) for _ in range(rng.randint(1, 3))] for _ in range(25)]
+    preds = [rng.choice(r)[: rng.randint(1, 14)] + rng.choice(["", "。", "的", "-mg", "?"]) for r in refs]
     preds[0] = refs[0][0] + "！"
     want_f1 = np.mean([cmrc_f1_ref(p, r) for p, r in zip(preds, refs, strict=True)])
     want_em = np.mean([cmrc_em_ref(p, r) for p, r in zip(preds, refs, strict=True)])
@@ -271,3 +286,25 @@ def test_perplexity_equals_torch_cross_entropy():
 def test_detect_lang():
     assert M.detect_lang(["头痛怎么办？"]) == "zh" and M.detect_lang(["headache, what to do?"]) == "en"
     assert M.mixed_segmentation("头痛3天, CT正常！") == ["头", "痛", "3", "天", "ct", "正", "常"]
+
+
+def test_squad_chinese_real_answers_cmrc2018():
+    _, answers = real_pairs()
+    rng = random.Random(5)
+    preds = []
+    for a in answers:
+        i = rng.randrange(len(a))
+        preds.append(a[i: i + rng.randint(5, 60)])
+    preds[1] = answers[1]
+    want_f1 = np.mean([cmrc_f1_ref(p, [r]) for p, r in zip(preds, answers, strict=True)])
+    want_em = np.mean([cmrc_em_ref(p, [r]) for p, r in zip(preds, answers, strict=True)])
+    assert M.squad_f1(preds, answers) == pytest.approx(want_f1, abs=1e-6) and 0 < want_f1 < 1
+    assert M.squad_em(preds, answers) == pytest.approx(want_em, abs=1e-6) and want_em > 0
+
+
+def test_cmrc_quirks_are_kept():
+    # punctuation is removed before segmentation, so ASCII runs joined by '-' merge (as in the official script)
+    assert M.cmrc_segmentation("B-超检查") == ["b", "超", "检", "查"]
+    assert M.cmrc_segmentation("ab-cd，好") == ["abcd", "好"]
+    assert M.cmrc_segmentation("CT? 正常") == ["ct", "?", "正", "常"]
+    assert M.cmrc_remove_punctuation(" 多喝 水。") == "多喝 水"

@@ -95,3 +95,19 @@ def test_multiple_choice_picks_highest_likelihood(model_tok):
     sc = P.label_scores(model, tok, [msgs], choices)[0]
     best = max(sc, key=sc.get)
     assert choices[got[0]] == best and list(reversed(choices))[got[1]] == best
+
+
+@pytest.mark.parametrize("name,template,cont", [
+    ("deepseek-v3", None, "多喝水。<｜end▁of▁sentence｜>"),
+    ("deepseek-v2", None, " 多喝水。<｜end▁of▁sentence｜>"),
+    ("deepseek-llm-7b-base", "deepseek-llm", " 多喝水。<｜end▁of▁sentence｜>"),
+    ("deepseek-coder-7b-base-v1.5", "deepseek-coder", "多喝水。\n<|EOT|>\n"),
+    # R1's generation prompt opens a <think> block the rendered conversation lacks → answer + EOS after it
+    ("deepseek-r1-distill-qwen-7b", None, "多喝水。<｜end▁of▁sentence｜>"),
+])
+def test_continuation_with_real_deepseek_templates(name, template, cont):
+    tok = load_tokenizer(name, chat_template=template)
+    msgs = [{"role": "user", "content": "头痛怎么办？"}]
+    prompt, got = P.continuation_text(tok, msgs, "多喝水。")
+    assert got == cont
+    assert prompt == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -165,3 +165,37 @@ def test_cli_reads_a_dsft_config(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["setup"]["method"] == "qlora" and d["setup"]["gpu"] == "L40S-48GB" and d["setup"]["seq_len"] == 1024
+
+
+def test_plan_training_is_one_call_for_dsft_train():
+    from dsft.plan import plan_training
+
+    said: list[str] = []
+    cfg = config_from_dict({"model": {"name_or_path": "deepseek-llm-7b"}, "data": {"max_seq_length": 1024},
+                            "train": {"per_device_train_batch_size": "auto", "gradient_checkpointing": True},
+                            "plan": {"gpu": "A100-40GB", "effective_batch_size": 32}})
+    micro, accum, plan = plan_training(cfg, echo=said.append)
+    assert micro * accum == 32 and plan.fits and "verdict: FITS" in said[0] and len(said) == 1
+    cfg = config_from_dict({"model": {"name_or_path": "deepseek-llm-67b"}, "train": {"per_device_train_batch_size": 4},
+                            "plan": {"gpu": "4090"}})
+    micro, accum, plan = plan_training(cfg, echo=said.append)
+    assert (micro, accum) == (4, 1) and not plan.fits and said[-1].startswith("warning:")
+
+
+def test_tokens_per_epoch_from_the_data_stage(tmp_path):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": "头痛怎么办" * 6}, {"role": "assistant", "content": "多休息" * 10}]}] * 40
+    (run / "data" / "train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    (run / "data" / "manifest.json").write_text(json.dumps({"train": "train.jsonl", "counts": {"train": 40}}))
+    cfg = config_from_dict({"run_dir": str(run), "model": {"name_or_path": "deepseek-llm-7b"}, "plan": {"gpu": "H100"}})
+    plan = plan_for_config(cfg, search=False)
+    assert plan.examples == 40 and 20 < plan.avg_tokens < 80
+    assert plan.tokens_per_epoch == int(40 * plan.avg_tokens) and plan.seconds_per_epoch > 0
+
+
+def test_cli_example_config_resolves_auto_batch():
+    r = _dsft(str(ROOT / "examples" / "plan_r1_distill_7b.yaml"), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["setup"]
+    assert s["micro_batch"] * s["grad_accum"] == 16 and s["micro_batch"] > 1 and s["gpu"] == "A100-40GB"

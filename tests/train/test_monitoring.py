@@ -66,3 +66,20 @@ def test_builtin_eval_loss_on_the_eval_split(tmp_path, records16):
     train(cfg, run)
     evals = _events(tmp_path / "train", "eval")
     assert [e["step"] for e in evals] == [2, 4] and all(e["eval_loss"] > 0 for e in evals)
+
+
+def test_early_stopping_follows_the_hooks_metric_and_direction(tmp_path, records16):
+    run = make_run(tmp_path, records16)
+    cfg = tiny_cfg(tmp_path, max_steps=20, eval_steps=2, early_stopping_patience=2, early_stopping_delta=0.01,
+                   per_device_train_batch_size=2)
+    seen = []
+
+    def eval_fn(model, step):
+        seen.append(step)
+        return {"eval_loss": 1.0, "eval_rouge_l": [0.1, 0.2, 0.205, 0.19, 0.5][len(seen) - 1]}
+
+    eval_fn.metric, eval_fn.greater_is_better = "eval_rouge_l", True
+    m = train(cfg, run, eval_fn=eval_fn)
+    assert seen == [2, 4, 6, 8] and m["early_stopped"]
+    ev = _events(tmp_path / "train", "early_stop")[0]
+    assert ev["metric"] == "eval_rouge_l" and ev["best"] == 0.2

@@ -51,3 +51,17 @@ def test_step_plan_is_deterministic_and_covers_each_epoch():
     assert sorted(ep0) == list(range(21))
     assert [plan.samples(s) for s in range(12)] == [StepPlan(21, 4, 3).samples(s) for s in range(12)]
     assert plan.samples(0) != plan.samples(6)  # reshuffled each epoch
+
+
+def test_per_sample_attention_equals_masked_packing_and_one_at_a_time(records16):
+    from dsft.train.attention import use_packed_attention
+
+    tok = load_tokenizer("embedded")
+    exs, _ = encode_records(tok, records16, 192)
+    model = load_model(resolve_model_dir("embedded:tiny-deepseek-v3"), dtype="float32").eval()
+    lm = CausalLMLoss(model)
+    packed = collate_packed(exs[:8], capacity=512, pad_id=tok.pad_token_id)
+    alone = [per_sample_losses(lm, collate_padded([e], tok.pad_token_id))[0] for e in exs[:8]]
+    assert use_packed_attention(model) == "sdpa"
+    got = per_sample_losses(lm, packed)
+    assert max(abs(got[i] - alone[i]) for i in range(8)) <= 1e-5

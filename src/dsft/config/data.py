@@ -123,6 +123,8 @@ class DataConfig(Section):
     """Fail on the first invalid record (file, line, what was wrong) instead of writing it to rejected.jsonl."""
     engine: Literal["local", "ray"] = "local"
     """Where the batch steps run: this process and a worker pool (local) or Ray Data (`pip install dsft[ray]`)."""
+    batch_size: int = Field(2000, ge=1)
+    """Records per batch of the batch steps (validation filters, shingling, decontamination, synonyms)."""
     workers: int = Field(2, ge=1)
     """Local engine: processes for the batch steps on large inputs (small inputs run in-process)."""
     streaming: bool = False

@@ -18,6 +18,8 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0)
     lang: Literal["auto", "zh", "en"] = "auto"
     metrics: list[str] = Field(default_factory=lambda: ["loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1"])
+    """Rows of the `dsft eval` summary (every metric is always computed and written to eval.json): loss, perplexity,
+    rouge_1, rouge_2, rouge_l, bleu, f1, em, accuracy, macro_f1, auc, latency_ms_per_sample, ms_per_new_token."""
     compare_base: bool = True
     no_repeat_ngram_size: int = Field(3, ge=0)
     """Greedy decoding never repeats an n-gram of this many tokens (0 = off); 3 keeps small models from looping."""
@@ -38,3 +40,14 @@ class EvalConfig(Section):
     """Size of the fixed held-out subset scored during training."""
     backend: Literal["transformers", "vllm", "auto"] = "transformers"
     """Generation backend; vllm (GPU, optional extra) or auto = vllm when installed and CUDA is available."""
+    variants: list[str] | None = None
+    """Export variants to compare when the export stage already ran (names from its manifest, e.g. merged, int8);
+    None = every variant this backend can load (GGUF is skipped)."""
+    merge_adapter: bool = True
+    """Merge a LoRA adapter into the in-memory base before scoring the fine-tuned model (same numbers up to float
+    rounding, decoding as fast as the exported model); false scores the unmerged PEFT model."""
+    generative_classification: bool = True
+    """Also ask the label question by generation and count answers that name the right label (`gen_accuracy`),
+    next to the log-likelihood classification (`accuracy`, `macro_f1`, `auc`)."""
+    label_max_new_tokens: int = Field(8, gt=0)
+    """New tokens generated for that free-text label answer."""

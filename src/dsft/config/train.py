@@ -72,7 +72,19 @@ class TrainConfig(Section):
     """When packing is off: batch samples of similar length together (less padding)."""
     loss_chunk_size: int = Field(4096, gt=0)
     """Tokens per chunk of the LM head + cross-entropy (logits only where labels exist)."""
+    packed_attention: Literal["auto", "segments", "mask"] = "auto"
+    """How packed rows attend: `segments` runs SDPA per packed sample (Σ Lᵢ² work, CPU default); `mask` uses the
+    model's attn_implementation with transformers' block-diagonal mask / flash-attention varlen (GPU default)."""
     compile: bool = False
     """torch.compile the model (inductor)."""
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     nproc: int = Field(1, gt=0)
+    """Processes (GPUs) per machine; > 1 re-launches under `accelerate launch` (same as --nproc)."""
+    num_machines: int = Field(1, gt=0)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int = 29500
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage when strategy is deepspeed."""
+    offload: bool = False
+    """CPU offload: optimizer (ZeRO-2/3), parameters (ZeRO-3, FSDP)."""

@@ -31,6 +31,7 @@ def register(sub) -> None:
     ps.add_argument("--encoding", default="auto")
     ps.add_argument("--format", default="auto", help="auto, seed, alpaca, sharegpt, openai, text")
     ps.add_argument("--label-field", default="domain")
+    ps.add_argument("--tokenizer", help="also count tokens: a tokenizer folder or DeepSeek name (e.g. deepseek-v3)")
     ps.add_argument("--json", action="store_true", help="print JSON instead of text")
     ps.set_defaults(func=_stats)
     pd = dsub.add_parser("dedup", help="MinHash + LSH near-duplicate removal of one file (CJK-aware)",
@@ -50,6 +51,17 @@ def register(sub) -> None:
     pd.add_argument("--encoding", default="auto")
     pd.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     pd.set_defaults(func=_dedup)
+    pl = dsub.add_parser("split", help="stream-split a canonical JSONL larger than memory (shuffle buffer)",
+                         epilog="example:\n  dsft data split big.jsonl -o splits/ --test-size 0.1 --buffer 10000",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("input", help="canonical JSONL (e.g. a data stage's train.jsonl, or `dsft data dedup` output)")
+    pl.add_argument("-o", "--output", required=True, help="folder for train.jsonl, test.jsonl, eval.jsonl")
+    pl.add_argument("--test-size", type=float, default=0.1)
+    pl.add_argument("--eval-size", type=float, default=0.0)
+    pl.add_argument("--buffer", type=int, default=10_000, help="shuffle buffer in records (default 10000)")
+    pl.add_argument("--seed", type=int, default=42)
+    pl.add_argument("--force", action="store_true", help="overwrite existing split files")
+    pl.set_defaults(func=_split)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -73,7 +85,8 @@ def _prepare(args) -> int:
 def _stats(args) -> int:
     from dsft.data.stats import stats_for_paths, stats_text
 
-    st = stats_for_paths(args.input, encoding=args.encoding, fmt=args.format, label_field=args.label_field)
+    st = stats_for_paths(args.input, encoding=args.encoding, fmt=args.format, label_field=args.label_field,
+                          tokenizer=args.tokenizer)
     print(json.dumps(st, ensure_ascii=False, indent=2) if args.json else stats_text(st))
     return 0
 
@@ -106,11 +119,30 @@ def _dedup(args) -> int:
     except ValueError as err:
         raise DataError(str(err)) from err
     kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
-    dups = [{**d, "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"]} for d in res.duplicates]
+    dups = [{**d, "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"],
+             **({"matched_id": records[d["matched"]]["id"]} if "matched" in d else {})} for d in res.duplicates]
     write_jsonl(out, kept)
     write_jsonl(dup_path, dups)
     st = res.stats
     print(f"{len(records)} records ({len(rejected)} invalid skipped) → {len(kept)} kept, {len(dups)} near-duplicates removed "
           f"in {time.perf_counter() - t0:.2f} s ({st['bands']}×{st['rows']} bands, {st.get('candidate_pairs', 0)} candidate pairs)")
     print(f"→ {out}\n→ {dup_path}")
+    return 0
+
+
+def _split(args) -> int:
+    from pathlib import Path
+
+    from dsft.data.split import stream_split_file
+    from dsft.errors import DataError, OverwriteError
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise DataError(f"{src}: file not found")
+    if not (0 < args.test_size < 1 and 0 <= args.eval_size < 1 and args.test_size + args.eval_size < 1):
+        raise DataError(f"--test-size {args.test_size} / --eval-size {args.eval_size}: expected shares that sum below 1")
+    if any((out / f"{s}.jsonl").exists() for s in ("train", "test", "eval")) and not args.force:
+        raise OverwriteError(f"{out} already holds split files; pass --force to overwrite them")
+    counts = stream_split_file(src, out, args.test_size, args.eval_size, args.seed, args.buffer)
+    print(f"train {counts['train']}, test {counts['test']}, eval {counts['eval']} → {out}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -30,9 +31,11 @@ class LocalEngine:
     def map_batches(self, fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: int = 1000) -> list[Any]:
         """fn(batch) for each batch of items, results in input order (one per batch)."""
         parts = batches(items, batch_size)
-        if self.workers <= 1 or len(items) < self.min_parallel or len(parts) < 2 or "fork" not in mp.get_all_start_methods():
+        if self.workers <= 1 or len(items) < self.min_parallel or len(parts) < 2:
             return [fn(b) for b in parts]
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("fork")) as pool:
+        # fork is fast, but unsafe once torch (OpenMP threads) is loaded in this process: then start fresh workers
+        method = "fork" if "fork" in mp.get_all_start_methods() and "torch" not in sys.modules else "spawn"
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context(method)) as pool:
             return list(pool.map(fn, parts))
 
 
@@ -42,13 +45,24 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, workers: int = 2):
+        import os
+
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's own per-dataset INFO lines
         try:
             import ray
         except ImportError as err:
             raise DataError("data.engine=ray needs Ray Data: pip install 'dsft[ray]' (or 'ray[data]')") from err
+        import logging
+
         self.ray = ray
+        self.started = False
         if not ray.is_initialized():
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            self.started = True
+        for name in ("ray.data", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
 
     def map_batches(self, fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: int = 1000) -> list[Any]:
         import numpy as np

@@ -39,7 +39,10 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
         cjk = np.zeros(0x10000, dtype=bool)
         for lo, hi in ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF)):
             cjk[lo:hi + 1] = True
-        _TABLES.update(out=out, keep=keep, multi=multi, expand=expand, cjk=cjk)
+        width = keep.astype(np.uint8)  # characters each input character becomes: 0 dropped, 1, or an expansion's length
+        for c, e in expand.items():
+            width[c] = len(e)
+        _TABLES.update(out=out, keep=keep, multi=multi, expand=expand, cjk=cjk, width=width)
     t = _TABLES
     return t["out"], t["keep"], t["multi"], t["expand"]
 
@@ -49,38 +52,39 @@ def normalize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
     Per character: NFKC, lowercase, drop everything that is not a letter or digit (CJK included).
     """
+    cp, lens = normalize_codepoints(texts)
+    return cp, np.repeat(np.arange(len(texts), dtype=np.int64), lens), lens
+
+
+def normalize_codepoints(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised code points of all texts back to back, length per text) — vectorised, no per-text Python."""
     out, keep, multi, expand = _tables()
     n = len(texts)
-    lens0 = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
-    cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
-    owner = np.repeat(np.arange(n, dtype=np.int64), lens0)
-    bmp = cp < 0x10000
-    idx = np.where(bmp, cp, 0)
-    k = np.where(bmp, keep[idx], True)
-    m = np.where(bmp, multi[idx], False)
-    cp = np.where(bmp, out[idx], cp)
-    if not bmp.all():  # astral characters: keep letters/digits (CJK extensions), drop emoji and symbols
-        astral = np.unique(cp[~bmp])
-        bad = [int(c) for c in astral if not _WORD.match(chr(int(c)))]
-        if bad:
-            k &= ~np.isin(cp, np.asarray(bad, dtype=np.uint32))
-    if m.any():  # rare multi-character expansions (ligatures, ㎏, ⑩): insert the extra characters
-        pos = np.flatnonzero(m)
-        ins_at, ins_cp, ins_owner = [], [], []
-        for p in pos.tolist():
-            s = expand[int(cp[p])]
-            cp[p] = ord(s[0])
-            k[p] = True
-            for ch in s[1:]:
-                ins_at.append(p + 1)
-                ins_cp.append(ord(ch))
-                ins_owner.append(owner[p])
-        cp = np.insert(cp, ins_at, np.asarray(ins_cp, dtype=np.uint32))
-        owner = np.insert(owner, ins_at, np.asarray(ins_owner, dtype=np.int64))
-        k = np.insert(k, ins_at, True)
-    cp, owner = cp[k], owner[k]
-    lens = np.bincount(owner, minlength=n).astype(np.int64)
-    return cp, owner, lens
+    lens0 = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+    raw = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    if not raw.size or int(raw.max()) < 0x10000:  # the common case: one table lookup per character
+        width = _TABLES["width"][raw]
+        mapped = out[raw]
+    else:  # astral characters: keep letters/digits (CJK extensions), drop emoji and symbols
+        bmp = raw < 0x10000
+        idx = np.where(bmp, raw, 0)
+        astral = sorted_unique(raw[~bmp])
+        good = np.asarray([int(c) for c in astral if _WORD.match(chr(int(c)))], dtype=np.uint32)
+        width = np.where(bmp, _TABLES["width"][idx], np.isin(raw, good).astype(np.uint8))
+        mapped = np.where(bmp, out[idx], raw)
+    ends0 = np.cumsum(lens0)
+    cs = np.concatenate([[0], np.cumsum(width, dtype=np.int64)])
+    lens = cs[ends0] - cs[ends0 - lens0]
+    multi_pos = np.flatnonzero(width > 1)
+    if multi_pos.size == 0:
+        return mapped[width.astype(bool)], lens
+    # rare multi-character expansions (℃ → °c, ㎏ → kg, ⑩ → 10): repeat, then write the expansion in place
+    cp = np.repeat(mapped, width)
+    at = cs[multi_pos]
+    for p, a in zip(multi_pos.tolist(), at.tolist(), strict=True):
+        e = expand[int(raw[p])]
+        cp[a:a + len(e)] = [ord(ch) for ch in e]
+    return cp, lens
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -110,7 +114,8 @@ def char_shingles(cp: np.ndarray, lens: np.ndarray, n: int) -> tuple[np.ndarray,
     counts = np.where(lens >= n, lens - n + 1, np.where(lens > 0, 1, 0)).astype(np.int64)
     if total == 0:
         return np.zeros(0, dtype=np.uint64), counts
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ends = np.cumsum(lens)
+    starts = ends - lens
     m = max(total - n + 1, 0)
     if m:
         h = cp[:m].astype(np.uint64)
@@ -118,21 +123,20 @@ def char_shingles(cp: np.ndarray, lens: np.ndarray, n: int) -> tuple[np.ndarray,
             for k in range(1, n):
                 h *= _P
                 h += cp[k:m + k]
-        pos = np.arange(m, dtype=np.int64) - np.repeat(starts, lens)[:m]
-        limit = np.repeat(lens - n, lens)[:m]
-        valid = pos <= limit
+        # an n-gram starting in the last n-1 characters of a doc crosses into the next one: mask those starts
+        valid = np.ones(m, dtype=bool)
+        bad = (ends[:, None] - np.arange(1, n)[None, :]).ravel()
+        bad = bad[(bad >= np.repeat(starts, n - 1)) & (bad < m)]
+        valid[bad] = False
         tok = h[valid]
-        owner = np.repeat(np.arange(lens.size), lens)[:m][valid]
     else:
         tok = np.zeros(0, dtype=np.uint64)
-        owner = np.zeros(0, dtype=np.int64)
     short = np.flatnonzero((lens > 0) & (lens < n))
     if short.size:
         extra = np.asarray([_poly(cp[starts[d]:starts[d] + lens[d]]) ^ np.uint64(0x5BD1E995) for d in short.tolist()], dtype=np.uint64)
-        tok = np.concatenate([tok, extra])
-        owner = np.concatenate([owner, short])
-        order = np.argsort(owner, kind="stable")
-        tok = tok[order]
+        long_counts = np.where(lens >= n, lens - n + 1, 0)
+        owner = np.concatenate([np.repeat(np.arange(lens.size), long_counts), short])
+        tok = np.concatenate([tok, extra])[np.argsort(owner, kind="stable")]
     with np.errstate(over="ignore"):
         return _mix(tok), counts
 
@@ -170,9 +174,10 @@ def shingle(texts: list[str], ngram: int = 5, word_ngram: int = 3, cjk_threshold
 
     mode: auto (decided per text by its share of CJK characters), char, word. Returns (tokens, count per text).
     """
-    cp, owner, lens = normalize_batch(texts)
+    cp, lens = normalize_codepoints(texts)
     if mode == "char":
         return char_shingles(cp, lens, ngram)
+    owner = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
     cjk = _TABLES["cjk"]
     is_cjk = np.where(cp < 0x10000, cjk[np.minimum(cp, 0xFFFF)], True)
     share = np.bincount(owner, weights=is_cjk, minlength=len(texts)) / np.maximum(lens, 1)
@@ -246,7 +251,8 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             block = s64[:, b * rows:(b + 1) * rows]
             h = np.full(n, np.uint64(b) + np.uint64(0x243F6A8885A308D3), dtype=np.uint64)
             for c in range(rows):
-                h = _mix(h * _P + block[:, c])
+                h = h * _P + block[:, c]
+            h = _mix(h)
             order = np.lexsort((np.arange(n), h))
             hs = h[order]
             same = np.flatnonzero(hs[1:] == hs[:-1]) + 1  # positions whose predecessor has the same hash
@@ -258,25 +264,65 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             pairs.append(np.stack([order[head], order[same]], axis=1))
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(pairs), axis=0)
+    allp = np.concatenate(pairs).astype(np.int64)
+    key = sorted_unique(allp[:, 0] * np.int64(n) + allp[:, 1])
+    return np.stack([key // n, key % n], axis=1)
+
+
+def _digest(tok: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
+    """rensa MinHash signatures of many docs at once from one flat buffer of shingle hashes."""
+    import rensa
+
+    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+
+
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is far slower on large uint64 arrays)."""
+    s = np.sort(a)
+    if s.size == 0:
+        return s
+    return s[np.concatenate([[True], s[1:] != s[:-1]])]
+
+
+def unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique values, index of each element of a in them), sort-based."""
+    order = np.argsort(a)
+    s = a[order]
+    flag = np.concatenate([[True], s[1:] != s[:-1]]) if s.size else np.zeros(0, dtype=bool)
+    inv = np.empty(a.size, dtype=np.int64)
+    inv[order] = np.cumsum(flag) - 1
+    return s[flag], inv
 
 
 def _exact_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Exact Jaccard of the shingle sets of each pair."""
-    cache: dict[int, np.ndarray] = {}
+    """Jaccard of the shingle sets of each pair, vectorised with single-key int64 sorts.
 
-    def s(i: int) -> np.ndarray:
-        if i not in cache:
-            cache[i] = np.unique(tokens[offsets[i]:offsets[i + 1]])
-        return cache[i]
-
-    out = np.empty(len(pairs), dtype=np.float64)
-    for k, (a, b) in enumerate(pairs.tolist()):
-        sa, sb = s(a), s(b)
-        inter = np.intersect1d(sa, sb, assume_unique=True).size
-        union = sa.size + sb.size - inter
-        out[k] = inter / union if union else 1.0
-    return out
+    Shingles are compared by the top 32 bits of their 64-bit hash (a collision inside one pair's ~300 shingles has
+    probability ~1e-5, far below any threshold step)."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    docs, inv = unique_inverse(pairs.ravel())
+    lens = offsets[docs + 1] - offsets[docs]
+    idx = np.repeat(offsets[docs] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))
+    t32 = (tokens[idx] >> np.uint64(32)).astype(np.int64)
+    # distinct shingles per involved doc: sort (doc << 32 | shingle), drop repeats
+    key = sorted_unique((np.repeat(np.arange(docs.size, dtype=np.int64), lens) << 32) | t32)
+    own, tid = key >> 32, key & 0xFFFFFFFF
+    size = np.bincount(own, minlength=docs.size)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    a, b = inv.reshape(-1, 2)[:, 0], inv.reshape(-1, 2)[:, 1]
+    la, lb = size[a], size[b]
+    # the two sets of each pair side by side, tagged with the pair id: a (pair, shingle) seen twice is shared
+    seg = np.stack([la, lb], axis=1).ravel()
+    seg_start = np.stack([start[a], start[b]], axis=1).ravel()
+    pos = np.repeat(seg_start - np.concatenate([[0], np.cumsum(seg)[:-1]]), seg) + np.arange(int(seg.sum()))
+    pid = np.repeat(np.arange(len(pairs), dtype=np.int64), la + lb)
+    pk = np.sort((pid << 32) | tid[pos])
+    dup = pk[1:] == pk[:-1]
+    inter = np.bincount(pk[1:][dup] >> 32, minlength=len(pairs))
+    union = la + lb - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, word_ngram: int = 3,
@@ -303,7 +349,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     if docs.size < 2:
         return NearDupResult(keep, [], {**stats, "candidates": 0, "pairs": 0})
     offsets = np.concatenate([[0], np.cumsum(counts[docs])]).astype(np.uint64)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+    matrix = _digest(tok, offsets, num_perm, seed)
     # rensa flags every row that shares a band with another (fast, in Rust); only those need their signature
     lsh = rensa.RMinHashLSH(threshold, num_perm, bands)
     flags = np.asarray(lsh.insert_matrix_and_query_duplicate_flags(matrix), dtype=bool) if rows * bands == num_perm else None
@@ -314,10 +360,11 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
         cand_docs = np.flatnonzero(flags)
         if cand_docs.size < 2:
             return NearDupResult(keep, [], {**stats, "candidates": int(cand_docs.size), "pairs": 0})
-        own = np.repeat(np.arange(docs.size), counts[docs])
-        sel = flags[own]
-        sub_off = np.concatenate([[0], np.cumsum(counts[docs][cand_docs])]).astype(np.uint64)
-        sub = rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok[sel], sub_off, num_perm, seed)
+        sub_counts = counts[docs][cand_docs]
+        sub_start = offsets[:-1].astype(np.int64)[cand_docs]
+        gather = np.repeat(sub_start - np.concatenate([[0], np.cumsum(sub_counts)[:-1]]), sub_counts) + np.arange(int(sub_counts.sum()))
+        sub_off = np.concatenate([[0], np.cumsum(sub_counts)]).astype(np.uint64)
+        sub = _digest(tok[gather], sub_off, num_perm, seed)
         sig = np.asarray(sub.to_rows(), dtype=np.uint32)
     pairs = _band_pairs(sig, bands, rows)
     stats["candidates"] = int(cand_docs.size)
@@ -352,18 +399,32 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     dups = []
     removed = [i for i in involved if find(i) != i]
     if removed:
-        roots = np.asarray([find(i) for i in removed], dtype=np.int64)
-        rem = np.asarray(removed, dtype=np.int64)
-        if verify == "exact":
-            jr = _exact_jaccard(tok, full_off, np.stack([roots, rem], axis=1))
-        else:
-            jr = np.full(len(rem), np.nan)
-            pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
-            for k, (a, b) in enumerate(zip(roots.tolist(), rem.tolist(), strict=True)):
-                jr[k] = float((sig[pos[a]] == sig[pos[b]]).mean())
-        for i, r, j in zip(rem.tolist(), roots.tolist(), jr.tolist(), strict=True):
+        # the confirmed pair that put each record in its cluster (its most similar partner)
+        best: dict[int, tuple[float, int]] = {}
+        for (a, b), j in zip(edges.tolist(), jac[ok].tolist(), strict=True):
+            for x, y in ((a, b), (b, a)):
+                if x not in best or (j, -y) > (best[x][0], -best[x][1]):
+                    best[x] = (j, y)
+        roots = [find(i) for i in removed]
+        # Jaccard to the kept record: the confirmed pair's when that is the partner, else computed (chains)
+        chained = [k for k, (i, r) in enumerate(zip(removed, roots, strict=True)) if best[i][1] != r]
+        jr = [best[i][0] for i in removed]
+        if chained:
+            cp_pairs = np.asarray([[roots[k], removed[k]] for k in chained], dtype=np.int64)
+            if verify == "exact":
+                cj = _exact_jaccard(tok, full_off, cp_pairs).tolist()
+            else:
+                pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
+                cj = [float((sig[pos[a]] == sig[pos[b]]).mean()) for a, b in cp_pairs.tolist()]
+            for k, j in zip(chained, cj, strict=True):
+                jr[k] = j
+        for i, r, j in zip(removed, roots, jr, strict=True):
             keep[i] = False
-            dups.append({"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)})
+            row = {"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)}
+            bj, bp = best[i]
+            if bp != r:  # chained: similar to a record that is itself a duplicate of the kept one
+                row.update(matched=bp, matched_jaccard=round(float(bj), 4))
+            dups.append(row)
     stats["removed"] = len(dups)
     return NearDupResult(keep, dups, stats)
 

@@ -102,11 +102,12 @@ def exact_dedup(records: list[dict], fields: list[str]) -> tuple[list[dict], lis
 
 
 def derive_label_records(train: list[dict], label_prompt: str, system_prompt: str | None) -> list[dict]:
-    """train + one classification conversation per labelled record (label as the assistant turn), interleaved."""
+    """train + one classification conversation per labelled record (label as the assistant turn), interleaved.
+    Augmented and oversampled records get theirs too (a reworded question is a new classification example)."""
     out = []
     for r in train:
         out.append(r)
-        if r.get("label") and r.get("provenance") == "original":
+        if r.get("label") and r.get("provenance") != "derived:label_task":
             msgs = label_prompt_messages(r, label_prompt, system_prompt)
             out.append({**r, "id": f"{r['id']}#label", "messages": [*msgs, {"role": "assistant", "content": r["label"]}],
                         "provenance": "derived:label_task"})
@@ -118,18 +119,17 @@ def _rejected_row(rec: dict, reason: str, detail: str | None) -> dict:
             "detail": detail, "record": rec}
 
 
-def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejected: list[dict], strict: bool,
+def _quality(records: list[dict], cfg: Config, engine, dropped: Counter, rejected: list[dict],
              pii_counts: Counter) -> list[dict]:
+    """The quality filters (policy, not validity: --strict does not stop on them); drops go to rejected.jsonl."""
     from dsft.data.quality import QualityFilter, token_filter
 
     q = cfg.data.quality.model_dump()
-    results = [x for part in engine.map_batches(QualityFilter(q), records, 2000) for x in part]
+    results = [x for part in engine.map_batches(QualityFilter(q), records, cfg.data.batch_size) for x in part]
     kept = []
     for (new, reason, detail, pii), rec in zip(results, records, strict=True):
         pii_counts.update(pii)
         if new is None:
-            if strict:
-                raise DataError(f"{rec['source']['file']}:{rec['source']['line']}: {reason}: {detail} (--strict)")
             dropped[reason] += 1
             rejected.append(_rejected_row(rec, reason, detail))
         else:
@@ -155,12 +155,16 @@ def _near_dedup(records: list[dict], cfg: Config, engine, positions: list[int]) 
     nd = cfg.data.near_dedup
     fields = nd.fields or list(cfg.data.dedup_fields)
     texts = [record_text(r, fields) for r in records]
-    sh = concat_shingles(engine.map_batches(ShingleBatch(nd.ngram, nd.word_ngram), texts, 5000))
+    sh = concat_shingles(engine.map_batches(ShingleBatch(nd.ngram, nd.word_ngram), texts, cfg.data.batch_size))
     res = near_dedup(texts, threshold=nd.threshold, num_perm=nd.num_perm, ngram=nd.ngram, word_ngram=nd.word_ngram,
                      bands=nd.bands, rows=nd.rows, verify=nd.verify, seed=nd.seed, shingles=sh)
-    dups = [{"index": positions[d["index"]], "duplicate_of": positions[d["duplicate_of"]], "jaccard": d["jaccard"],
-             "method": "minhash", "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"]}
-            for d in res.duplicates]
+    dups = []
+    for x in res.duplicates:
+        row = {"index": positions[x["index"]], "duplicate_of": positions[x["duplicate_of"]], "jaccard": x["jaccard"],
+               "method": "minhash", "id": records[x["index"]]["id"], "duplicate_of_id": records[x["duplicate_of"]]["id"]}
+        if "matched" in x:
+            row.update(matched_id=records[x["matched"]]["id"], matched_jaccard=x["matched_jaccard"])
+        dups.append(row)
     kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
     examples = [{"id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"], "jaccard": d["jaccard"],
                  "text": texts[d["index"]], "partner_text": texts[d["duplicate_of"]]}
@@ -178,7 +182,8 @@ def _decontaminate(records: list[dict], cfg: Config, engine, dropped: Counter, r
     ev_texts = [record_text(r) for r in ev_records]
     hashes = ngram_set(ev_texts, q.decontam_ngram)
     hits = [int(x) for part in engine.map_batches(ContaminationCheck(hashes, q.decontam_ngram),
-                                                  [record_text(r) for r in records], 5000) for x in part]
+                                                  [record_text(r) for r in records], cfg.data.batch_size)
+            for x in part]
     kept = []
     for rec, h in zip(records, hits, strict=True):
         if h:
@@ -214,7 +219,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         records = [r for i, r in enumerate(records) if i in keep]
     pii_counts: Counter[str] = Counter()
     if d.quality.enabled:
-        records = _quality(records, cfg, engine, dropped, rejected, d.strict, pii_counts)
+        records = _quality(records, cfg, engine, dropped, rejected, pii_counts)
         timer.step("quality")
     # duplicates.jsonl: index / duplicate_of are positions among the records that entered dedup (after the filters)
     duplicates: list[dict] = []
@@ -229,6 +234,14 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         timer.step("dedup_exact")
     if d.near_dedup.enabled and len(records) > 1:
         records, dups, report_extra["near_dedup"] = _near_dedup(records, cfg, engine, positions)
+        # an exact duplicate whose partner then fell as a near-duplicate points at the record that was kept
+        same_fields = (d.near_dedup.fields or list(d.dedup_fields)) == list(d.dedup_fields)
+        gone = {x["index"]: x for x in dups}
+        for x in duplicates:
+            if x["duplicate_of"] in gone:
+                g = gone[x["duplicate_of"]]
+                x.update(via=x["duplicate_of_id"], duplicate_of=g["duplicate_of"], duplicate_of_id=g["duplicate_of_id"],
+                         jaccard=g["jaccard"] if same_fields else None)
         duplicates += dups
         if dups:
             dropped["near_duplicate"] += len(dups)
@@ -240,6 +253,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         raise DataError(f"{', '.join(i['file'] for i in infos)}: no record left after validation, filters and dedup "
                         f"(dropped: {dict(dropped)}); see {out_dir / 'rejected.jsonl'}")
 
+    labels_clean = Counter(str(r.get("label")) for r in records)
     if d.streaming:
         parts: dict[str, list[dict]] = {"train": [], "test": [], "eval": []}
         for split, rec in stream_split(iter(records), d.test_size, d.eval_size, d.seed, d.shuffle_buffer):
@@ -265,7 +279,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     if d.augment.methods and d.augment.ratio > 0:
         from dsft.data.augment import augment_records
 
-        new, report_extra["augment"] = augment_records(train, d.augment, seed=d.seed, engine=engine)
+        new, report_extra["augment"] = augment_records(train, d.augment, seed=d.seed, engine=engine, batch_size=d.batch_size)
         train = train + new
         timer.step("augment")
     n_train = len(train)
@@ -295,7 +309,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         "label_field": d.label_field,
         "train_composition": dict(sorted(Counter(r["provenance"] for r in train).items())),
         "labels": {"before": dict(sorted(labels_before.items())),
-                   "after": dict(sorted(Counter(str(r.get("label")) for r in final).items())),
+                   "after": dict(sorted(labels_clean.items())),
                    "train": dict(sorted(Counter(str(r.get("label")) for r in train if r["provenance"] != "derived:label_task").items())),
                    "test": dict(sorted(Counter(str(r.get("label")) for r in test).items())),
                    "eval": dict(sorted(Counter(str(r.get("label")) for r in ev).items()))},

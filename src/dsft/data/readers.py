@@ -17,6 +17,7 @@ from dsft.errors import DataError
 EMBEDDED = {"embedded:medical": ("assets/data", "medical_qa_subset.gb18030.csv")}
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
               ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
+WRAPPER_KEYS = ("data", "records", "items", "examples", "rows", "instances", "train")
 csv.field_size_limit(1 << 30)
 
 
@@ -139,8 +140,8 @@ def _iter_json(text: str, name: str) -> Iterator[RawRow]:
         except json.JSONDecodeError as err:
             raise DataError(f"{name}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from err
         if isinstance(obj, dict):
-            lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-            if len(lists) == 1 and len(obj) <= 3:  # {"data": [...]} style wrappers
+            lists = [k for k, v in obj.items() if k in WRAPPER_KEYS and isinstance(v, list) and all(isinstance(x, dict) for x in v)]
+            if len(lists) == 1:  # {"data": [...]} style wrappers
                 for k, item in enumerate(obj[lists[0]]):
                     yield RawRow(name, k + 1, item)
                 return

@@ -134,8 +134,8 @@ def render_md(rep: dict[str, Any]) -> str:
     lab = rep["labels"]
     if any(k != "None" for k in lab["before"]):
         lines += ["", f"## Labels (`{rep['label_field']}`): skew before → after", "",
-                  f"Largest/smallest class: before {_skew(lab['before'])}, after {_skew(lab['after'])}, "
-                  f"train (after balancing) {_skew(lab['train'])}.", "",
+                  f"Largest/smallest class: before {_skew(lab['before'])}, after cleaning {_skew(lab['after'])}, "
+                  f"train {_skew(lab['train'])} (after balancing/augmentation; test and eval keep the cleaned skew).", "",
                   "| label | before | after cleaning | train | test | eval |", "|---|---|---|---|---|---|"]
         for k in sorted(lab["before"], key=lambda x: -lab["before"][x]):
             lines.append(f"| {k} | {lab['before'][k]} | {lab['after'].get(k, 0)} | {lab['train'].get(k, 0)} | "

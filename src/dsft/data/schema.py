@@ -43,10 +43,10 @@ def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str) -> str
     for r in rows[:50]:
         if isinstance(r.data, dict):
             keys |= set(r.data)
-    mapped = {c: s for c, s in columns.items() if s in keys}
-    if "messages" in keys or mapped.get("messages"):
+    keys |= {c for c, s in columns.items() if s in keys}  # mapped columns count under their canonical names
+    if "messages" in keys:
         return "openai"
-    if "conversations" in keys or mapped.get("conversations"):
+    if "conversations" in keys:
         return "sharegpt"
     if {"instruction", "output"} <= keys and "answer" not in columns:
         return "alpaca"
@@ -144,7 +144,7 @@ def _finish(messages: list[dict[str, str]], fields: dict[str, str], meta: dict[s
         raise Invalid("empty_answer", "the last assistant turn is empty")
     label = meta.get("label")
     if label_field and label_field != "label":
-        label = meta.get(label_field) if label_field in META else _meta(fields.get(label_field))
+        label = meta.get(label_field) if label_field in META else (_meta(fields.get(label_field)) or meta.get("label"))
     if tools is not None and not isinstance(tools, str):
         tools = json.dumps(tools, ensure_ascii=False)
     return {
@@ -172,6 +172,8 @@ def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: st
     if mapping and schema != "seed":
         d = {**d, **{canon: d.get(src) for canon, src in mapping.items() if src in d}}
     meta = {k: _meta(d.get(mapping.get(k, k) if schema == "seed" else k)) for k in META}
+    if label_field and label_field not in META and label_field not in ("question", "context", "answer"):
+        meta["label"] = _meta(d.get(mapping.get(label_field, label_field)))  # any other column can be the label
     if schema == "seed":
         f = {k: _text(d.get(mapping[k]), k).strip() for k in ("context", "question", "answer") if k in mapping}
         sys_p = _text(d.get(mapping["system"]), "system").strip() if "system" in mapping else ""

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dsft.errors import DataError
+
 
 def _sizes(n: int, test_size: float, eval_size: float) -> tuple[int, int]:
     n_test = round(n * test_size)
@@ -91,9 +93,12 @@ def stream_split_file(src: Path, out_dir: Path, test_size: float, eval_size: flo
 
     def rows() -> Iterator[dict]:
         with open(src, encoding="utf-8") as fh:
-            for line in fh:
+            for k, line in enumerate(fh, start=1):
                 if line.strip():
-                    yield json.loads(line)
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{src}:{k}: not valid JSON ({err.msg}, column {err.colno})") from err
 
     try:
         for split, rec in stream_split(rows(), test_size, eval_size, seed, buffer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -32,9 +33,19 @@ def record_lengths(records: list[dict]) -> dict[str, list[int]]:
     return {k: v for k, v in out.items() if v}
 
 
-def summarize(records: list[dict], rejected: list[dict], infos: list[dict], dedup_fields: list[str]) -> dict[str, Any]:
-    """The summary `dsft data stats` prints."""
+def summarize(records: list[dict], rejected: list[dict], infos: list[dict], dedup_fields: list[str],
+              tokenizer: str | None = None) -> dict[str, Any]:
+    """The summary `dsft data stats` prints (token lengths too when a tokenizer is named)."""
     _, dups = exact_dedup(records, dedup_fields)
+    tokens: dict[str, Any] = {}
+    if tokenizer:
+        from dsft.data.tokens import count_tokens
+
+        for k in ("question", "answer"):
+            texts = [(r.get("fields") or {}).get(k) for r in records]
+            if any(texts):
+                tokens[k] = length_stats(count_tokens(tokenizer, [t for t in texts if t]))
+        tokens["conversation"] = length_stats(count_tokens(tokenizer, ["\n".join(m["content"] for m in r["messages"]) for r in records]))
     return {
         "files": [{k: i.get(k) for k in ("file", "kind", "encoding", "schema", "rows", "valid")} for i in infos],
         "records": len(records) + len(rejected),
@@ -44,14 +55,16 @@ def summarize(records: list[dict], rejected: list[dict], infos: list[dict], dedu
         "labels": dict(Counter(str(r.get("label")) for r in records).most_common()),
         "lengths_chars": {k: length_stats(v) for k, v in record_lengths(records).items()},
         "turns": length_stats([len(r["messages"]) for r in records]),
+        "lengths_tokens": tokens,
+        "tokenizer": tokenizer,
     }
 
 
 def stats_for_paths(paths: list[str], *, encoding: str = "auto", fmt: str = "auto", label_field: str | None = "domain",
-                    columns: dict[str, str] | None = None) -> dict[str, Any]:
+                    columns: dict[str, str] | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     cfg = DataConfig(path=list(paths), encoding=encoding, format=fmt, label_field=label_field, columns=columns or {})
     records, rejected, infos = load_records(cfg)
-    return summarize(records, rejected, infos, list(cfg.dedup_fields))
+    return summarize(records, rejected, infos, list(cfg.dedup_fields), tokenizer)
 
 
 def stats_text(st: dict[str, Any]) -> str:
@@ -59,13 +72,17 @@ def stats_text(st: dict[str, Any]) -> str:
     lines = []
     for f in st["files"]:
         lines.append(f"{f['file']}: {f['kind']}, {f['encoding']}, schema {f['schema']}, {f['rows']} rows, {f.get('valid')} valid")
-    lines.append(f"records {st['records']}: valid {st['valid']}, rejected {sum(st['rejected'].values())} "
-                 f"{st['rejected'] or ''}, exact duplicates {st['exact_duplicates']}")
+    why = f" {json.dumps(st['rejected'], ensure_ascii=False)}" if st["rejected"] else ""
+    lines.append(f"records {st['records']}: valid {st['valid']}, rejected {sum(st['rejected'].values())}{why}, "
+                 f"exact duplicates {st['exact_duplicates']}")
     if any(k != "None" for k in st["labels"]):
         lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in st["labels"].items()))
     for k, s in st["lengths_chars"].items():
         if s.get("count"):
             lines.append(f"{k:>12} chars: mean {s['mean']}, p50 {s['p50']:.0f}, p90 {s['p90']:.0f}, max {s['max']} (n={s['count']})")
+    for k, s in (st.get("lengths_tokens") or {}).items():
+        if s.get("count"):
+            lines.append(f"{k:>12} tokens: mean {s['mean']}, p50 {s['p50']:.0f}, p90 {s['p90']:.0f}, max {s['max']} (n={s['count']})")
     t = st["turns"]
     lines.append(f"{'turns':>12}: mean {t.get('mean')}, max {t.get('max')}")
     return "\n".join(lines)

@@ -76,9 +76,10 @@ def _container(o: K8sOptions) -> dict[str, Any]:
                                     "tensor_parallel_size": max(1, o.gpus)})
         command = ["python3", "-m", VLLM_MODULE]
         args = vllm_args(o.model_path, vcfg)
-        image = o.image or "vllm/vllm-openai:latest"
+        image = o.image or "dsft-vllm:latest"  # `dsft deploy docker --engine vllm`: vLLM image + dsft (seed /generate)
         key_env = "VLLM_API_KEY"
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+        env.append({"name": "DSFT_SERVED_MODEL_NAME", "value": o.model_name})
     else:
         command = ["dsft", "serve"]
         args = ["--model", o.model_path, "--host", "0.0.0.0", "--port", str(o.port),

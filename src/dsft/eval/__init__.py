@@ -12,4 +12,11 @@ def evaluate(cfg, run, force: bool = False) -> dict[str, Any]:
     return _evaluate(cfg, run, force=force)
 
 
-__all__ = ["evaluate"]
+def add_variants(cfg, run) -> dict[str, Any]:
+    """After the export stage: score its variants on the same records and add them to eval.json and the reports."""
+    from dsft.eval.stage import add_variants as _add
+
+    return _add(cfg, run)
+
+
+__all__ = ["evaluate", "add_variants"]

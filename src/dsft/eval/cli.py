@@ -17,6 +17,7 @@ for text metrics and {"label", "prediction", "scores"?} for classification (grou
 EPILOG = """examples:
   dsft eval examples/demo.yaml
   dsft eval examples/demo.yaml --set eval.max_samples=32 --force
+  dsft eval examples/demo.yaml --variants      # after dsft export: add merged/int8 … columns + latency
   dsft eval score runs/demo/eval/predictions.jsonl --metrics bleu,rouge_l,accuracy,macro_f1,auc --lang zh
   dsft eval score preds.jsonl --metrics f1,em --json
 """
@@ -29,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("predictions", nargs="?", metavar="PREDICTIONS.jsonl", help="with `score`: the predictions file")
     p.add_argument("--metrics", help="with `score`: comma list of bleu,rouge_1,rouge_2,rouge_l,f1,em,accuracy,macro_f1,auc")
     p.add_argument("--lang", choices=["auto", "zh", "en"], default="auto", help="with `score`: text language (default: detect)")
+    p.add_argument("--variants", action="store_true",
+                   help="after `dsft export`: score its variants (merged, int8 …) on the same records and add them to the reports")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_run)
 
@@ -40,21 +43,24 @@ def _run(args) -> int:
         from dsft.errors import ConfigError
 
         raise ConfigError(f"unexpected argument {args.predictions!r} (did you mean `dsft eval score {args.predictions}`?)")
-    from dsft.eval import evaluate
+    from dsft.eval import add_variants, evaluate
 
     cfg, run = config_and_run(args)
-    m = evaluate(cfg, run, force=args.force)
+    m = add_variants(cfg, run) if args.variants else evaluate(cfg, run, force=args.force)
     if args.json:
         print(json.dumps(m, ensure_ascii=False))
         return 0
-    keys = ("loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1", "auc")
+    keys = list(dict.fromkeys([*cfg.eval.metrics, "latency_ms_per_sample"]))  # eval.metrics: the summary rows
+    cols = [("base", m["before"]), ("fine-tuned", m["after"])]
+    if m.get("quantized"):
+        cols.append((m["quantized"]["name"], m["quantized"]))
     print(f"eval: {m['n']} held-out records → {run.root / 'eval'}")
-    print(f"{'metric':<12}{'base':>12}{'fine-tuned':>12}")
+    print(f"{'metric':<22}" + "".join(f"{name:>12}" for name, _ in cols))
     for k in keys:
-        b, a = m["before"].get(k), m["after"].get(k)
-        if b is None and a is None:
+        vals = [c.get(k) for _, c in cols]
+        if all(v is None for v in vals):
             continue
-        print(f"{k:<12}{'—' if b is None else f'{b:.4f}':>12}{'—' if a is None else f'{a:.4f}':>12}")
+        print(f"{k:<22}" + "".join(f"{'—' if v is None else f'{v:.4f}':>12}" for v in vals))
     print(m["headline"])
     return 0
 

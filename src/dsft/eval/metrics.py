@@ -7,9 +7,9 @@ Conventions (also in docs/eval.md):
   lower-cased token, punctuation and spaces are dropped (rouge-score's default tokenizer would delete all
   Chinese text and score 0 — the LLaMA-Factory #6267 symptom).
 - SQuAD F1/EM: English as the official SQuAD v1.1 script (normalised bag-of-words F1); Chinese as the
-  CMRC 2018 script (the same mixed segmentation, punctuation removed, F1 from the longest common substring).
-  "Punctuation" here is every Unicode P*/S* character — a superset of CMRC's hand-written list (which misses
-  ASCII , . ? ! ( ) and others).
+  CMRC 2018 script, mirrored exactly (its punctuation list, removed before segmentation; each Chinese character
+  a token, other runs through NLTK's word tokenizer; F1 from the longest common *substring*; EM after its
+  remove_punctuation). CMRC's list omits ASCII , . ? ! ( ) — they stay tokens there, and so here.
 - Accuracy / Macro-F1 from scikit-learn; AUC is one-vs-rest, macro-averaged over the classes present in the
   references, from per-label scores (equals sklearn's `roc_auc_score(multi_class="ovr")` when every class
   occurs); perplexity = exp(token-weighted mean negative log-likelihood).
@@ -150,9 +150,57 @@ def _lcs_substring_len(a: Sequence[str], b: Sequence[str]) -> int:
     return best
 
 
+# CMRC 2018's evaluation script (cmrc2018_evaluate.py), mirrored: its punctuation list (kept verbatim, including
+# the two-character '……' that can never match one character), punctuation dropped *before* segmentation, each
+# Chinese character [\u4e00-\u9fa5] a token, other runs tokenized like nltk.word_tokenize.
+CMRC_PUNCT = ["-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=", "，", "。", "：", "？", "！", "“", "”", "；", "’",
+              "《", "》", "……", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』"]
+_word_tokenize = None
+
+
+def _nltk_word_tokenize(text: str) -> list[str]:
+    """nltk.word_tokenize when its punkt data is installed, else NLTK's Treebank word tokenizer (no sentence split)."""
+    global _word_tokenize
+    if _word_tokenize is None:
+        import nltk
+
+        try:
+            nltk.word_tokenize("a b.")
+            _word_tokenize = nltk.word_tokenize
+        except LookupError:
+            from nltk.tokenize import NLTKWordTokenizer
+
+            _word_tokenize = NLTKWordTokenizer().tokenize
+    return _word_tokenize(text)
+
+
+def cmrc_segmentation(text: str) -> list[str]:
+    """CMRC 2018's mixed_segmentation(text, rm_punc=True)."""
+    out: list[str] = []
+    run = ""
+    for ch in str(text or "").lower().strip():
+        if ch in CMRC_PUNCT:
+            continue
+        if "\u4e00" <= ch <= "\u9fa5":
+            if run:
+                out.extend(_nltk_word_tokenize(run))
+                run = ""
+            out.append(ch)
+        else:
+            run += ch
+    if run:
+        out.extend(_nltk_word_tokenize(run))
+    return out
+
+
+def cmrc_remove_punctuation(text: str) -> str:
+    """CMRC 2018's remove_punctuation: lower-case, strip, drop the listed punctuation (inner spaces kept)."""
+    return "".join(ch for ch in str(text or "").lower().strip() if ch not in CMRC_PUNCT)
+
+
 def _f1_one(prediction: str, reference: str, lang: str) -> float:
     if lang == "zh":
-        p, r = mixed_segmentation(prediction), mixed_segmentation(reference)
+        p, r = cmrc_segmentation(prediction), cmrc_segmentation(reference)
         common = _lcs_substring_len(r, p)
     else:
         p, r = _squad_normalize_en(prediction).split(), _squad_normalize_en(reference).split()
@@ -165,9 +213,7 @@ def _f1_one(prediction: str, reference: str, lang: str) -> float:
 
 def _em_one(prediction: str, reference: str, lang: str) -> float:
     if lang == "zh":
-        # CMRC 2018's remove_punctuation: lower-case, strip, drop punctuation, keep inner spaces.
-        norm = lambda s: "".join(ch for ch in (s or "").lower().strip() if not _is_punct(ch))  # noqa: E731
-        return float(norm(prediction) == norm(reference))
+        return float(cmrc_remove_punctuation(prediction) == cmrc_remove_punctuation(reference))
     return float(_squad_normalize_en(prediction) == _squad_normalize_en(reference))
 
 

@@ -51,8 +51,11 @@ def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]
                           max_length: int | None = None) -> list[tuple[float, int]]:
     """For each (prompt ids, continuation ids): (sum of log p(continuation | prompt), number of tokens scored).
 
-    Sequences longer than max_length lose prompt tokens from the left (the continuation is kept).
-    Batches are right-padded and built from length-sorted items; results come back in input order.
+    Sequences longer than max_length lose prompt tokens from the left (the continuation is kept). Batches are
+    built from length-sorted items and **left-padded** (position ids from the attention mask), so every
+    continuation ends at the last position and the LM head runs only on the last `max continuation + 1`
+    positions (`logits_to_keep`) — with DeepSeek's 129 k vocabulary the head dominates the cost, and a
+    label is a handful of tokens after a long prompt. Results come back in input order.
     """
     import torch
 
@@ -73,18 +76,21 @@ def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             L = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+            K = max(len(seqs[i][1]) for i in idx)  # scored positions: the last K tokens of the window
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
             att = torch.zeros((len(idx), L), dtype=torch.long)
-            tgt = torch.full((len(idx), L), -100, dtype=torch.long)
+            tgt = torch.full((len(idx), K), -100, dtype=torch.long)
             for row, i in enumerate(idx):
                 p, c = seqs[i]
                 full = p + c
-                ids[row, : len(full)] = torch.tensor(full)
-                att[row, : len(full)] = 1
-                tgt[row, len(p): len(full)] = torch.tensor(c)
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            labels = tgt[:, 1:].to(device)
+                ids[row, L - len(full):] = torch.tensor(full)
+                att[row, L - len(full):] = 1
+                if c:
+                    tgt[row, K - len(c):] = torch.tensor(c)
+            pos = (att.cumsum(-1) - 1).clamp(min=0)
+            logits = _last_logits(model, ids.to(device), att.to(device), pos.to(device), K + 1)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position L-K-1+j predicts token L-K+j
+            labels = tgt.to(device)
             mask = labels != -100
             tok_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
             sums, counts = tok_lp.sum(-1).tolist(), mask.sum(-1).tolist()
@@ -92,6 +98,15 @@ def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]
                 out[i] = (float(sums[row]), int(counts[row]))
     model.train(was_training)
     return out
+
+
+def _last_logits(model, ids, att, pos, keep: int):
+    """Logits of the last `keep` positions; models without `logits_to_keep` compute all and are sliced."""
+    try:
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+    return logits[:, -keep:]
 
 
 def answer_loss(model, tok, items: Sequence[tuple[Messages, str]], *, batch_size: int = 8,

@@ -13,7 +13,8 @@ ROWS = (("loss", "loss", "lower"), ("perplexity", "perplexity", "lower"), ("roug
         ("rouge_2", "ROUGE-2", "higher"), ("rouge_l", "ROUGE-L", "higher"), ("bleu", "BLEU", "higher"),
         ("f1", "F1 (SQuAD/CMRC)", "higher"), ("em", "EM", "higher"), ("accuracy", "accuracy", "higher"),
         ("macro_f1", "Macro-F1", "higher"), ("auc", "AUC (OvR)", "higher"),
-        ("latency_ms_per_sample", "latency ms/sample", "lower"))
+        ("gen_accuracy", "accuracy, free-text answer", "higher"),
+        ("latency_ms_per_sample", "latency ms/sample", "lower"), ("ms_per_new_token", "ms per generated token", "lower"))
 
 
 def _fmt(x: Any) -> str:

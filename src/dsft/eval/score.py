@@ -55,6 +55,8 @@ def _kind(obj: dict[str, Any]) -> str:
     task = obj.get("task")
     if task in ("generation", "classification"):
         return task
+    if task == "label_generation":  # free-text label answers: classification rows of their own group
+        return "classification"
     if "label" in obj:
         return "classification"
     if "reference" in obj:
@@ -64,7 +66,8 @@ def _kind(obj: dict[str, Any]) -> str:
 
 def score_rows(rows: list[tuple[int, dict[str, Any]]], metrics: list[str], lang: str = "auto",
                source: str = "<predictions>") -> dict[str, dict[str, Any]]:
-    """{model: {metric: value, n_text, n_class}}; rows without a `model` key form the group 'all'."""
+    """{model: {metric: value, n_text, n_class}}; rows without a `model` key form the group 'all';
+    free-text label answers (task label_generation) form the group '<model>:free_text'."""
     groups: dict[str, dict[str, list]] = {}
     for n, obj in rows:
         kind = _kind(obj)
@@ -72,7 +75,8 @@ def score_rows(rows: list[tuple[int, dict[str, Any]]], metrics: list[str], lang:
             raise DataError(f"{source}:{n}: expected keys prediction+reference (text) or label+prediction (classification)")
         if "prediction" not in obj:
             raise DataError(f"{source}:{n}: key 'prediction' missing")
-        g = groups.setdefault(str(obj.get("model", "all")), {"pred": [], "ref": [], "y": [], "yp": [], "scores": []})
+        group = str(obj.get("model", "all")) + (":free_text" if obj.get("task") == "label_generation" else "")
+        g = groups.setdefault(group, {"pred": [], "ref": [], "y": [], "yp": [], "scores": []})
         if kind == "generation":
             if "reference" not in obj:
                 raise DataError(f"{source}:{n}: key 'reference' missing")

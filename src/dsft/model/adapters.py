@@ -208,6 +208,26 @@ def load_adapter(base_model, adapter_dir: str | Path, *, is_trainable: bool = Fa
         raise ModelError(f"{adapter_dir}: cannot load the adapter ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
 
 
+def load_named_adapters(base_model, adapters: dict[str, str | Path]):
+    """Load several adapter folders onto one base, each under its name (serving: chosen per request)."""
+    items = list(adapters.items())
+    if not items:
+        return base_model
+    for name, path in items:
+        if not (Path(path) / "adapter_config.json").exists():
+            raise ModelError(f"LoRA adapter '{name}': {path} has no adapter_config.json — expected a LoRA adapter folder")
+    from peft import PeftModel
+
+    try:
+        with _exact_targets():
+            model = PeftModel.from_pretrained(base_model, str(items[0][1]), adapter_name=items[0][0])
+            for name, path in items[1:]:
+                model.load_adapter(str(path), adapter_name=name)
+    except Exception as err:
+        raise ModelError(f"cannot load LoRA adapters ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    return model
+
+
 def merge_adapter(peft_model):
     """Merge LoRA into the base weights and return the plain transformers model (assign the result)."""
     return peft_model.merge_and_unload()

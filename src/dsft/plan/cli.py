@@ -42,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default: the seed matrix for the model size)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1)")
+    p.add_argument("--lora-targets", help="all (default: every linear PEFT targets by name) | attention | a "
+                                          "comma list such as q_proj,v_proj")
     p.add_argument("--freeze-layers", type=int, help="with --method freeze: how many last layers train (default 2)")
     p.add_argument("--attn", help="sdpa | flash_attention_2 | eager (default sdpa)")
     p.add_argument("--examples", type=int, help="training examples per epoch (for tokens and time per epoch)")
@@ -83,7 +85,18 @@ def build_request(args: argparse.Namespace):
         if args.model:
             cfg.model.name_or_path = args.model
         req = request_from_config(cfg, gpu=gpu)
+        if cfg.train.per_device_train_batch_size == "auto" and args.batch is None:
+            from dsft.plan.plan import auto_micro_batch
+
+            micro, accum = auto_micro_batch(cfg, gpu=gpu)
+            req = replace(req, micro_batch=micro, grad_accum=accum)
         tflops = tflops or cfg.plan.tflops
+        if args.examples is None:
+            from dsft.plan.plan import dataset_tokens
+
+            ds = dataset_tokens(cfg)
+            if ds:
+                args.examples, args.avg_tokens = ds[0], args.avg_tokens or ds[1]
     else:
         if not args.model:
             raise ConfigError("dsft plan: give --model (a built-in name, a model folder or config.json) or a CONFIG file")
@@ -92,7 +105,8 @@ def build_request(args: argparse.Namespace):
     for attr, key in (("method", "method"), ("seq_len", "seq_len"), ("batch", "micro_batch"), ("grad_accum", "grad_accum"),
                       ("precision", "precision"), ("optimizer", "optimizer"), ("gc", "gradient_checkpointing"),
                       ("packing", "packing"), ("gpus", "num_gpus"), ("lora_rank", "lora_rank"),
-                      ("lora_dropout", "lora_dropout"), ("freeze_layers", "freeze_layers"), ("attn", "attn"), ("mfu", "mfu")):
+                      ("lora_dropout", "lora_dropout"), ("lora_targets", "lora_targets"), ("freeze_layers", "freeze_layers"),
+                      ("attn", "attn"), ("mfu", "mfu")):
         v = getattr(args, attr)
         if v is not None:
             changes[key] = v.strip().lower() if isinstance(v, str) and key != "attn" else v

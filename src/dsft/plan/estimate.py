@@ -16,7 +16,7 @@ from typing import Any
 
 from dsft.errors import ConfigError
 from dsft.plan.hardware import GiB, Gpu, cpu_device
-from dsft.plan.models import Arch
+from dsft.plan.models import Arch, fmt_count
 
 METHODS = ("lora", "qlora", "dora", "full", "freeze")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
@@ -76,6 +76,12 @@ class PlanRequest:
             raise bad("lora-dropout", self.lora_dropout, "a number in [0, 1)")
         if not 0 < self.mfu <= 1:
             raise bad("mfu", self.mfu, "a fraction in (0, 1]")
+        if not (isinstance(self.lora_targets, str) and self.lora_targets in ("all", "auto", "all-linear", "attention", "attn")):
+            known = {lin.name for i in range(self.arch.layers) for lin in self.arch.layer_linears(i)}
+            unknown = sorted(_target_names(self) - known)
+            if unknown or not _target_names(self):
+                raise bad("lora-targets", ",".join(unknown) or self.lora_targets,
+                          "all, attention, or names among " + ", ".join(sorted(known)))
         if self.attn not in ("sdpa", "eager", "flash_attention_2"):
             raise bad("attn", self.attn, "sdpa, eager or flash_attention_2")
         return self
@@ -147,21 +153,50 @@ def _shards(req: PlanRequest) -> tuple[int, int, int]:
 
 
 # ---- parameters ------------------------------------------------------------------------------------------------
+MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj"})
+
+
+def _target_names(req: PlanRequest) -> set[str]:
+    names = {lin.name for i in range(req.arch.layers) for lin in req.arch.layer_linears(i)}
+    t = req.lora_targets
+    if t in ("all", "auto", "all-linear"):
+        return names
+    if t in ("attention", "attn"):
+        return names - MLP_NAMES
+    if isinstance(t, str):
+        t = [x.strip() for x in t.split(",") if x.strip()]
+    return {n.rsplit(".", 1)[-1] for n in t}
+
+
+def fused_expert_lora(req: PlanRequest) -> bool:
+    """PEFT + transformers 5 on DeepSeek-V2/V3: MLP target names are remapped onto the fused 3-D routed-expert
+    parameters (LoRA on every expert; the dense MLPs and shared experts then get no LoRA)."""
+    return req.adapter and req.arch.moe and req.arch.family.startswith("deepseek") and bool(_target_names(req) & MLP_NAMES)
+
+
 def _targets(req: PlanRequest, i: int) -> list:
-    lins = [lin for lin in req.arch.layer_linears(i) if lin.lora]
-    if req.lora_targets == "all" or req.lora_targets == "auto":
-        return lins
-    names = set(req.lora_targets)
-    return [lin for lin in lins if lin.name in names]
+    names = _target_names(req)
+    fused = fused_expert_lora(req)
+    return [lin for lin in req.arch.layer_linears(i)
+            if lin.lora and lin.name in names and not (fused and lin.group in ("mlp", "shared"))]
+
+
+def _fused_expert_adapter(req: PlanRequest) -> int:
+    """LoRA params of one MoE layer's fused experts: gate_up (rank 2r per expert) + down (rank r per expert)."""
+    a, r, e = req.arch, req.rank, req.arch.n_routed_experts
+    return 2 * r * e * (a.hidden + 2 * a.moe_intermediate) + r * e * (a.moe_intermediate + a.hidden)
+
+
+def _layer_adapter(req: PlanRequest, i: int) -> int:
+    r = req.rank
+    n = sum(r * (lin.d_in + lin.d_out) + (lin.d_out if req.method == "dora" else 0) for lin in _targets(req, i))
+    if fused_expert_lora(req) and req.arch.is_moe_layer(i):
+        n += _fused_expert_adapter(req)
+    return n
 
 
 def adapter_params(req: PlanRequest) -> int:
-    r = req.rank
-    n = 0
-    for i in range(req.arch.layers):
-        for lin in _targets(req, i):
-            n += r * (lin.d_in + lin.d_out) + (lin.d_out if req.method == "dora" else 0)
-    return n
+    return sum(_layer_adapter(req, i) for i in range(req.arch.layers))
 
 
 def _freeze_first(req: PlanRequest) -> int:
@@ -190,91 +225,114 @@ def _weights_bytes(req: PlanRequest) -> float:
 
 
 # ---- activations -----------------------------------------------------------------------------------------------
-def _norm(width: int, weight_trainable: bool, out_saved_by_next: bool) -> float:
-    """RMSNorm: input (pow/mul), rsqrt, normalized (if the weight trains), output (if the next op saves it)."""
-    return width * (1 + (1 if weight_trainable else 0) + (1 if out_saved_by_next else 0)) + 1
+def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -> tuple[float, float, float]:
+    """Bytes per token of layer i: (saved for backward, transient in its backward) and bytes per layer that do
+    not scale with tokens (PEFT's W+ΔW of fused experts, kept for backward).
 
-
-def _layer_elems(req: PlanRequest, i: int, mode: str) -> tuple[float, float]:
-    """(elements saved for backward per token, extra transient elements per token in this layer's backward)."""
+    mode: "full" (weights train), "lora" (frozen base + adapters), "frozen-input" is expressed by input_grad=False:
+    the layer input does not require grad (first layer under LoRA / freeze, fed by a frozen embedding), so the
+    first norm and the first dropouts save nothing.
+    """
     a = req.arch
     h = a.hidden
     ab = _act_bytes(req)
-    mask = 1.0 / ab  # dropout masks are bool (1 byte)
+    f32 = 4.0
+    # CUDA's fused dropout keeps a bool mask (1 byte); the CPU path keeps a full-precision noise tensor
+    mask = 1.0 if req.gpu.cuda else f32  # (LoRA inputs are fp32: PEFT's adapters are fp32)
     full = mode == "full"
     lora = mode == "lora"
     p = req.lora_dropout if lora else 0.0
     tset = {lin.name for lin in _targets(req, i)} if lora else set()
     r = req.rank if lora else 0
+    fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
 
-    def lin_in(name: str, width: int, shared_saved: bool) -> float:
-        """What a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
+    # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
+    # base computes in 16-bit); dropout then copies it again and keeps a mask
+    cast = ab != f32
+
+    def lin_in(name: str, width: int, already_saved: bool, grad_in: bool = True) -> float:
+        """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
         if full:
-            return 0.0 if shared_saved else width
+            return 0.0 if already_saved else width * ab
         if name in tset:
-            return (width + width * mask + r) if p > 0 else (r + (0.0 if shared_saved else width))
+            if p > 0:
+                return width * f32 + (width * mask if grad_in else 0.0) + r * f32
+            return r * f32 + (width * f32 if cast else (0.0 if already_saved else width * ab))
         return 0.0
 
-    def lin_group(names: list[str], width: int) -> float:
+    def lin_group(names: list[str], width: int, grad_in: bool = True) -> float:
         """Several linears reading the same input (q/k/v, gate/up)."""
         if full:
-            return width
+            return width * ab
         ts = [n for n in names if n in tset]
         if not ts:
             return 0.0
         if p > 0:
-            return len(ts) * (width * (1 + mask) + r)
-        return width + len(ts) * r
+            return len(ts) * (width * f32 + (width * mask if grad_in else 0.0) + r * f32)
+        if cast:
+            return len(ts) * (width * f32 + r * f32)
+        return width * ab + len(ts) * r * f32
 
-    s = 0.0
-    s += h  # layer input (kept by the norm; also the residual)
-    s += _norm(h, full, False) - h  # rsqrt (+ normalized when the weight trains)
+    def norm(width: int, grad_in: bool) -> float:
+        """RMSNorm upcasts to fp32 and keeps that input and rsqrt (when the input needs grad), and the normalized
+        value cast back (when the weight trains)."""
+        return (width * f32 + f32 if grad_in else 0.0) + (width * ab if full else 0.0)
+
+    s = norm(h, input_grad)
     if a.mla:
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         qa = a.q_lora_rank or 0
         first = ["q_a_proj", "kv_a_proj_with_mqa"] if qa else ["q_proj", "kv_a_proj_with_mqa"]
-        s += lin_group(first, h)
+        s += lin_group(first, h, input_grad)
         if qa:
-            s += (qa + 1) + (qa if full else 0)  # q_a out kept by q_a_layernorm (+ normalized)
-            s += lin_in("q_b_proj", qa, False)
+            s += norm(qa, True) + lin_in("q_b_proj", qa, False)  # q_a out kept by q_a_layernorm
         kvr = a.kv_lora_rank + a.qk_rope_head_dim
-        s += kvr + 1 + (a.kv_lora_rank if full else 0)  # kv_a out kept by kv_a_layernorm
+        # kv_a out (its split view is upcast for kv_a_layernorm; in fp32 the view keeps all of kv_a out alive)
+        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if full else 0.0)
         s += lin_in("kv_b_proj", a.kv_lora_rank, False)
-        s += a.heads * a.qk_rope_head_dim * 0  # rotary temporaries are freed
-        s += a.heads * qk  # query_states (cat) kept by attention
-        s += a.heads * qk  # key_states (new_empty + copy) kept by attention
-        s += a.heads * (a.qk_nope_head_dim + a.v_head_dim)  # kv_b out stays alive through the value view
-        s += a.o_dim + a.heads  # attention output + logsumexp
+        s += 2 * a.heads * qk * ab  # query_states (cat) and key_states (new_empty + copy) kept by attention
+        s += a.heads * (a.qk_nope_head_dim + a.v_head_dim) * ab  # kv_b out, alive through the value view
+        s += a.o_dim * ab + a.heads * f32  # attention output + logsumexp
+        s += lin_in("o_proj", a.o_dim, False)  # the (B,H,S,D) output is copied to (B,S,H·D) for o_proj
     else:
-        s += lin_group(["q_proj", "k_proj", "v_proj"], h)
+        s += lin_group(["q_proj", "k_proj", "v_proj"], h, input_grad)
         gqa_repeat = a.kv_heads != a.heads and req.attn == "eager"
         kv = a.q_dim if gqa_repeat else a.kv_heads * a.hd
-        s += a.q_dim + 2 * kv  # rotated q, k and v kept by attention
-        s += a.q_dim + a.heads  # attention output + logsumexp
+        s += (a.q_dim + 2 * kv) * ab  # rotated q, k and v kept by attention
+        s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
+        s += lin_in("o_proj", a.o_dim, True)
     if req.attn == "eager":
-        s += a.heads * req.seq_len * 2  # scores after softmax (+ dropout-free matmul input)
-    s += lin_in("o_proj", a.o_dim, True)
-    s += h  # residual after attention
-    s += _norm(h, full, False) - h
+        s += a.heads * req.seq_len * 2 * ab  # softmax probabilities (+ the scores they came from)
+    s += norm(h, True)  # residual after attention, kept by the second norm
+    per_layer = 0.0
     if a.is_moe_layer(i):
         k = a.experts_per_token
         mi = a.moe_intermediate
         w = mi * a.n_shared_experts
-        s += lin_group(["gate_proj", "up_proj"], h) if w else 0.0
         if w:
-            s += 3 * w + lin_in("down_proj", w, False)  # gate (silu input), silu out, up; product kept by down
-        s += a.n_routed_experts * 2 + 2  # router logits / sigmoid scores
-        s += k * (3 * mi + h + 1)  # per routed token: gate_up out, silu out, expert output scaled by its weight
+            s += lin_group(["gate_proj", "up_proj"], h)
+            s += 3 * w * ab + lin_in("down_proj", w, False)  # gate (silu input), silu out, up; product for down
         if full:
-            s += k * (h + mi)  # gathered inputs and products kept for expert weight gradients
-        s += h  # routed output (zeros + index_add) added to the shared output
-        bwd = 4 * h + k * (4 * mi + 2 * h)
+            s += 0.0 if w else h * ab  # the router's fp32 input when nothing else keeps the normed input
+        # router (fp32): sigmoid scores, group/top-k indices, normalised weights
+        s += a.n_routed_experts * (f32 + 1) + k * (8 + 2 * f32) + 8 * 2 + f32
+        s += k * 3 * 8  # sort permutation, gather index, inverse permutation (int64)
+        experts_train = full or fused
+        s += k * (2 * mi + mi + h) * ab + k * f32  # gate_up out, silu out, down out (kept to apply routing weights)
+        if experts_train:
+            s += k * (h + mi) * ab  # gathered inputs and products, kept for the expert weights' gradients
+        if fused:
+            per_layer = a.n_routed_experts * a.expert_params() * ab  # PEFT's W + ΔW, kept for backward
+        bwd = (2 * h + 2 * k * mi + 2 * w) * ab
     else:
         it = a.intermediate
         s += lin_group(["gate_proj", "up_proj"], h)
-        s += 3 * it + lin_in("down_proj", it, False)
-        bwd = 4 * h + 4 * it
-    return s, bwd
+        s += 3 * it * ab + lin_in("down_proj", it, False)
+        bwd = (2 * h + 2 * it) * ab  # gradients of the MLP's inputs while its saved tensors are released
+    if lora and req.method == "dora":
+        # DoRA rescales the base output and the LoRA output by the magnitude: both (fp32) are kept for backward
+        s += sum(2 * lin.d_out * f32 for lin in _targets(req, i))
+    return s, bwd, per_layer
 
 
 def _layer_mode(req: PlanRequest, i: int) -> str:
@@ -290,7 +348,7 @@ class _Acts:
     saved: list[float]  # bytes per layer kept through the forward pass
     recompute: list[float]  # bytes of one layer's saved tensors when recomputed (checkpointing)
     bwd_temp: list[float]
-    final: float  # final norm etc.
+    final: float  # final norm (+ lm_head input)
 
 
 def _activations(req: PlanRequest) -> _Acts:
@@ -305,18 +363,19 @@ def _activations(req: PlanRequest) -> _Acts:
             rec.append(0.0)
             bwd.append(0.0)
             continue
-        elems, tmp = _layer_elems(req, i, mode)
-        full_layer = elems * tok * ab
+        first_trainable = (i == 0 and req.method != "full") or (req.method == "freeze" and i == _freeze_first(req))
+        per_tok, tmp, per_layer = _layer_bytes(req, i, mode, input_grad=not first_trainable)
+        full_layer = per_tok * tok + per_layer
         if req.gradient_checkpointing:
             saved.append(a.hidden * tok * ab)
             rec.append(full_layer)
         else:
             saved.append(full_layer)
             rec.append(0.0)
-        bwd.append(tmp * tok * ab)
+        bwd.append(tmp * tok)
     head_trains = req.method == "full"
     trains_any = req.method != "freeze" or req.freeze_layers > 0
-    final = _norm(a.hidden, head_trains, head_trains) * tok * ab if trains_any else 0.0
+    final = (a.hidden * 4 + 4 + (2 * a.hidden * ab if head_trains else 0.0)) * tok if trains_any else 0.0
     return _Acts(saved, rec, bwd, final)
 
 
@@ -329,7 +388,7 @@ def _logits_phases(req: PlanRequest) -> tuple[float, float]:
     upcast = n * 4 if ab != 4 else 0
     fwd = logits + upcast + n * 4  # logits, fp32 copy, log-softmax output
     held = logits if req.hold_logits else 0.0
-    bwd = held + 3 * n * 4 + (n * ab if ab != 4 else 0)  # log-probs, nll grad, softmax grad (+ cast back)
+    bwd = held + 3 * n * 4  # log-probs, nll grad, softmax grad (the cast back to 16-bit comes after they go)
     return fwd, bwd
 
 
@@ -345,7 +404,7 @@ def estimate(req: PlanRequest) -> Estimate:
     base = _weights_bytes(req)
     train_n = trainable_params(req)
     if req.adapter:
-        adapter = train_n * 4.0  # PEFT keeps adapter weights in fp32
+        adapter = train_n * 4.0 / par_div  # PEFT keeps adapter weights in fp32
         weights = base / par_div
         param_bytes = 4
     else:
@@ -363,11 +422,19 @@ def estimate(req: PlanRequest) -> Estimate:
         opt = train_n * 2 * param_bytes
     opt /= opt_div
     pageable = 0.0
+    offload_grads = 1.0
     if req.cpu_offload:
-        notes.append("optimizer state (and fp32 master weights) offloaded to CPU")
         opt = 0.0
         if req.sharding in ("zero3", "fsdp"):
-            weights = weights / 4  # parameters live on CPU; only gathered layers on GPU
+            weights = 0.0  # parameters live on CPU; only the gathered ones are on the GPU (added below)
+            notes.append("CPU offload: optimizer state, fp32 master weights and parameters live in host memory")
+        else:
+            if wb == 4 and not req.adapter:
+                weights = base / 2  # the 16-bit working copy stays; fp32 masters go to the CPU optimizer
+            notes.append("CPU offload: optimizer state and fp32 master weights live in host memory")
+        # gradients stream to the CPU through ~1 GiB of reduce buckets
+        total_grads = train_n * param_bytes / grad_div
+        offload_grads = min(1.0, GiB / total_grads) if total_grads else 1.0
     if req.optimizer.startswith("paged"):
         pageable = opt
         notes.append("paged optimizer: its state can spill to CPU memory under pressure")
@@ -380,10 +447,17 @@ def estimate(req: PlanRequest) -> Estimate:
         step_tmp = 0.0  # fused AdamW (the Trainer's default on CUDA) updates in place
     else:
         step_tmp = (largest if not req.adapter else 0) * param_bytes * 2
-    if req.sharding in ("zero3", "fsdp") and req.num_gpus > 1:
-        gathered = 2 * max(a.layer_params(i) for i in range(a.layers)) * (2 if wb == 4 else wb)
-        weights += gathered
-        notes.append("ZeRO-3/FSDP: two layers' parameters gathered at a time")
+    if req.sharding in ("zero3", "fsdp") and (req.num_gpus > 1 or req.cpu_offload):
+        gb = 2 if wb == 4 else (wb if req.method != "qlora" else QLORA_BYTES)
+        if req.sharding == "fsdp":  # one decoder layer per FSDP unit, the next one prefetched
+            live = 2 * max(a.layer_params(i) for i in range(a.layers))
+            notes.append("FSDP: two decoder layers' parameters gathered at a time")
+        else:  # DeepSpeed: up to stage3_max_live_parameters (1e9) elements, whole tensors
+            largest_tensor = max(a.embed_params, a.n_routed_experts * 2 * a.moe_intermediate * a.hidden,
+                                 max(lin.params for i in range(a.layers) for lin in a.layer_linears(i)))
+            live = min(max(largest_tensor, 1e9), a.total_params())
+            notes.append(f"ZeRO-3: up to {fmt_count(live)} parameters gathered at a time")
+        weights += live * gb
 
     acts = _activations(req)
     lfwd, lbwd = _logits_phases(req)
@@ -393,21 +467,29 @@ def estimate(req: PlanRequest) -> Estimate:
     layer_grad = []
     for i in range(a.layers):
         if req.adapter:
-            g = sum(req.rank * (lin.d_in + lin.d_out) for lin in _targets(req, i)) * 4
+            g = _layer_adapter(req, i) * 4.0
         elif req.method == "full" or i >= _freeze_first(req):
             g = a.layer_params(i) * param_bytes
         else:
             g = 0.0
-        layer_grad.append(g / grad_div)
-    head_grad = (a.head_params if req.method == "full" else 0) * param_bytes / grad_div
-    embed_grad = (a.embed_params if req.method == "full" else 0) * param_bytes / grad_div
+        layer_grad.append(g / grad_div * offload_grads)
+    head_grad = (a.head_params if req.method == "full" else 0) * param_bytes / grad_div * offload_grads
+    embed_grad = (a.embed_params if req.method == "full" else 0) * param_bytes / grad_div * offload_grads
     if req.method == "full" and a.tie_embeddings:
-        head_grad = a.embed_params * param_bytes / grad_div
+        head_grad = a.embed_params * param_bytes / grad_div * offload_grads
         embed_grad = 0.0
 
     ab = _act_bytes(req)
     hid = req.tokens * a.hidden * ab
-    saved_total = sum(acts.saved) + acts.final + hid  # + embedding output
+    # per-layer temporaries that do not scale with tokens: QLoRA dequantises one weight at a time to 16-bit;
+    # DoRA builds W + s·BA (fp32) of a module to take its norm
+    biggest = max(lin.params for i in range(a.layers) for lin in a.layer_linears(i))
+    layer_tmp = 0.0
+    if req.method == "qlora":
+        layer_tmp += biggest * 2
+    if req.method == "dora":
+        layer_tmp += max((lin.params for i in range(a.layers) for lin in _targets(req, i)), default=0) * 4
+    saved_total = sum(acts.saved) + acts.final
     candidates: list[tuple[float, str, float, float, float]] = []  # (total, phase, acts, logits, grads)
     # 1) end of forward, loss computed
     candidates.append((static + saved_total + lfwd, "forward (loss)", saved_total, lfwd, 0.0))
@@ -418,7 +500,9 @@ def estimate(req: PlanRequest) -> Estimate:
     live = saved_total
     for i in reversed(range(a.layers)):
         grads += layer_grad[i]
-        work = acts.recompute[i] + acts.bwd_temp[i] + 2 * hid
+        # checkpointing: the peak is the recomputed layer (+ incoming gradient); else the layer's gradient buffers
+        work = acts.recompute[i] + 3 * hid if req.gradient_checkpointing else acts.bwd_temp[i]
+        work += layer_tmp
         candidates.append((static + live + work + grads, f"backward (layer {i})", live + work, 0.0, grads))
         live -= acts.saved[i]
     grads += embed_grad
@@ -431,6 +515,15 @@ def estimate(req: PlanRequest) -> Estimate:
     overhead = (CUDA_CONTEXT + FRAGMENTATION * alloc) if req.gpu.cuda else 0.0
     if req.attn == "eager":
         notes.append("eager attention keeps the S×S score matrix per head")
+    if fused_expert_lora(req):
+        a_ = req.arch
+        copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _weight_bytes(req)
+        notes.append(f"PEFT maps gate/up/down_proj targets of {a_.family} onto the fused routed experts: LoRA on every "
+                     f"expert, dense MLPs and shared experts get none, and W+ΔW of each MoE layer is kept for "
+                     f"backward ({copy / GiB:.1f} GiB without checkpointing); --lora-targets attention avoids it")
+        if req.lora_dropout > 0:
+            notes.append("PEFT refuses lora_dropout > 0 on fused experts (ParamWrapper): set lora.dropout: 0 "
+                         "or target attention only")
     return Estimate(weights=weights, adapter=adapter, gradients=grad_b, optimizer=opt_b, activations=act_b,
                     logits=log_b, overhead=overhead, phase=phase, pageable=pageable, trainable_params=train_n,
                     total_params=a.total_params(), notes=notes)

@@ -48,14 +48,19 @@ def split_batch(effective: int, max_micro: int) -> tuple[int, int]:
     return m, effective // m
 
 
-def smallest_hardware(req: PlanRequest, gpu: Gpu) -> tuple[int, str] | None:
-    """Smallest N (and the sharding it needs) such that N × gpu fits this setup at micro-batch 1."""
+def smallest_hardware(req: PlanRequest, gpu: Gpu) -> tuple[int, str, bool] | None:
+    """Smallest N such that N × gpu fits this setup at micro-batch 1: (N, sharding, gradient checkpointing).
+
+    More than one GPU only helps when something is sharded, so N > 1 uses ZeRO-3 unless the request already
+    shards; gradient checkpointing is switched on only when it is what makes the setup fit.
+    """
+    gcs = [True] if req.gradient_checkpointing else [False, True]
     for n in GPU_COUNTS:
-        options = [req.sharding] if n == 1 else ([req.sharding] if req.sharding in ("zero3", "fsdp") else [req.sharding, "zero3"])
-        for sharding in options:
-            trial = replace(req, gpu=gpu, num_gpus=n, sharding=sharding if n > 1 else req.sharding, micro_batch=1)
+        sharding = req.sharding if (n == 1 or req.sharding in ("zero3", "fsdp")) else "zero3"
+        for gc in gcs:
+            trial = replace(req, gpu=gpu, num_gpus=n, sharding=sharding, micro_batch=1, gradient_checkpointing=gc)
             if fits(trial):
-                return n, trial.sharding
+                return n, sharding, gc
     return None
 
 
@@ -157,9 +162,12 @@ class Plan:
         if self.fits:
             return f"FITS on {where}: {used / GiB:.1f} of {r.gpu.memory_gib:.1f} GiB per GPU ({pct:.0f} %)"
         hint = ""
+        gc_mb = 0 if r.gradient_checkpointing else fit_micro_batch(replace(r, gradient_checkpointing=True))
+        gc_hint = f"; with gradient checkpointing micro-batch {gc_mb} fits" if gc_mb >= r.micro_batch else ""
         if self.max_micro_batch:
-            hint = (f"; micro-batch {self.max_micro_batch} fits (keep the effective batch with --grad-accum"
-                    f"{'' if r.gradient_checkpointing else ', or turn on gradient checkpointing'})")
+            hint = f"; micro-batch {self.max_micro_batch} fits (keep the effective batch with gradient accumulation){gc_hint}"
+        elif gc_mb:
+            hint = f"; with gradient checkpointing micro-batch {gc_mb} fits"
         elif self.smallest:
             hint = f"; smallest that fits: {self.smallest['hardware']}"
         return f"DOES NOT FIT on {where}: needs {used / GiB:.1f} GiB per GPU, has {r.gpu.memory_gib:.1f}{hint}"
@@ -185,8 +193,10 @@ class Plan:
         lines.append(f"verdict: {self.verdict()}")
         lines.append(f"largest micro-batch that fits at seq {r.seq_len}: {self.max_micro_batch or 'none (even 1 does not fit)'}")
         if self.smallest:
+            needs = ([self.smallest["sharding"]] if self.smallest["sharding"] != "none" else []) + (
+                ["gradient checkpointing"] if self.smallest["gradient_checkpointing"] and not r.gradient_checkpointing else [])
             lines.append(f"smallest hardware: {self.smallest['hardware']}"
-                         + (f" with {self.smallest['sharding']}" if self.smallest["sharding"] != "none" else "")
+                         + (f" with {' + '.join(needs)}" if needs else "")
                          + f" (largest micro-batch there: {self.smallest['micro_batch']})")
         else:
             lines.append(f"smallest hardware: none of up to {GPU_COUNTS[-1]} × {r.gpu.name} fits")
@@ -230,15 +240,16 @@ def make_plan(req: PlanRequest, *, examples: int | None = None, avg_tokens: floa
     if search:
         s = smallest_hardware(req, req.gpu)
         if s:
-            there = replace(req, num_gpus=s[0], sharding=s[1])
-            mb = fit_micro_batch(there, limit=max(req.micro_batch, 1))
-            smallest = {"gpus": s[0], "gpu": req.gpu.name, "sharding": s[1], "hardware": f"{s[0]} × {req.gpu.name}",
-                        "micro_batch": mb}
+            there = replace(req, num_gpus=s[0], sharding=s[1], gradient_checkpointing=s[2])
+            mb = fit_micro_batch(there)
+            smallest = {"gpus": s[0], "gpu": req.gpu.name, "sharding": s[1], "gradient_checkpointing": s[2],
+                        "hardware": f"{s[0]} × {req.gpu.name}", "micro_batch": mb}
         for name in SEARCH_ORDER:
             if name == req.gpu.name:
                 continue
             s2 = smallest_hardware(req, GPUS[name])
-            alternatives[name] = f"{s2[0]} × {name}" if s2 else f"> {GPU_COUNTS[-1]} × {name}"
+            alternatives[name] = (f"{s2[0]} × {name}" + (" (checkpointing)" if s2[2] and not req.gradient_checkpointing else "")
+                                  if s2 else f"> {GPU_COUNTS[-1]} × {name}")
     return Plan(req, e, mmb, smallest, alternatives, recommend(req.arch), examples, avg_tokens, tflops)
 
 
@@ -320,8 +331,64 @@ def plan_for_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | None
         req = replace(request_from_config(cfg, model_dir, gpu=gpu, micro_batch=mb), grad_accum=accum)
     else:
         req = request_from_config(cfg, model_dir, gpu=gpu)
-    return make_plan(req, search=search, tflops=cfg.plan.tflops)
+    ds = dataset_tokens(cfg, model_dir)
+    return make_plan(req, search=search, tflops=cfg.plan.tflops, examples=ds[0] if ds else None,
+                     avg_tokens=ds[1] if ds else None)
 
 
 def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=2, ensure_ascii=False)
+
+
+def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print, gpu: Gpu | None = None) -> tuple[int, int, Plan]:
+    """ONE call for `dsft train`: resolve `per_device_train_batch_size: auto`, print the plan, warn if it won't fit.
+
+    Returns (micro_batch, grad_accum, plan). With an integer batch size these are the configured values; with
+    `auto` they are the largest micro-batch that fits and the accumulation that keeps the effective batch.
+    Never raises for a setup that does not fit (training may still be attempted); it warns through `echo`.
+    """
+    plan = plan_for_config(cfg, model_dir, gpu=gpu, search=False)
+    r = plan.request
+    if echo:
+        echo(plan.table())
+        if not plan.fits:
+            echo(f"warning: the planner estimates {plan.estimate.peak / GiB:.1f} GiB per device but {r.gpu.name} has "
+                 f"{r.gpu.memory_gib:.1f} GiB; expect out-of-memory (lower the micro-batch or sequence length, or turn "
+                 f"on gradient checkpointing)")
+    return r.micro_batch, r.grad_accum, plan
+
+
+def dataset_tokens(cfg, model_dir: str | Path | None = None, *, sample: int = 256) -> tuple[int, float] | None:
+    """(training examples, mean tokens per example) from the run's data stage, if it has run: the examples are
+    counted from its manifest and a sample is rendered with the chat template and tokenized."""
+    import random
+
+    from dsft.run import RunDir, read_jsonl
+
+    run = RunDir(cfg.run_dir)
+    if not run.has("data"):
+        return None
+    man = run.read_manifest("data")
+    train_path = Path(man.get("train", "train.jsonl"))
+    if not train_path.is_absolute():
+        train_path = run.stage_dir("data", create=False) / train_path
+    if not train_path.exists():
+        return None
+    rows = read_jsonl(train_path)
+    if not rows:
+        return None
+    pick = random.Random(0).sample(rows, min(sample, len(rows)))
+    try:
+        from dsft.model.load import resolve_model_dir
+        from dsft.model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.model.tokenizer or str(resolve_model_dir(str(model_dir or cfg.model.name_or_path))),
+                             chat_template=cfg.model.chat_template)
+        lengths = []
+        for r in pick:
+            ids = tok.apply_chat_template(r["messages"], tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            lengths.append(len(ids))
+    except Exception:  # no local tokenizer (e.g. a built-in architecture name): ~1 token per 1.5 characters
+        lengths = [sum(len(m.get("content", "")) for m in r.get("messages", [])) / 1.5 for r in pick]
+    return len(rows), sum(lengths) / len(lengths)

@@ -37,6 +37,7 @@ from dsft.serve.reasoning import ReasoningStream, split_reasoning
 log = logging.getLogger("dsft.serve")
 
 API_KEY_ENV = "DSFT_API_KEY"
+MAX_BODY_BYTES = 16 * 2**20
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
           413: "RequestTooLarge", 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
@@ -123,13 +124,22 @@ def _adapter_for(state: ServerState, model: str | None) -> str:
     raise ApiError(404, f"The model `{model}` does not exist.", param="model")
 
 
+def _render_chat(eng: Engine, msgs: list[dict[str, Any]], *, param: str = "messages") -> tuple[str, list[int]]:
+    """Apply the chat template; a conversation the template rejects is the client's mistake (400)."""
+    try:
+        text = eng.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja raise_exception (role order, missing fields …)
+        raise ApiError(400, f"{param}: the chat template rejected the conversation ({err})", param=param) from err
+    return text, eng.tok(text, add_special_tokens=False)["input_ids"]
+
+
 def _params(eng: Engine, prompt_ids: list[int], max_tokens: int | None, *, temperature: float, top_p: float,
-            seed: int | None, stop: list[str], clamp: bool = False) -> SamplingParams:
+            seed: int | None, stop: list[str], clamp: bool = False, prompt_param: str = "messages") -> SamplingParams:
     n = len(prompt_ids)
     ctx = eng.max_model_len
     if n >= ctx:
         raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt has {n} tokens. "
-                            f"Please reduce the length of the prompt.", param="messages")
+                            f"Please reduce the length of the prompt.", param=prompt_param)
     room = ctx - n
     if max_tokens is None:
         max_tokens = room
@@ -149,8 +159,14 @@ class _Run:
         eng = _engine(state)
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.seq = Sequence(prompt_ids, params, emit=lambda e: loop.call_soon_threadsafe(self.queue.put_nowait, e),
-                            adapter=adapter)
+
+        def emit(ev: Event) -> None:  # called from the engine thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening any more
+                self.seq.cancel()
+
+        self.seq = Sequence(prompt_ids, params, emit=emit, adapter=adapter)
         self.state = state
         self.t0 = time.perf_counter()
         try:
@@ -209,6 +225,7 @@ class _CountRequests:
     """Pure ASGI middleware counting responses by path and status (streaming-safe)."""
 
     _PATHS = {"/generate", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    # /v1/models/<id> is counted as "other" (ids would make the label set unbounded)
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -218,6 +235,15 @@ class _CountRequests:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         path = path if path in self._PATHS else "other"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            self.metrics.requests.labels(path, "413").inc()
+            body = json.dumps({"error": {"message": f"request body over {MAX_BODY_BYTES // 2**20} MiB",
+                                         "type": "RequestTooLarge", "param": None, "code": 413}}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
 
         async def _send(message):
             if message["type"] == "http.response.start":
@@ -267,7 +293,7 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         # drop pydantic's union-member tags (e.g. 'str', 'list[str]') from the field path
         loc = [x for x in loc if not (x.startswith(("list[", "function-")) or x in ("str", "int", "float", "bool"))]
         param = ".".join(loc) or None
-        msg = first.get("msg", "invalid value")
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
         if param is None:
             return error_response(400, f"request body must be a JSON object ({msg})", None)
         return error_response(400, f"{param}: {msg}", param)
@@ -301,24 +327,35 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         _check_auth(state, request)
         eng = _engine(state)
         adapter = _adapter_for(state, body.model)
-        ids = eng.encode_chat([{"role": "user", "content": body.prompt}])
+        _, ids = _render_chat(eng, [{"role": "user", "content": body.prompt}], param="prompt")
         params = _params(eng, ids, body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), clamp=True)
+                         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), clamp=True,
+                         prompt_param="prompt")
         run = _Run(state, ids, params, adapter)
         text, last = await run.collect(request)
         state.metrics.observe("generate", run.t0)
         return {"text": text, "finish_reason": last.finish_reason, "usage": _usage(last)}
 
     # ---- OpenAI-compatible API ------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models(request: Request):
-        _check_auth(state, request)
+    def model_cards() -> list[dict[str, Any]]:
         ctx = state.engine.max_model_len if state.engine is not None else None
         base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "dsft",
                 "root": state.model_dir, "parent": None, "max_model_len": ctx}
-        data = [base] + [{"id": name, "object": "model", "created": state.created, "owned_by": "dsft", "root": path,
+        return [base] + [{"id": name, "object": "model", "created": state.created, "owned_by": "dsft", "root": path,
                           "parent": state.model_id, "max_model_len": ctx} for name, path in state.adapters.items()]
-        return {"object": "list", "data": data}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_auth(state, request)
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _check_auth(state, request)
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        raise ApiError(404, f"The model `{model_id}` does not exist.", param="model")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -326,11 +363,7 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
         eng = _engine(state)
         adapter = _adapter_for(state, body.model)
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt_text = eng.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # a template that rejects this conversation (e.g. role order)
-            raise ApiError(400, f"messages: the chat template rejected the conversation ({err})", param="messages") from err
-        ids = eng.tok(prompt_text, add_special_tokens=False)["input_ids"]
+        prompt_text, ids = _render_chat(eng, msgs)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(eng, ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                          stop=body.stop_list())
@@ -391,7 +424,7 @@ def create_app(model_dir: str, cfg: ServeConfig | None = None, *, engine: Engine
                 raise ApiError(400, "prompt: token id out of the vocabulary", param="prompt")
             prompt_text = eng.tok.decode(ids)
         params = _params(eng, ids, body.max_tokens if body.max_tokens is not None else 16, temperature=body.temperature,
-                         top_p=body.top_p, seed=body.seed, stop=body.stop_list())
+                         top_p=body.top_p, seed=body.seed, stop=body.stop_list(), prompt_param="prompt")
         run = _Run(state, ids, params, adapter)
         cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_id
         prefix = prompt_text if body.echo else ""

@@ -34,8 +34,19 @@ def check_model(model: str, engine: str) -> str:
         from dsft.serve.llamacpp import check_gguf
 
         return str(check_gguf(model))
+    import json
+    from pathlib import Path
+
     from dsft.model.load import resolve_model_dir
 
+    ad = Path(model).expanduser() / "adapter_config.json"
+    if ad.is_file() and not (ad.parent / "config.json").is_file():
+        try:
+            base = json.loads(ad.read_text(encoding="utf-8")).get("base_model_name_or_path") or "BASE"
+        except ValueError:
+            base = "BASE"
+        raise ServeError(f"{ad.parent} is a LoRA adapter, not a model: serve it over its base with "
+                         f"--model {base} --lora NAME={ad.parent} (or merge it first: dsft export)")
     return str(resolve_model_dir(model))
 
 

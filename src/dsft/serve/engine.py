@@ -120,11 +120,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_rows_seen = 0
+        self.adapter_switch_wait_s = 2.0
+        # Can one forward pass mix adapters (PEFT `adapter_names`)? Not when an adapter trains norms or
+        # fused MoE experts (modules_to_save / target_parameters): then each batch holds one adapter.
+        self.mixed = self._probe_mixed() if self.adapters else True
         # batch state (owned by the worker thread)
         self._cache = None
         self._mask = None
         self._pos = None
         self._last = None
+
+    def _probe_mixed(self) -> bool:
+        """PEFT mixes adapters in one batch only for LoRA on Linear/Embedding layers and modules_to_save of
+        those types (a failed trial forward would leave PEFT's hooks behind, so this checks the modules)."""
+        import torch.nn as nn
+
+        for name, mod in self.model.named_modules():
+            kind = type(mod).__name__
+            if kind == "ParamWrapper" or (kind == "ModulesToSaveWrapper"
+                                          and not isinstance(getattr(mod, "original_module", None), (nn.Linear, nn.Embedding))):
+                log.info("adapters cannot share a forward pass (%s on %s); batching per adapter", kind, name)
+                return False
+        return True
 
     # ---- public API (any thread) ------------------------------------------------------------------
     @property
@@ -177,8 +194,7 @@ class Engine:
                         self._cv.wait()
                     if self._stopping and not self._pending and not self._rows:
                         return
-                    free = self.max_batch_size - len(self._rows)
-                    new = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+                    new = self._take(self.max_batch_size - len(self._rows))
                 new = [s for s in new if not s.cancelled]
                 try:
                     if new:
@@ -193,6 +209,21 @@ class Engine:
                             s.emit(Event("error", text=f"generation failed: {type(err).__name__}: {err}"))
                     self._reset_batch()
 
+    def _take(self, free: int) -> list[Sequence]:
+        """Waiting requests to admit now (FIFO; per-adapter batches when adapters cannot be mixed)."""
+        if free <= 0 or not self._pending:
+            return []
+        if self.mixed:
+            return [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+        head = self._pending[0]
+        cur = self._rows[0].adapter if self._rows else head.adapter
+        if head.adapter != cur and time.perf_counter() - head.t_submit > self.adapter_switch_wait_s:
+            return []  # the oldest request waits for another adapter: let the batch drain, then switch
+        take = [s for s in self._pending if s.adapter == cur][:free]
+        for s in take:
+            self._pending.remove(s)
+        return take
+
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
 
@@ -200,9 +231,18 @@ class Engine:
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                                       logits_to_keep=1)
         kwargs[self._cache_kw] = cache
-        if self.adapters:
+        if self.adapters and self.mixed:
             kwargs["adapter_names"] = adapters
-        out = self.model(**kwargs)
+            out = self.model(**kwargs)
+        elif self.adapters and adapters[0] == BASE_ADAPTER:
+            with self.model.disable_adapter():
+                out = self.model(**kwargs)
+        elif self.adapters:
+            if self.model.active_adapter != adapters[0]:
+                self.model.set_adapter(adapters[0])
+            out = self.model(**kwargs)
+        else:
+            out = self.model(**kwargs)
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
         return out.logits[:, -1, :].float(), new_cache
 
@@ -356,7 +396,7 @@ class Engine:
 def load_engine(model_dir: str | Path, *, adapters: dict[str, str] | None = None, dtype: str = "auto",
                 chat_template: str | None = None, trust_remote_code: bool = False, **kwargs) -> Engine:
     """Load a local model folder (+ named LoRA adapter folders) into an Engine (not yet started)."""
-    from dsft.errors import ServeError
+    from dsft.errors import DsftError, ServeError
     from dsft.model.load import load_model, resolve_model_dir
     from dsft.model.tokenizer import load_tokenizer
 
@@ -370,18 +410,12 @@ def load_engine(model_dir: str | Path, *, adapters: dict[str, str] | None = None
     model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     names = list((adapters or {}).keys())
     if adapters:
-        from peft import PeftModel
+        from dsft.model.adapters import load_named_adapters
 
-        items = list(adapters.items())
-        for name, path in items:
-            if not (Path(path) / "adapter_config.json").exists():
-                raise ServeError(f"LoRA adapter '{name}': {path} has no adapter_config.json")
         try:
-            model = PeftModel.from_pretrained(model, items[0][1], adapter_name=items[0][0])
-            for name, path in items[1:]:
-                model.load_adapter(path, adapter_name=name)
-        except Exception as err:
-            raise ServeError(f"cannot load LoRA adapters ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+            model = load_named_adapters(model, adapters)
+        except DsftError as err:
+            raise ServeError(str(err)) from err
     import torch
 
     if torch.cuda.is_available():

@@ -73,6 +73,7 @@ class LlamaCppEngine(Engine):
         self.max_batch_size = 1
         self.max_queue = max_queue
         self.adapters: list[str] = []
+        self.mixed = True
         self.max_model_len = int(max_model_len or llm.n_ctx())
         self.eos_ids = {tokenizer.eos_token_id}
         eot = getattr(llm, "token_eot", None)

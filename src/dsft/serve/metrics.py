@@ -37,6 +37,9 @@ class Metrics:
         running = Gauge("dsft_running_requests", "requests in the running batch", registry=r)
         peak = Gauge("dsft_peak_batch_rows", "most requests ever decoded in one forward pass", registry=r)
         steps = Gauge("dsft_decode_steps", "batched decode forward passes so far", registry=r)
+        mixed = Gauge("dsft_mixed_adapter_batching", "1 if requests for different adapters share forward passes",
+                      registry=r)
+        mixed.set_function(lambda: 1 if state.engine is not None and state.engine.mixed else 0)
         peak.set_function(lambda: state.engine.max_rows_seen if state.engine is not None else 0)
         steps.set_function(lambda: state.engine.steps if state.engine is not None else 0)
         queue.set_function(lambda: state.engine.queue_depth if state.engine is not None else 0)

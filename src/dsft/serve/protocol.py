@@ -47,6 +47,14 @@ class _Sampling(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # accepted only to reject them clearly (400) instead of silently ignoring them
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    suffix: Any = None
+    logit_bias: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -54,6 +62,13 @@ class _Sampling(_Body):
         if isinstance(v, list) and len(v) > 16:
             raise ValueError("at most 16 stop strings")
         return v
+
+    @field_validator("logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "suffix", "logit_bias")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v in (None, False, [], {}, "none") or v == {"type": "text"}:
+            return v
+        raise ValueError(f"{info.field_name} is not supported by dsft serve (vLLM supports it: --engine vllm)")
 
     def stop_list(self) -> list[str]:
         return _stops(self.stop)

@@ -15,6 +15,8 @@ vLLM serves the same API as dsft (/v1/chat/completions, /v1/completions, /v1/mod
     --tensor-parallel-size      → --tensor-parallel-size
     --gpu-memory-utilization    → --gpu-memory-utilization
     R1-style template (<think>) → --reasoning-parser deepseek_r1 (reasoning_content, as dsft does)
+    the seed's POST /generate   → --middleware dsft.serve.seed_compat.SeedGenerateMiddleware
+                                  (rewrites it to /v1/chat/completions; dsft must be importable by vLLM's Python)
     --max-queue                 → (no vLLM equivalent: vLLM queues without bound; scale on
                                    vllm:num_requests_waiting instead)
 
@@ -35,6 +37,9 @@ from dsft.config import ServeConfig
 from dsft.errors import ServeError
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+SEED_MIDDLEWARE = "dsft.serve.seed_compat.SeedGenerateMiddleware"
+# vLLM accepts only these --max-lora-rank values; an adapter's r is rounded up to the next one
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _lora_rank(path: str) -> int | None:
@@ -69,12 +74,14 @@ def vllm_args(model: str, cfg: ServeConfig, *, template_file: str | None = None)
         ranks = [r for r in (_lora_rank(p) for p in cfg.lora_modules.values()) if r]
         args += ["--enable-lora", "--max-loras", str(len(cfg.lora_modules))]
         if ranks:
-            args += ["--max-lora-rank", str(max(ranks))]
+            need = max(ranks)
+            args += ["--max-lora-rank", str(next((r for r in VLLM_LORA_RANKS if r >= need), need))]
         args += ["--lora-modules", *[f"{n}={p}" for n, p in cfg.lora_modules.items()]]
     if template_file:
         args += ["--chat-template", template_file]
     if _uses_think(str(model), cfg.chat_template):
         args += ["--reasoning-parser", "deepseek_r1"]
+    args += ["--middleware", SEED_MIDDLEWARE]
     return args
 
 
@@ -99,6 +106,9 @@ def exec_vllm(model: str, cfg: ServeConfig, *, dry_run: bool = False) -> int:
         raise ServeError("--engine vllm: vLLM is not installed (GPU + Linux: pip install 'dsft[vllm]')")
     key = cfg.api_key or os.environ.get("DSFT_API_KEY")
     env = dict(os.environ)
+    from dsft.serve.seed_compat import MODEL_ENV
+
+    env[MODEL_ENV] = cfg.served_model_name or Path(str(model)).name
     if key:
         env["VLLM_API_KEY"] = key  # not on the command line: it would show in `ps`
     sys.stdout.flush()

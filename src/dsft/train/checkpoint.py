@@ -84,8 +84,8 @@ def restore_rng(tensors: dict[str, torch.Tensor], py: dict[str, Any]) -> None:
         random.setstate((a, tuple(b), c))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, opt, names: dict[int, str], state: dict[str, Any],
-                    *, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], optim: dict[str, torch.Tensor],
+                    state: dict[str, Any], *, keep: int) -> Path:
     """Write checkpoint-<step> atomically, then keep only the newest `keep` complete ones."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"checkpoint-{step}"
@@ -93,8 +93,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, opt, names: dict[int, str
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    save_file(optimizer_tensors(opt, names), str(tmp / "optimizer.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    save_file(optim, str(tmp / "optimizer.safetensors"))
     rng_t, rng_py = rng_state()
     save_file(rng_t, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_py}, indent=1), encoding="utf-8")
@@ -174,6 +174,8 @@ def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, 
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
     opt_t = load_file(str(path / "optimizer.safetensors"))
+    if not opt_t:
+        log.warning("dsft train: %s holds no optimizer state (sharded run): AdamW moments restart", path.name)
     by_name = {v: k for k, v in names.items()}
     id_to_param = {id(p): p for g in opt.param_groups for p in g["params"]}
     opt.state.clear()

@@ -19,6 +19,62 @@ def unwrap(model):
     return m
 
 
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(h·Wᵀ + b, targets) in chunks, computing d/dh (and d/dW, d/db when trained) during the forward.
+
+    No logits tensor outlives its chunk: with a 100 k+ vocabulary the logits of a batch are hundreds of
+    MB, and storing them for backward (what autograd does) costs more time in memory traffic than the
+    matmuls. The gradient of Σ CE w.r.t. logits is softmax − one-hot, computed in place per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(h.dtype)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            logits = (hc @ w.t()).float()
+            if bias is not None:
+                logits += bias.float()
+            # one exp pass, in place: p = exp(z - max) / Σ, loss = log Σ + max − z_target
+            target_logit = logits.gather(1, tc[:, None]).squeeze(1)
+            mx = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(mx).exp_()
+            sumexp = probs.sum(dim=-1, keepdim=True)
+            total += (sumexp.log().squeeze(1) + mx.squeeze(1) - target_logit).sum()
+            probs.div_(sumexp)
+            probs[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0
+            g = probs.to(h.dtype)
+            grad_h[i:i + chunk] = g @ w
+            if need_w:
+                grad_w.addmm_(probs.t(), hc.float())
+            if need_b:
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, *(t for t in (grad_w, grad_b) if t is not None))
+        ctx.has = (need_w, need_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0)
+        grad_h = grad_h * grad_out.to(grad_h.dtype)
+        gw = saved.pop(0) * grad_out if ctx.has[0] else None
+        gb = saved.pop(0) * grad_out if ctx.has[1] else None
+        return grad_h, gw, gb, None, None
+
+
+def _plain_head(head) -> bool:
+    """An nn.Linear LM head (possibly trained fully via modules_to_save), not LoRA-wrapped."""
+    if hasattr(head, "lora_A"):
+        return False
+    return isinstance(head, nn.Linear) or type(head).__name__ == "ModulesToSaveWrapper"
+
+
 class CausalLMLoss(nn.Module):
     """forward(batch) → summed token cross-entropy; wrap this (not the LM) in DDP so gradients sync.
 
@@ -44,6 +100,11 @@ class CausalLMLoss(nn.Module):
         sel = batch["targets"] != IGNORE
         hs, tg = h[sel], batch["targets"][sel]
         head = unwrap(self.model).get_output_embeddings()
+        if torch.is_grad_enabled() and _plain_head(head) and tg.numel():
+            w = head.weight
+            # keep each chunk's fp32 logits near 64 MB whatever the vocabulary
+            chunk = max(16, min(self.chunk_size, (1 << 24) // w.shape[0]))
+            return _FusedLinearCrossEntropy.apply(hs, w, getattr(head, "bias", None), tg, chunk)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, tg.numel(), self.chunk_size):
             logits = head(hs[i:i + self.chunk_size]).float()

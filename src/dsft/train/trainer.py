@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dsft.errors import DataError, OverwriteError, TrainError
 from dsft.run import RunDir, read_jsonl
 from dsft.train import checkpoint as ck
 from dsft.train.batching import StepPlan, collate_packed, collate_padded, real_tokens, split_micro
+from dsft.train.dist import Dist
 from dsft.train.encode import Encoded, dataset_fingerprint, encode_records
 from dsft.train.loss import CausalLMLoss, unwrap
 from dsft.train.monitor import Monitor
@@ -34,7 +34,7 @@ log = logging.getLogger("dsft.train")
 FaultHook = Callable[[int, int], None]
 """fault_hook(step, micro_batch_size) runs before every micro-batch (tests inject OOM with it)."""
 EvalFn = Callable[[Any, int], dict]
-"""eval_fn(model, step) → {"eval_loss": float, ...}; drives early stopping when given."""
+"""eval_fn(model, step) → {"eval_loss": float, ...}; drives early stopping on `eval_fn.metric` (default eval_loss)."""
 
 
 # ---------------------------------------------------------------- schedule
@@ -200,12 +200,6 @@ def _read_split(run: RunDir, manifest: dict, key: str) -> tuple[list[dict], Path
     return read_jsonl(p), p
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def _autocast(precision: str, device: torch.device):
     import contextlib
 
@@ -236,11 +230,15 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     if train_path is None:
         raise DataError(f"{run.manifest_path('data')}: key 'train': expected the path of train.jsonl")
     eval_records, _ = _read_split(run, data_m, "eval")
-    stage = _stage_paths(run, resume, force)
+    dist = Dist()
+    if dist.is_main:
+        stage = _stage_paths(run, resume, force)
+    dist.barrier()
+    stage = run.root / "train"
     ckpt_root = stage / "checkpoints"
 
     torch.manual_seed(tc.seed)
-    device = _device()
+    device = dist.device
     model_dir = resolve_model_dir(cfg.model.name_or_path).resolve()
     tok = load_tokenizer(cfg.model.tokenizer or str(model_dir), trust_remote_code=cfg.model.trust_remote_code,
                          chat_template=cfg.model.chat_template)
@@ -255,9 +253,14 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     preset = preset_for(_n_params(model))
     model, info = setup_method(model, cfg, preset)
     model.train()
+    prev_attn = None
+    if tc.packing and (tc.packed_attention == "segments" or (tc.packed_attention == "auto" and device.type == "cpu")):
+        from dsft.train.attention import use_packed_attention
+
+        prev_attn = use_packed_attention(model)
     lr = tc.learning_rate or preset.learning_rate
     micro = tc.per_device_train_batch_size if tc.per_device_train_batch_size != "auto" else preset.batch
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = dist.world
     effective = micro * tc.gradient_accumulation_steps * world
     epochs = tc.num_train_epochs or preset.epochs
     plan = StepPlan(len(examples), effective, tc.seed, group_by_length=not tc.packing and tc.group_by_length,
@@ -267,20 +270,31 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     ladder = Ladder(micro_batch=micro, gradient_checkpointing=tc.gradient_checkpointing)
     if tc.gradient_checkpointing:
         enable_checkpointing(model)
-    opt, names = make_optimizer(model, cfg, lr)
-    loss_mod = CausalLMLoss(model, tc.loss_chunk_size)
-    if tc.compile:
+    loss_mod = dist.prepare(CausalLMLoss(model, tc.loss_chunk_size))
+    if tc.compile and dist.world == 1:
         loss_mod = torch.compile(loss_mod, dynamic=True)
+    opt, names = make_optimizer(model, cfg, lr)
+    opt = dist.prepare_optimizer(opt)
     autocast, precision = _autocast(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     capacity = tc.pack_length or max_len
+    if prev_attn is not None and not tc.pack_length:
+        capacity = 1 << 30  # per-sample attention: one row per micro-batch, no padding at all
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     # ---- resume
     start = 0
     history: list[dict] = []
-    best_eval, bad_evals = math.inf, 0
+    if eval_fn is None and tc.evaluation_strategy == "steps" and eval_records and \
+            cfg.eval.during_training_metric not in ("eval_loss", "loss"):
+        from dsft.eval.during_training import make_eval_fn  # the eval stage's public during-training hook
+
+        eval_fn = make_eval_fn(cfg, eval_records, tok)
+    # early stopping follows eval_fn.metric / eval_fn.greater_is_better when the hook declares them
+    metric_key = getattr(eval_fn, "metric", "eval_loss") if eval_fn else "eval_loss"
+    greater = bool(getattr(eval_fn, "greater_is_better", False)) if eval_fn else False
+    best_eval, bad_evals = (-math.inf if greater else math.inf), 0
     train_seconds_before = 0.0
     if resume:
         path = ck.latest_valid(ckpt_root) if resume == "auto" else Path(resume)
@@ -307,7 +321,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                 raise TrainError(str(err).strip("'\"")) from err
             start = st["step"]
             history = st.get("history", [])
-            best_eval, bad_evals = st.get("best_eval", math.inf), st.get("bad_evals", 0)
+            best_eval, bad_evals = st.get("best_eval", best_eval), st.get("bad_evals", 0)
             train_seconds_before = st.get("train_seconds", 0.0)
             if st.get("micro_batch") and st["micro_batch"] < ladder.micro_batch:
                 ladder.micro_batch = st["micro_batch"]
@@ -316,12 +330,15 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                 enable_checkpointing(model)
             log.info("dsft train: resumed from %s (step %d of %d)", path, start, total_steps)
 
-    monitor = Monitor(stage, tc, start_step=start, history=history)
-    _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, len(examples), enc_rep, device, precision)
+    monitor = Monitor(stage, tc, start_step=start, history=history, is_main=dist.is_main)
+    if dist.is_main:
+        _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, len(examples), enc_rep, device,
+                     precision, dist)
 
-    bar = tqdm(total=total_steps, initial=start, desc="train", disable=(not progress) if progress is not None else None,
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=True if not dist.is_main else ((not progress) if progress is not None else None),
                dynamic_ncols=True)
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     tokens_seen = 0
     stopped_early = False
     step = start
@@ -337,7 +354,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
             while True:
                 try:
                     loss_sum, toks = _accumulate(loss_mod, exs, ladder.micro_batch, n_lab, tc.packing, capacity,
-                                                 pad_id, device, autocast, scaler, fault_hook, step + 1)
+                                                 pad_id, dist, autocast, scaler, fault_hook, step + 1)
                     break
                 except torch.OutOfMemoryError:
                     opt.zero_grad(set_to_none=True)
@@ -352,7 +369,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                     torch.set_rng_state(rng)  # the retried step sees the same dropout masks
             if scaler is not None:
                 scaler.unscale_(opt)
-            gn = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
+            gn = dist.clip(trainable, tc.max_grad_norm)
             loss = loss_sum / max(1, n_lab)
             rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": gn, "tokens": toks,
                    "epoch": round((step + 1) / plan.steps_per_epoch, 4), "micro_batch": ladder.micro_batch}
@@ -372,18 +389,19 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                     metrics = eval_fn(model, done) if eval_fn else {"eval_loss": eval_loss(loss_mod, eval_examples, micro, capacity, pad_id, device, tc.packing)}
                     model.train()
                     monitor.eval_record(done, metrics)
-                    ev = metrics.get("eval_loss")
+                    ev = metrics.get(metric_key)
                     if ev is not None and tc.early_stopping_patience:
-                        if ev < best_eval - tc.early_stopping_delta:
+                        better = (ev > best_eval + tc.early_stopping_delta) if greater else (ev < best_eval - tc.early_stopping_delta)
+                        if better:
                             best_eval, bad_evals = ev, 0
                         else:
                             bad_evals += 1
                             if bad_evals >= tc.early_stopping_patience:
-                                monitor.event(done, "early_stop", eval_loss=ev, best=best_eval,
+                                monitor.event(done, "early_stop", metric=metric_key, value=ev, best=best_eval,
                                               patience=tc.early_stopping_patience)
                                 stopped_early = True
             if done % tc.save_steps == 0 or stopped_early:
-                _save(ckpt_root, done, model, opt, names, tc, effective, fingerprint, ladder, monitor,
+                _save(dist, loss_mod, ckpt_root, done, model, opt, names, tc, effective, fingerprint, ladder, monitor,
                       best_eval, bad_evals, train_seconds_before + time.perf_counter() - t_start, total_steps)
                 monitor.plot(stage / "loss.png")
             if stopped_early:
@@ -391,20 +409,28 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
+    cpu_elapsed = time.process_time() - cpu_start
     steps_done = step + 1 if total_steps > start else start
     # ---- outputs
     inner = unwrap(model)
+    if prev_attn is not None:
+        inner.set_attn_implementation(prev_attn)
     adapter_rel = model_rel = None
+    full_sd = _gathered_model_state(dist, loss_mod) if dist.kind in ("FSDP", "DEEPSPEED") else None
     if tc.method in ("lora", "dora", "qlora"):
         from dsft.model.adapters import _exact_targets
 
-        with _exact_targets():
-            model.save_pretrained(str(stage / "adapter"), safe_serialization=True)
-        tok.save_pretrained(str(stage / "adapter"))
+        if dist.is_main:
+            with _exact_targets():
+                kw = {"state_dict": full_sd} if full_sd is not None else {}
+                model.save_pretrained(str(stage / "adapter"), safe_serialization=True, **kw)
+            tok.save_pretrained(str(stage / "adapter"))
         adapter_rel = "adapter"
     else:
-        inner.save_pretrained(str(stage / "model"), safe_serialization=True)
-        tok.save_pretrained(str(stage / "model"))
+        if dist.is_main:
+            kw = {"state_dict": full_sd} if full_sd is not None else {}
+            inner.save_pretrained(str(stage / "model"), safe_serialization=True, **kw)
+            tok.save_pretrained(str(stage / "model"))
         model_rel = "model"
     monitor.plot(stage / "loss.png")
     monitor.close()
@@ -425,6 +451,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
         "tb": "tb" if "tensorboard" in tc.report_to and not tc.logging_dir else tc.logging_dir,
         "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed > 0 and tokens_seen else None,
         "train_seconds": round(train_seconds_before + elapsed, 2),
+        "loop_seconds": round(elapsed, 3),
+        "loop_cpu_seconds": round(cpu_elapsed, 3),
         "trainable_params": info["trainable_params"],
         "total_params": info["total_params"],
         "learning_rate": lr,
@@ -440,60 +468,100 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
         "dataset_fingerprint": fingerprint,
         "method_info": {k: v for k, v in info.items() if k not in ("trainable_params", "total_params")},
     }
-    run.write_manifest("train", manifest)
+    manifest["processes"] = {"world": dist.world, "kind": dist.kind}
+    if dist.is_main:
+        run.write_manifest("train", manifest)
+    dist.barrier()
+    dist.end()
     return manifest
 
 
 def _accumulate(loss_mod, exs: list[Encoded], micro: int, n_lab: int, packing: bool, capacity: int, pad_id: int,
-                device, autocast, scaler, fault_hook, step: int) -> tuple[float, int]:
-    """Forward/backward every micro-batch of one step; gradients = d(Σ token CE / n_lab)."""
+                dist, autocast, scaler, fault_hook, step: int) -> tuple[float, int]:
+    """Forward/backward this rank's micro-batches of one step; gradients = d(Σ token CE / n_lab) over all ranks.
+
+    Micro-batches are dealt round-robin to ranks; DDP averages gradients over ranks, hence the × world.
+    A rank left without a micro-batch (short last step) still joins the gradient sync with a zero loss.
+    """
+    chunks = split_micro(exs, micro)
+    mine = chunks[dist.rank::dist.world]
+    weight = float(dist.world)
+    if not mine:
+        mine, weight = [chunks[0]], 0.0
     total, toks = 0.0, 0
-    for chunk in split_micro(exs, micro):
+    for j, chunk in enumerate(mine):
         if fault_hook is not None:
             fault_hook(step, micro)
         batch = collate_packed(chunk, capacity, pad_id) if packing else collate_padded(chunk, pad_id)
-        toks += real_tokens(batch)
-        with autocast():
-            loss_sum = loss_mod(_to(batch, device))
-        scaled = loss_sum / max(1, n_lab)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += float(loss_sum.detach())
-    return total, toks
+        with dist.no_sync(loss_mod, sync=j == len(mine) - 1):
+            with autocast():
+                loss_sum = loss_mod(_to(batch, dist.device))
+            scaled = loss_sum * (weight / max(1, n_lab))
+            dist.backward(scaler.scale(scaled) if scaler is not None else scaled)
+        if weight:
+            total += float(loss_sum.detach())
+            toks += real_tokens(batch)
+    if dist.world > 1:
+        total, toks = dist.sum(total, float(toks))
+    return total, int(toks)
 
 
 @torch.no_grad()
 def eval_loss(loss_mod, examples: list[Encoded], micro: int, capacity: int, pad_id: int, device, packing: bool) -> float:
     """Mean token loss on held-out examples (dropout off)."""
-    loss_mod.model.eval()
+    model = _inner_loss(loss_mod).model
+    model.eval()
     total, n = 0.0, 0
     for chunk in split_micro(examples, micro):
         batch = collate_packed(chunk, capacity, pad_id) if packing else collate_padded(chunk, pad_id)
         total += float(loss_mod(_to(batch, device)))
         n += sum(e.n_labels for e in chunk)
-    loss_mod.model.train()
+    model.train()
     return total / max(1, n)
 
 
-def _save(ckpt_root, done, model, opt, names, tc, effective, fingerprint, ladder, monitor, best_eval, bad_evals,
-          train_seconds, total_steps) -> None:
+def _inner_loss(loss_mod) -> CausalLMLoss:
+    m = loss_mod
+    while not isinstance(m, CausalLMLoss):
+        m = getattr(m, "module", None) or m._orig_mod
+    return m
+
+
+def _gathered_model_state(dist, loss_mod) -> dict:
+    """The model's full state dict under FSDP/DeepSpeed (every rank must call this), keys as the model names them."""
+    full = dist.full_state(loss_mod)
+    return {k.removeprefix("model."): v for k, v in full.items()}
+
+
+def _save(dist, loss_mod, ckpt_root, done, model, opt, names, tc, effective, fingerprint, ladder, monitor, best_eval,
+          bad_evals, train_seconds, total_steps) -> None:
     state = {
         "step": done, "total_steps": total_steps, "effective_batch": effective, "dataset": fingerprint,
         "method": tc.method, "micro_batch": ladder.micro_batch, "gradient_checkpointing": ladder.gradient_checkpointing,
-        "best_eval": best_eval if math.isfinite(best_eval) else None, "bad_evals": bad_evals,
+        "best_eval": best_eval, "bad_evals": bad_evals, "world": dist.world,
         "train_seconds": train_seconds, "history": monitor.history,
         "scheduler": {"kind": tc.lr_scheduler, "step": done, "cycle_fraction": tc.cycle_fraction},
         "data_position": {"next_step": done},
     }
-    if state["best_eval"] is None:
-        state["best_eval"] = math.inf
-    ck.save_checkpoint(ckpt_root, done, model, opt, names, state, keep=tc.save_total_limit)
+    if dist.kind in ("FSDP", "DEEPSPEED"):  # sharded: gather weights; optimizer moments are not kept
+        full = _gathered_model_state(dist, loss_mod)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable}
+        optim: dict = {}
+    else:
+        weights = ck.trainable_state(model)
+        optim = ck.optimizer_tensors(opt, names)
+    if dist.is_main:
+        ck.save_checkpoint(ckpt_root, done, weights, optim, state, keep=tc.save_total_limit)
+    dist.barrier()
 
 
-def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, enc_rep, device, precision) -> None:
+def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, enc_rep, device, precision, dist) -> None:
     lines = [f"dsft train: {info['method']} on {model_dir.name} ({info['total_params']:,} params, preset {preset.name}), "
              f"{info['trainable_params']:,} trainable ({100 * info['trainable_params'] / max(1, info['total_params']):.2f} %)",
              f"dsft train: {n} examples ({enc_rep.tokens:,} tokens, {enc_rep.truncated} truncated, dropped {enc_rep.dropped}), "
-             f"{total_steps} steps, lr {lr:g}, micro-batch {micro}, effective batch {effective}, {device.type} {precision}"]
+             f"{total_steps} steps, lr {lr:g}, micro-batch {micro}, effective batch {effective}, {device.type} {precision}"
+             + (f", {dist.world} processes ({dist.kind})" if dist.world > 1 else "")]
     if "targets" in info:
         t = info["targets"]
         lines.append(f"dsft train: LoRA r={info['r']} alpha={info['alpha']} on {t['modules']} modules + "

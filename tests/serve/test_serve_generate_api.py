@@ -62,6 +62,20 @@ def test_generate_bad_json_is_400(server):
     assert r.status_code == 400
 
 
+def test_oversized_body_is_413_before_it_is_read(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # announce 17 MiB, send none of it
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (17 * 2**20))
+        head = ""
+        while '"code": 413' not in head:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            head += chunk.decode("latin-1")
+    assert head.startswith("HTTP/1.1 413") and '"code": 413' in head
+
+
 def test_unknown_route_and_method_are_4xx_envelopes(server):
     r = httpx.get(f"{server}/nope", timeout=30)
     assert r.status_code == 404 and "error" in r.json()
@@ -136,7 +150,19 @@ def test_cli_serve_runs_and_stops_on_sigterm(tiny_model_dir):
         r = httpx.post(f"{url}/generate", json={"prompt": "头痛", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and isinstance(r.json()["text"], str)
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "cli-tiny"
+        # SIGTERM while a request is generating: it still completes (graceful shutdown)
+        import threading
+
+        inflight = {}
+        t = threading.Thread(target=lambda: inflight.setdefault("r", httpx.post(
+            f"{url}/generate", json={"prompt": "头痛", "max_tokens": 200, "temperature": 0}, timeout=120)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while "dsft_running_requests 1.0" not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert inflight["r"].status_code == 200 and inflight["r"].json()["usage"]["completion_tokens"] >= 1
         # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15 is expected)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         rest = proc.stdout.read()
@@ -152,3 +178,47 @@ def test_cli_bad_lora_flag_is_one_line_exit_2(tiny_model_dir):
     out = subprocess.run([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--lora", "nope"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "NAME=DIR" in out.stderr
+
+
+def test_cli_config_section_and_flags_merge(capsys):
+    import json
+
+    from dsft.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "serve_adapters.yaml"
+    assert main(["serve", "--config", str(example), "--model", "x", "--port", "9001", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["served_model_name"] == "medical-base" and cfg["port"] == 9001 and cfg["host"] == "127.0.0.1"
+    assert "api_key" not in cfg
+
+
+def test_cli_serves_a_run_dir(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from dsft.cli import main
+    from dsft.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    (run.stage_dir("train") / "adapter").mkdir()
+    run.write_manifest("train", {"base_model": str(tiny_model_dir), "method": "lora", "adapter": "adapter", "model": None})
+    assert main(["serve", "--run", str(run.root), "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == str(tiny_model_dir) and out["lora_modules"] == {"run": str((run.root / "train" / "adapter").resolve())}
+    (run.stage_dir("export") / "merged").mkdir()
+    run.write_manifest("export", {"merged": "merged"})
+    assert main(["serve", "--run", str(run.root), "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == str((run.root / "export" / "merged").resolve()) and out["lora_modules"] == {}
+    assert main(["serve", "--dry-run"]) == 2 and "--model" in capsys.readouterr().err
+
+
+def test_cli_exits_2_when_the_model_cannot_load(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                          "--lora", f"bad={bad}"], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("dsft: error:") and "LoRA" in last

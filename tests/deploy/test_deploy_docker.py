@@ -43,12 +43,14 @@ def test_docker_vllm(tmp_path):
     cmd = json.loads(d["CMD"])
     assert cmd[cmd.index("--model") + 1] == "/models/merged" and "--served-model-name" in cmd
     assert "/health" in d["HEALTHCHECK"]
+    assert "pip install --no-deps ." in d["RUN"] and "DSFT_SERVED_MODEL_NAME=merged" in d["ENV"]
+    assert cmd[cmd.index("--middleware") + 1] == "dsft.serve.seed_compat.SeedGenerateMiddleware"
 
 
 def test_serve_engine_vllm_dry_run_maps_flags(tmp_path, capsys):
     adapter = tmp_path / "ad"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))  # vLLM allows 8/16/32…: rounds up
     rc = main(["serve", "--model", "/data/m", "--engine", "vllm", "--dry-run", "--port", "9000", "--max-batch-size", "32",
                "--max-model-len", "4096", "--lora", f"med={adapter}", "--chat-template", "r1-distill"])
     assert rc == 0
@@ -62,3 +64,17 @@ def test_serve_engine_vllm_dry_run_maps_flags(tmp_path, capsys):
     assert "--enable-lora" in cmd and val("--lora-modules") == f"med={adapter}" and val("--max-lora-rank") == "16"
     assert val("--reasoning-parser") == "deepseek_r1" and open(val("--chat-template")).read().strip()
     assert "--api-key" not in cmd  # passed through the environment, not argv
+
+
+def test_serve_engine_vllm_without_vllm_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--port", "9000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vLLM is not installed" in err and "\n" not in err
+    assert main(["serve", "--model", str(tmp_path), "--engine", "vllm", "--port", "0", "--dry-run"]) == 2
+    assert "fixed --port" in capsys.readouterr().err

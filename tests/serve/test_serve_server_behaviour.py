@@ -121,3 +121,49 @@ def test_reasoning_split_whole_and_streamed_agree(text, think_open, reasoning, c
         got_r = "".join(t for f, t in pieces if f == "reasoning_content")
         got_c = "".join(t for f, t in pieces if f == "content")
         assert (got_r if reasoning is not None else None, got_c) == (reasoning, content), step
+
+
+@pytest.fixture(scope="module")
+def r1_model_dir(tmp_path_factory):
+    """The tiny model with DeepSeek-R1's template, overfitted to answer one question with <think>…</think>."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsft.model.templates import get_template
+    from dsft.model.tiny import build_tiny_deepseek_v3
+
+    d = build_tiny_deepseek_v3(tmp_path_factory.mktemp("r1") / "tiny-r1", seed=0)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    tok.chat_template = get_template("deepseek-r1")
+    model = AutoModelForCausalLM.from_pretrained(str(d))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "头痛怎么办"}], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<think>\n")  # R1's template opens the reasoning block itself
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    t = tok("先想想发烧</think>\n\n多喝水" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + t])
+    labels = ids.clone()
+    labels[0, : len(p)] = -100
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(45):
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+def test_r1_think_block_becomes_reasoning_content(r1_model_dir):
+    with serve_in_background(str(r1_model_dir), ServeConfig(port=0, served_model_name="r1")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model="r1", messages=[{"role": "user", "content": "头痛怎么办"}], max_tokens=30, temperature=0)
+        r = client.chat.completions.create(**kw)
+        msg = r.choices[0].message
+        assert msg.content == "多喝水" and msg.reasoning_content == "先想想发烧" and r.choices[0].finish_reason == "stop"
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "先想想发烧"
+        assert "".join(d.content or "" for d in deltas) == "多喝水"
+        # the seed's /generate returns the raw text
+        g = httpx.post(f"{url}/generate", json={"prompt": "头痛怎么办", "max_tokens": 30, "temperature": 0}, timeout=60)
+        assert g.json()["text"] == "先想想发烧</think>\n\n多喝水"

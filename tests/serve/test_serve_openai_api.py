@@ -60,6 +60,9 @@ def test_completions_plain_and_streaming(client):
 def test_models_lists_the_served_model(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_stop_strings_cut_the_output(client):
@@ -93,6 +96,9 @@ def test_error_classes(client, server):
     assert e400.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError):
         _chat(client, "hi", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError) as elp:  # refused clearly rather than silently ignored
+        _chat(client, "hi", max_tokens=2, logprobs=True)
+    assert elp.value.body["param"] == "logprobs" and "not supported" in elp.value.message
     with pytest.raises(openai.BadRequestError) as ectx:
         _chat(client, "头痛" * 3000, max_tokens=2)
     assert "maximum context length" in ectx.value.message
@@ -124,3 +130,22 @@ def test_metrics_are_prometheus_text(server, client):
                  "dsft_running_requests"):
         assert name in body, name
     assert 'dsft_requests_total{path="/v1/chat/completions",status="200"}' in body
+
+
+def test_completions_token_ids_echo_and_context_errors(client, server, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = tok("头痛的原因有", add_special_tokens=False)["input_ids"]
+    by_text = client.completions.create(model="tiny", prompt="头痛的原因有", max_tokens=6, temperature=0)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    echoed = client.completions.create(model="tiny", prompt="头痛的原因有", max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == "头痛的原因有" + by_text.choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="头痛" * 3000, max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": [10**9], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(f"{server}/generate", json={"prompt": "头痛" * 3000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

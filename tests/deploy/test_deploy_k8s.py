@@ -75,6 +75,9 @@ def test_k8s_vllm_variant_serves_the_same_api(tmp_path):
     assert a[a.index("--served-model-name") + 1] == "r1" and a[a.index("--port") + 1] == "8000"
     assert a[a.index("--tensor-parallel-size") + 1] == "2" and a[a.index("--max-num-seqs") + 1] == "8"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # the seed's /generate stays available: dsft's middleware inside vLLM, told the served model's name
+    assert a[a.index("--middleware") + 1] == "dsft.serve.seed_compat.SeedGenerateMiddleware"
+    assert {"name": "DSFT_SERVED_MODEL_NAME", "value": "r1"} in c["env"] and c["image"] == "dsft-vllm:latest"
     assert c["startupProbe"]["httpGet"]["path"] == "/health"  # vLLM's /health: 200 once the engine is up
     trig = docs["keda-scaledobject.yaml"]["spec"]["triggers"][0]
     assert trig["type"] == "prometheus" and "vllm:num_requests_waiting" in trig["metadata"]["query"]

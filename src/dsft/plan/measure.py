@@ -1,0 +1,230 @@
+"""Measure the real peak memory of training steps of small models, to validate the planner against.
+
+CPU: torch's CPU allocator reports every allocation and free to the profiler when `profile_memory=True`;
+the running sum of those events, from before the model is built to after the last optimizer step, is the
+exact number of bytes torch held at each moment, and its maximum is the CPU analogue of
+`torch.cuda.max_memory_allocated`. (RSS would add the Python heap, libraries and malloc slack; tracemalloc
+does not see torch at all.) On CUDA the same steps are measured with `torch.cuda.max_memory_allocated`.
+
+Run as `python -m dsft.plan.measure SPEC.json` to measure in a fresh process; it prints one JSON line per spec.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Small but not trivial shapes: big enough that per-tensor overheads vanish, small enough for a 2-core CPU.
+TINY_SHAPES: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "deepseek_v3": dict(model_type="deepseek_v3", vocab_size=1024, hidden_size=128, intermediate_size=256,
+                        moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+                        n_group=1, topk_group=1, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class Spec:
+    """One measured configuration."""
+
+    arch: str  # a key of TINY_SHAPES
+    method: str = "lora"
+    seq_len: int = 128
+    batch: int = 2
+    gc: bool = False
+    lora_rank: int = 8
+    lora_dropout: float = 0.1
+    freeze_layers: int = 2
+    lora_targets: str = "all"
+    steps: int = 2
+    shape: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def label(self) -> str:
+        return (f"{self.arch} {self.method}{'-attn' if self.lora_targets == 'attention' else ''} seq{self.seq_len} "
+                f"b{self.batch}{' gc' if self.gc else ''}"
+                + (f" vocab{self.shape['vocab_size']}" if "vocab_size" in self.shape else "")
+                + (" p0" if self.method == "lora" and self.lora_dropout == 0 else ""))
+
+    def hf_config(self) -> dict[str, Any]:
+        return {**TINY_SHAPES[self.arch], **self.shape}
+
+
+def plan_request(spec: Spec):
+    """The PlanRequest that describes a Spec (what the planner is asked)."""
+    from dsft.plan.estimate import PlanRequest
+    from dsft.plan.hardware import GPUS, Gpu, cpu_device
+    from dsft.plan.models import arch_from_hf_config
+
+    arch = arch_from_hf_config(spec.hf_config(), name=spec.arch)
+    gpu = cpu_device() if spec.device == "cpu" else Gpu("cuda", GPUS["H200-141GB"].memory_bytes, 989.0)
+    prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[spec.dtype]
+    return PlanRequest(arch=arch, method=spec.method, seq_len=spec.seq_len, micro_batch=spec.batch, precision=prec,
+                       gradient_checkpointing=spec.gc, gpu=gpu, lora_rank=spec.lora_rank,
+                       lora_dropout=spec.lora_dropout, freeze_layers=spec.freeze_layers, attn="sdpa",
+                       lora_targets=spec.lora_targets)
+
+
+def _build(spec: Spec):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = spec.hf_config()
+    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    dtype = getattr(torch, spec.dtype)
+    with torch.device(spec.device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    if spec.method in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
+
+        from dsft.plan.models import arch_from_hf_config
+
+        arch = arch_from_hf_config(spec.hf_config())
+        names = sorted({lin.name for i in range(arch.layers) for lin in arch.layer_linears(i)})
+        if spec.lora_targets == "attention":
+            names = [n for n in names if n not in ("gate_proj", "up_proj", "down_proj")]
+        targets = names  # on DeepSeek-V2/V3 PEFT remaps the MLP names onto the fused routed experts
+        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
+                                                 lora_dropout=spec.lora_dropout, target_modules=targets,
+                                                 use_dora=spec.method == "dora", task_type="CAUSAL_LM"))
+    elif spec.method == "freeze":
+        n = cfg.num_hidden_layers
+        keep = {f"layers.{i}." for i in range(n - spec.freeze_layers, n)}
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(k in name for k in keep))
+    if spec.gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def _steps(spec: Spec, model) -> float:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the Trainer's default optimizer: fused AdamW on CUDA, the per-tensor loop on CPU
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if spec.device == "cuda" else None)
+    g = torch.Generator().manual_seed(0)
+    vocab = spec.hf_config()["vocab_size"]
+    loss = torch.tensor(0.0)
+    for _ in range(spec.steps):
+        ids = torch.randint(0, vocab, (spec.batch, spec.seq_len), generator=g).to(spec.device)
+        loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def measure(spec: Spec) -> dict[str, Any]:
+    """Peak bytes torch held during model build + `steps` optimizer steps of this spec."""
+    import torch
+
+    torch.manual_seed(0)
+    gc.collect()
+    if spec.device == "cpu":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            model = _build(spec)
+            loss = _steps(spec, model)
+            del model
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                  and e.device_type() == torch.autograd.DeviceType.CPU]
+        events.sort()
+        cur = peak = 0
+        for _, nbytes in events:
+            cur += nbytes
+            peak = max(peak, cur)
+    else:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model = _build(spec)
+        loss = _steps(spec, model)
+        peak = torch.cuda.max_memory_allocated() - base
+        del model
+        torch.cuda.empty_cache()
+    return {"label": spec.label, "measured": int(peak), "loss": loss}
+
+
+def compare(spec: Spec, measured: int) -> dict[str, Any]:
+    from dsft.plan.estimate import estimate
+
+    est = estimate(plan_request(spec))
+    predicted = est.allocated
+    return {"config": spec.label, "estimated": int(predicted), "measured": int(measured),
+            "error_pct": 100.0 * (predicted - measured) / measured, "phase": est.phase}
+
+
+def measure_in_subprocess(specs: list[Spec], timeout: float = 600) -> list[dict[str, Any]]:
+    """Measure specs in one fresh Python process (sequentially) and return their results."""
+    from dataclasses import asdict
+
+    src = str(Path(__file__).resolve().parents[2])
+    env_path = {"PYTHONPATH": src}
+    import os
+
+    env = {**os.environ, **env_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    payload = json.dumps([asdict(s) for s in specs])
+    r = subprocess.run([sys.executable, "-m", "dsft.plan.measure", "-"], input=payload, capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"measurement failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = sys.stdin.read() if not argv or argv[0] == "-" else Path(argv[0]).read_text(encoding="utf-8")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    for raw in json.loads(text):
+        print(json.dumps(measure(Spec(**raw))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+_SMALL_VOCAB = {"vocab_size": 128}  # activations, not logits, set the peak
+
+
+def validation_specs() -> list[Spec]:
+    """The CPU validation matrix: 3 architectures (Llama, Qwen2 GQA, DeepSeek-V3 MLA+MoE) × lora/full/freeze ×
+    seq 128/256 × batch 2/4 × with/without gradient checkpointing; peaks land in the loss, in a layer's
+    backward and in the optimizer step."""
+    return [
+        Spec("llama", "lora", 128, 2),
+        Spec("llama", "full", 64, 1),
+        Spec("llama", "lora", 256, 4, gc=True),
+        Spec("llama", "full", 256, 4, shape=_SMALL_VOCAB),
+        Spec("qwen2", "lora", 128, 4),
+        Spec("qwen2", "full", 256, 4),
+        Spec("qwen2", "lora", 256, 2, gc=True),
+        Spec("qwen2", "freeze", 256, 4, shape=_SMALL_VOCAB),
+        Spec("deepseek_v3", "lora", 128, 2, lora_dropout=0.0),
+        Spec("deepseek_v3", "full", 128, 2),
+        Spec("deepseek_v3", "lora", 256, 4, gc=True, lora_targets="attention"),
+        Spec("deepseek_v3", "freeze", 256, 4),
+        Spec("deepseek_v3", "full", 256, 4, gc=True, shape=_SMALL_VOCAB),
+        Spec("deepseek_v3", "lora", 256, 4, lora_dropout=0.0, shape=_SMALL_VOCAB),
+    ]
