@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dsft.config import Config
+from dsft.errors import OverwriteError
 from dsft.run import RunDir, atomic_write_json, atomic_write_text
 
 PIPELINE = ("plan", "data", "train", "eval", "export", "serve")
@@ -92,11 +94,25 @@ def run_pipeline(cfg: Config, run: RunDir, *, stages: tuple[str, ...] = PIPELINE
     """Run stages in order; return {stage: manifest} and {timings}. Each stage writes its own manifest."""
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    # Decide about overwriting before any work: without --force a finished stage stops the run now; with --force
+    # every stage to be run is cleared first, so no stage can read a previous run's output of a later one.
+    for stage in stages:
+        if run.has(stage):
+            if not force:
+                raise OverwriteError(f"{run.root / stage} already holds a finished '{stage}' stage; pass --force to overwrite it")
+            shutil.rmtree(run.root / stage)
     for stage in stages:
         t0 = time.perf_counter()
         manifest = _stage_fn(stage)(cfg, run, force=force)
         timings[stage] = round(time.perf_counter() - t0, 2)
         results[stage] = manifest
+        if stage == "export" and cfg.eval.variants and "eval" in results:
+            # quantized variants scored on the same held-out records: the seed's "latency −Z %" headline
+            from dsft.eval import add_variants
+
+            t1 = time.perf_counter()
+            results["eval"] = add_variants(cfg, run)
+            timings["eval"] = round(timings.get("eval", 0) + time.perf_counter() - t1, 2)
         if on_stage:
             on_stage(stage, manifest, timings[stage])
     results["timings"] = timings
@@ -182,6 +198,7 @@ def render_report_md(rep: dict[str, Any]) -> str:
         *[f"- variant `{v.get('name')}`: {v.get('format')} {v.get('dtype', '')}, {_num(v.get('size_bytes'), '{:,.0f}')} bytes"
           for v in (rep["export"].get("variants") or [])],
         "",
+        *_quant_table(rep["export"].get("quant_report")),
         "## Serve",
         f"- POST /generate → HTTP {rep['serve']['status']}, ok = {rep['serve']['ok']}: {rep['serve']['text']!r}",
         "",
@@ -192,6 +209,21 @@ def render_report_md(rep: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _quant_table(qr: Any) -> list[str]:
+    """The export stage's quantization report rows as a Markdown table (measured in the same run)."""
+    rows = qr.get("rows") if isinstance(qr, dict) else None
+    if not rows:
+        return []
+    out = ["", "### Quantization report (held-out split, this machine)",
+           "| variant | size | perplexity (Δ %) | accuracy | ROUGE-L | prefill tok/s | decode tok/s | engine |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.get('variant')} | {_num(r.get('size_ratio'), '{:.2f}')}× | {_num(r.get('perplexity'), '{:.1f}')} "
+                   f"({_num(r.get('perplexity_delta_pct'), '{:+.2f}')}) | {_pct(r.get('accuracy'))} | {_num(r.get('rouge_l'))} "
+                   f"| {_num(r.get('prefill_tok_s'), '{:.0f}')} | {_num(r.get('decode_tok_s'), '{:.0f}')} | {r.get('engine')} |")
+    return out + [""]
 
 
 def write_report(run_root: Path, rep: dict[str, Any]) -> tuple[Path, Path]:
