@@ -20,7 +20,7 @@ import torch
 
 from dsft.config import Config
 from dsft.errors import DataError, OverwriteError, TrainError
-from dsft.run import RunDir, read_jsonl
+from dsft.run import RunDir, atomic_write_text, read_jsonl
 from dsft.train import checkpoint as ck
 from dsft.train.batching import StepPlan, collate_packed, collate_padded, real_tokens, split_micro
 from dsft.train.dist import Dist
@@ -259,9 +259,9 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
 
         prev_attn = use_packed_attention(model)
     lr = tc.learning_rate or preset.learning_rate
-    micro = tc.per_device_train_batch_size if tc.per_device_train_batch_size != "auto" else preset.batch
+    micro, accum = _plan_micro_batch(cfg, run, model_dir, preset, quiet=not dist.is_main)
     world = dist.world
-    effective = micro * tc.gradient_accumulation_steps * world
+    effective = micro * accum * world
     epochs = tc.num_train_epochs or preset.epochs
     plan = StepPlan(len(examples), effective, tc.seed, group_by_length=not tc.packing and tc.group_by_length,
                     lengths=tuple(len(e.input_ids) for e in examples))
@@ -581,6 +581,32 @@ def compact_skips(skipped: dict[str, str]) -> list[tuple[str, str]]:
     for name, why in skipped.items():
         by_reason.setdefault(why, []).append(name)
     return [(c, why) for why, names in by_reason.items() for c in compact_names(names)]
+
+
+def _plan_micro_batch(cfg: Config, run: RunDir, model_dir: Path, preset, *, quiet: bool) -> tuple[int, int]:
+    """Ask the memory planner before training: print its plan (or, when this run's plan stage already printed it, its
+    verdict), warn if it will not fit, and resolve `per_device_train_batch_size: auto` to the largest micro-batch that
+    fits, with gradient accumulation keeping the effective batch."""
+    from dsft.plan import plan_training
+
+    tc = cfg.train
+    lines: list[str] = []
+    planned_micro, planned_accum, plan = plan_training(cfg, model_dir, echo=lines.append)
+    if plan is not None:
+        atomic_write_text(run.root / "train" / "plan.txt", plan.table() + "\n")
+    if not quiet:
+        if run.has("plan") and plan is not None:
+            print(f"dsft train: plan — {plan.verdict()} (train/plan.txt)")
+            for line in lines:
+                if line.startswith("warning"):
+                    print(line)
+        else:
+            print("\n".join(lines))
+    if tc.per_device_train_batch_size == "auto":
+        if planned_micro:
+            return planned_micro, planned_accum
+        return preset.batch, tc.gradient_accumulation_steps
+    return tc.per_device_train_batch_size, tc.gradient_accumulation_steps
 
 
 def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, enc_rep, device, precision, dist) -> None:
