@@ -114,7 +114,7 @@ def test_prepare_filters_balance_decontaminate_accounting(tmp_path, medical_csv)
     assert len(rejected) + len(dups) == sum(c["dropped"].values())  # every drop is listed with its reason
     assert Counter(r["reason"] for r in rejected) + Counter("duplicate_exact" if x["method"] == "exact" else "near_duplicate"
                                                             for x in dups) == Counter(c["dropped"])
-    assert c["dropped"]["incomplete_answer"] > 0 and c["dropped"]["balance_cap"] > 0
+    assert c["dropped"]["incomplete_answer"] > 0 and c["dropped"]["balance_undersampled"] > 0
     sampled = {r["line"] for r in rejected if r["reason"] == "max_samples"}
     leaked = {1002 + k for k in range(30)} - sampled  # lines (header = 1) of the eval rows that were sampled in
     assert c["dropped"].get("contaminated", 0) >= len(leaked) - 5

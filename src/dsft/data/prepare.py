@@ -271,9 +271,9 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         except ValueError as err:
             raise DataError(str(err)) from err
         for r in under:
-            rejected.append(_rejected_row(r, "balance_cap", f"class '{r.get('label')}' undersampled to its target"))
+            rejected.append(_rejected_row(r, "balance_undersampled", f"class '{r.get('label')}' undersampled to {d.balance.method} target"))
         if under:
-            dropped["balance_cap"] += len(under)
+            dropped["balance_undersampled"] += len(under)
         timer.step("balance")
     kept = len([r for r in train if r["provenance"] == "original"]) + len(test) + len(ev)
     if d.augment.methods and d.augment.ratio > 0:
