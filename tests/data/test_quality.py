@@ -66,6 +66,8 @@ def test_balance_cap_floor_temperature_deterministic():
     out, under, info = balance(train, "floor", floor=10, seed=1)
     assert Counter(r["label"] for r in out) == {"A": 40, "B": 10} and not under
     assert sum(r["provenance"] == "oversampled" for r in out) == 6 and len({r["id"] for r in out}) == len(out)
+    out, under, info = balance(train, "temperature", temperature=0.5, seed=1)
+    assert len(out) == len(train) and Counter(r["label"] for r in out) == {"A": 33, "B": 11} and len(under) == 7
     t = target_counts({"A": 900, "B": 100}, "temperature", None, None, 0.5)
     assert sum(t.values()) == 1000 and t["A"] == 750 and t["B"] == 250  # 30:10 → 3:1
 

@@ -133,6 +133,15 @@ def _tool_calls_text(calls: Any) -> str:
     return "\n".join(out)
 
 
+def _label(meta: dict[str, Any], fields: dict[str, str], label_field: str | None) -> str | None:
+    """The class label: the canonical field named by data.label_field, or that source column."""
+    if not label_field or label_field == "label":
+        return meta.get("label")
+    if label_field in META:
+        return meta.get(label_field)
+    return _meta(fields.get(label_field)) or meta.get("label")
+
+
 def _finish(messages: list[dict[str, str]], fields: dict[str, str], meta: dict[str, Any], row: RawRow,
             label_field: str | None, tools: Any = None) -> dict[str, Any]:
     users = [m for m in messages if m["role"] == "user" and m["content"].strip()]
@@ -142,9 +151,7 @@ def _finish(messages: list[dict[str, str]], fields: dict[str, str], meta: dict[s
         raise Invalid("no_final_answer", "the conversation does not end with an assistant turn")
     if not messages[-1]["content"].strip():
         raise Invalid("empty_answer", "the last assistant turn is empty")
-    label = meta.get("label")
-    if label_field and label_field != "label":
-        label = meta.get(label_field) if label_field in META else (_meta(fields.get(label_field)) or meta.get("label"))
+    label = _label(meta, fields, label_field)
     if tools is not None and not isinstance(tools, str):
         tools = json.dumps(tools, ensure_ascii=False)
     return {
@@ -234,7 +241,7 @@ def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: st
         if not text:
             raise Invalid("empty_answer", "empty text")
         rec = {"id": f"{Path(row.file).name}:{row.line}", "messages": [{"role": "assistant", "content": text}],
-               "fields": {"text": text}, "label": meta.get("label") if label_field == "label" else meta.get(label_field or ""),
+               "fields": {"text": text}, "label": _label(meta, {"text": text}, label_field),
                "domain": meta.get("domain"), "difficulty": meta.get("difficulty"),
                "source": {"file": row.file, "line": row.line}, "provenance": "original", "tools": None}
         return rec
