@@ -74,6 +74,13 @@ def test_json_array_line_numbers_and_rejections(tmp_path):
         load_records(DataConfig(path=str(p)), strict=True)
 
 
+def test_csv_unclosed_quote_names_the_line(tmp_path):
+    p = tmp_path / "q.csv"
+    p.write_text('title,answer\n头痛,多休息。\n"胃痛,少吃\n辣\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"q\.csv:3: unreadable CSV row"):
+        _load(p)
+
+
 def test_csv_missing_mapped_column(medical_csv):
     with pytest.raises(DataError) as e:
         _load(medical_csv, columns={"question": "title", "answer": "doctor_reply"})

@@ -63,7 +63,7 @@ def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[di
             info["schema"] = None
             infos.append(info)
             continue
-        schema = FORMAT_TO_SCHEMA.get(cfg_data.format) or detect_schema(rows, columns, display)
+        schema = FORMAT_TO_SCHEMA.get(cfg_data.format) or detect_schema(rows, columns, display, info.get("header"))
         keys = info.get("header") or sorted({k for r in rows[:50] if isinstance(r.data, dict) for k in r.data})
         mapping = seed_mapping(keys, columns) if schema == "seed" else columns
         if schema == "seed" and "answer" not in mapping:

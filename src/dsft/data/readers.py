@@ -94,7 +94,7 @@ def decode_bytes(raw: bytes, name: str, encoding: str = "auto") -> tuple[str, st
 
 
 def _iter_csv(text: str, name: str, delimiter: str) -> Iterator[RawRow]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # an unclosed quote is an error
     try:
         header = next(reader)
     except StopIteration:

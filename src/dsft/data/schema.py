@@ -37,10 +37,10 @@ class Invalid(Exception):
         self.detail = detail
 
 
-def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str) -> str:
-    """Pick one schema for a whole file from the keys of its first records."""
-    keys: set[str] = set()
-    for r in rows[:50]:
+def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str, header: list[str] | None = None) -> str:
+    """Pick one schema for a whole file from its header (CSV/TSV) or the keys of its first records."""
+    keys: set[str] = set(header or [])
+    for r in ([] if header else rows[:50]):
         if isinstance(r.data, dict):
             keys |= set(r.data)
     keys |= {c for c, s in columns.items() if s in keys}  # mapped columns count under their canonical names
