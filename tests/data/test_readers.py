@@ -74,6 +74,13 @@ def test_json_array_line_numbers_and_rejections(tmp_path):
         load_records(DataConfig(path=str(p)), strict=True)
 
 
+def test_jsonl_saved_as_json(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps(QA, ensure_ascii=False) + "\n" + json.dumps(QA, ensure_ascii=False) + "\n", encoding="utf-8")
+    recs, _, _ = _load(p)
+    assert [r["source"]["line"] for r in recs] == [1, 2]
+
+
 def test_csv_unclosed_quote_names_the_line(tmp_path):
     p = tmp_path / "q.csv"
     p.write_text('title,answer\n头痛,多休息。\n"胃痛,少吃\n辣\n', encoding="utf-8")

@@ -138,6 +138,9 @@ def _iter_json(text: str, name: str) -> Iterator[RawRow]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # JSON Lines saved as .json: read it as what it is
+                yield from _iter_jsonl(text, name)
+                return
             raise DataError(f"{name}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from err
         if isinstance(obj, dict):
             lists = [k for k, v in obj.items() if k in WRAPPER_KEYS and isinstance(v, list) and all(isinstance(x, dict) for x in v)]
