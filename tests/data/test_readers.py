@@ -109,6 +109,8 @@ def test_sharegpt_tool_calls_and_openai_messages(sharegpt_json, tmp_path):
     assert info[0]["schema"] == "sharegpt" and len(recs) + len(rej) == 300
     withtool = [r for r in recs if any(m["role"] == "tool" for m in r["messages"])]
     assert withtool and all(r["tools"] for r in withtool)
+    # the tool schema is in the system turn (the model must see what it is trained to call)
+    assert withtool[0]["messages"][0]["role"] == "system" and withtool[0]["tools"] in withtool[0]["messages"][0]["content"]
     # function_call turns are assistant text (never content None) so every chat template keeps them
     call = next(m for m in withtool[0]["messages"] if m["role"] == "assistant")
     assert json.loads(call["content"])["name"]

@@ -73,7 +73,8 @@ def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[di
         n_ok = 0
         for row in rows:
             try:
-                records.append(to_record(row, schema, mapping, cfg_data.label_field, cfg_data.system_prompt))
+                records.append(to_record(row, schema, mapping, cfg_data.label_field, cfg_data.system_prompt,
+                                         cfg_data.tools_in_system))
                 n_ok += 1
             except Invalid as bad:
                 if strict:
