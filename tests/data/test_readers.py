@@ -167,6 +167,9 @@ def test_cli_prepare_stats_and_errors(tmp_path, medical_csv):
     assert r.returncode == 2 and f"{bad}:2: empty_answer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _dsft("data", "stats", str(medical_csv))
     assert r.returncode == 0 and "gb18030" in r.stdout and "肝病科 3121" in r.stdout
+    r = _dsft("data", "stats", "embedded:medical", "--json", "--tokenizer", "embedded:tiny-deepseek-v3")
+    st = json.loads(r.stdout)
+    assert st["records"] == 1667 and st["exact_duplicates"] == 33 and st["lengths_tokens"]["answer"]["count"] == 1667
 
 
 def test_sharegpt_tool_calls_render_with_the_deepseek_template(sharegpt_json):
