@@ -13,7 +13,7 @@ from dsft.config import Config
 from dsft.data.engine import get_engine
 from dsft.data.readers import read_rows, resolve_path
 from dsft.data.schema import Invalid, check_mapping, detect_schema, record_text, seed_mapping, to_record
-from dsft.data.split import stratified_split, stream_split
+from dsft.data.split import stratified_split
 from dsft.data.text import normalize
 from dsft.errors import DataError
 from dsft.records import label_prompt_messages
@@ -202,6 +202,10 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     timer = Timer()
     out_dir = run.prepare_stage("data", force=force)
     engine = get_engine(d.engine, d.workers)
+    if d.streaming:  # inputs larger than memory: three passes, constant state per record
+        from dsft.data.stream import prepare_streaming
+
+        return prepare_streaming(cfg, run, out_dir, engine, timer)
     records, rejected, infos = load_records(d, strict=d.strict)
     n_input = len(records) + len(rejected)
     if n_input == 0:
@@ -255,13 +259,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                         f"(dropped: {dict(dropped)}); see {out_dir / 'rejected.jsonl'}")
 
     labels_clean = Counter(str(r.get("label")) for r in records)
-    if d.streaming:
-        parts: dict[str, list[dict]] = {"train": [], "test": [], "eval": []}
-        for split, rec in stream_split(iter(records), d.test_size, d.eval_size, d.seed, d.shuffle_buffer):
-            parts[split].append(rec)
-        train, test, ev = parts["train"], parts["test"], parts["eval"]
-    else:
-        train, test, ev = stratified_split(records, d.test_size, d.eval_size, d.seed)
+    train, test, ev = stratified_split(records, d.test_size, d.eval_size, d.seed)
     timer.step("split")
     if d.balance.method != "none":
         from dsft.data.balance import balance
@@ -334,24 +332,35 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def _lengths_and_plots(report: dict, cfg: Config, final: list[dict], out_dir) -> None:
-    """Length statistics (characters, and tokens when a tokenizer is at hand) and the PNG plots."""
-    from dsft.data.stats import length_stats, record_lengths
+def record_token_lengths(cfg: Config, records: list[dict]) -> dict[str, list[int]]:
+    """Token lengths per field with the model's fast tokenizer (raises when there is none)."""
+    from dsft.data.tokens import count_tokens, tokenizer_for
 
-    chars = record_lengths(final)
+    name = tokenizer_for(cfg)
+    tokens: dict[str, list[int]] = {}
+    for k in ("question", "answer"):
+        texts = [t for t in ((r.get("fields") or {}).get(k) for r in records) if t]
+        if texts:
+            tokens[k] = count_tokens(name, texts)
+    tokens["conversation"] = count_tokens(name, ["\n".join(m["content"] for m in r["messages"]) for r in records])
+    return tokens
+
+
+def _lengths_and_plots(report: dict, cfg: Config, final: list[dict], out_dir,
+                       lengths: tuple[dict[str, list[int]], dict[str, list[int]] | None] | None = None) -> None:
+    """Length statistics (characters, and tokens when a tokenizer is at hand) and the PNG plots.
+    lengths: (chars, tokens or None) already counted (the streaming path counts them batch by batch)."""
+    from dsft.data.stats import length_stats, record_lengths
+    from dsft.data.tokens import tokenizer_for
+
+    chars = lengths[0] if lengths else record_lengths(final)
     report["lengths_chars"] = {k: length_stats(v) for k, v in chars.items()}
     tokens: dict[str, list[int]] = {}
     try:
-        from dsft.data.tokens import count_tokens, tokenizer_for
-
-        name = tokenizer_for(cfg)
-        for k in ("question", "answer"):
-            texts = [(r.get("fields") or {}).get(k) for r in final]
-            texts = [t for t in texts if t]
-            if texts:
-                tokens[k] = count_tokens(name, texts)
-        tokens["conversation"] = count_tokens(name, ["\n".join(m["content"] for m in r["messages"]) for r in final])
-        report["tokenizer"] = name
+        tokens = lengths[1] if lengths and lengths[1] is not None else record_token_lengths(cfg, final)
+        if lengths and lengths[1] is None:
+            raise RuntimeError("no tokenizer")
+        report["tokenizer"] = tokenizer_for(cfg)
     except Exception as err:  # token counts are a report nicety: never fail the stage for them
         report["tokenizer"] = None
         report["tokenizer_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
