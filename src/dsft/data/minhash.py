@@ -285,14 +285,21 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 def _digest(tok: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
     """rensa MinHash signatures of many docs at once from one flat buffer of shingle hashes.
 
-    rensa's Rayon pool is kept to one thread unless RAYON_NUM_THREADS says otherwise: on a busy 2-core machine its
-    fork-join waits for a preempted worker (measured: 3× slower wall-clock); dsft's engines parallelise instead."""
+    rensa's Rayon pool starts with one thread unless RAYON_NUM_THREADS says otherwise: on a busy 2-core machine its
+    fork-join waits for a preempted worker (measured: 3× slower wall-clock); dsft's engines parallelise instead.
+    The variable is set only around the call, so other Rust libraries (tokenizers) keep their own default."""
     import os
 
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     import rensa
 
-    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+    unset = "RAYON_NUM_THREADS" not in os.environ
+    if unset:
+        os.environ["RAYON_NUM_THREADS"] = "1"
+    try:
+        return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+    finally:
+        if unset:
+            os.environ.pop("RAYON_NUM_THREADS", None)
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:
