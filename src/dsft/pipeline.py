@@ -179,6 +179,8 @@ def render_report_md(rep: dict[str, Any]) -> str:
         "## Data",
         f"- input {rep['data']['input']} = kept {rep['data']['kept']} + dropped {json.dumps(rep['data']['dropped'], ensure_ascii=False)}",
         f"- train {rep['data']['train']} (+{rep['data']['derived']} derived classification records), test {rep['data']['test']}",
+        "- per-step counts, length and label histograms: [data/data_report.md](data/data_report.md); removed records and "
+        "their reasons: data/rejected.jsonl, data/duplicates.jsonl",
         "",
         "## Train",
         f"- loss {_num(rep['train']['loss_first'])} → {_num(rep['train']['loss_last'])} in {rep['train']['steps']} steps, "
