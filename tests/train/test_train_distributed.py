@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(root, **kw):
-    c = tiny_cfg(root, max_steps=6, save_steps=3, per_device_train_batch_size=2, **kw).model_dump(mode="json")
+    c = tiny_cfg(root, **{"max_steps": 6, "save_steps": 3, "per_device_train_batch_size": 2, **kw}).model_dump(mode="json")
     c["lora"]["dropout"] = 0.0
     return c
 
@@ -67,3 +67,33 @@ def test_generated_fsdp_and_deepspeed_configs():
     fs = accelerate_config(tc, n_gpu=4, layer_cls="DeepseekV3DecoderLayer")
     assert fs["distributed_type"] == "FSDP"
     assert fs["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "DeepseekV3DecoderLayer"
+
+
+def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, records16):
+    """Real FSDP2 (fully_shard over gloo) on CPU: 1-process loss curve, and its checkpoint resumes in 1 process."""
+    c = _cfg(tmp_path / "fsdp", max_steps=4, save_steps=2)
+    c["train"]["strategy"] = "fsdp"
+    make_run(tmp_path / "fsdp", records16)
+    cfg_path = tmp_path / "fsdp.yaml"
+    cfg_path.write_text(yaml.safe_dump(c), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "plain data parallel" not in out.stdout + out.stderr
+    m2 = json.loads((tmp_path / "fsdp/train/manifest.json").read_text())
+    assert m2["processes"] == {"world": 2, "kind": "FSDP"} and m2["effective_batch"] == 4
+    assert (tmp_path / "fsdp/train/adapter/adapter_model.safetensors").exists()
+
+    one = make_run(tmp_path / "one", records16)
+    train(config_from_dict(_cfg(tmp_path / "one", max_steps=4, save_steps=2, gradient_accumulation_steps=2)), one)
+    l2, l1 = _losses(tmp_path / "fsdp/train"), _losses(tmp_path / "one/train")
+    assert l2.keys() == l1.keys() == set(range(1, 5))
+    assert max(abs(l2[k] - l1[k]) for k in l1) < 1e-4
+
+    res = make_run(tmp_path / "res", records16)
+    m = train(config_from_dict(_cfg(tmp_path / "res", max_steps=4, save_steps=2, gradient_accumulation_steps=2)),
+              res, resume=str(tmp_path / "fsdp/train/checkpoints/checkpoint-2"))
+    assert m["steps"] == 4
+    lr = _losses(tmp_path / "res/train")
+    assert set(lr) == {3, 4} and max(abs(lr[k] - l2[k]) for k in lr) < 1e-4

@@ -163,6 +163,24 @@ def prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _shard_like(param, t: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like `param` (a DTensor shard under FSDP2), else `t` as is."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(param.dtype), mesh, param.placements)
+
+
+def _copy_into(param, t: torch.Tensor) -> None:
+    t = t.to(param.device, param.dtype)
+    if getattr(param, "device_mesh", None) is not None:  # FSDP2: copy this rank's shard
+        param.to_local().copy_(_shard_like(param, t).to_local())
+    else:
+        param.copy_(t)
+
+
 def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, Any]:
     """Restore trainable weights, optimizer state and RNG; return state.json."""
     weights = load_file(str(path / "trainable.safetensors"))
@@ -172,7 +190,7 @@ def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, 
         raise KeyError(f"{path}: checkpoint lacks trainable parameter {missing[0]} (different method or targets?)")
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            _copy_into(params[n], t)
     opt_t = load_file(str(path / "optimizer.safetensors"))
     if not opt_t:
         log.warning("dsft train: %s holds no optimizer state (sharded run): AdamW moments restart", path.name)
@@ -183,7 +201,7 @@ def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, 
         pname, _, sk = key.rpartition(".")
         p = id_to_param[by_name[pname]]
         dev = "cpu" if sk == "step" else p.device
-        opt.state[p][sk] = t.to(dev)
+        opt.state[p][sk] = _shard_like(p, t.to(dev)) if sk != "step" else t.to(dev)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     restore_rng(load_file(str(path / "rng.safetensors")), state.get("rng", {}))
     return state

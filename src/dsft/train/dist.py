@@ -116,6 +116,17 @@ def launch(cfg, argv: list[str], *, nproc: int) -> int:
 
 
 # ---------------------------------------------------------------- worker side
+def _fully_shard(loss_module):
+    """FSDP2 by hand (CPU + gloo, where accelerate's FSDP plugin refuses): one unit per decoder layer + the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in list(loss_module.modules()):
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m)
+    fully_shard(loss_module)
+    return loss_module
+
+
 class Dist:
     """One process or one rank of many (through accelerate); the loop calls these instead of torch.distributed."""
 
@@ -125,6 +136,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.acc = None
         self.rank = 0
+        self.cpu_fsdp = False
         if self.world > 1:
             from accelerate import Accelerator
 
@@ -134,7 +146,10 @@ class Dist:
             self.kind = str(self.acc.distributed_type).rsplit(".", 1)[-1]
             asked = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else (
                 "DEEPSPEED" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else None)
-            if asked and asked != self.kind and self.is_main:
+            if asked == "FSDP" and self.kind != "FSDP" and self.device.type == "cpu":
+                # accelerate's FSDP plugin needs GPUs; FSDP2 (fully_shard) itself shards CPU tensors over gloo
+                self.kind, self.cpu_fsdp = "FSDP", True
+            elif asked and asked != self.kind and self.is_main:
                 print(f"dsft train: {asked} needs GPUs; on CPU accelerate runs plain data parallel ({self.kind})", flush=True)
         else:
             self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -145,18 +160,23 @@ class Dist:
         return self.rank == 0
 
     def prepare(self, module):
+        if self.cpu_fsdp:
+            return _fully_shard(module)
         return self.acc.prepare(module) if self.acc is not None else module
 
     def prepare_optimizer(self, opt):
         return self.acc.prepare(opt) if self.acc is not None and self.kind == "DEEPSPEED" else opt
 
     def no_sync(self, module, sync: bool):
+        if self.cpu_fsdp:
+            module.set_requires_gradient_sync(sync)  # FSDP2: skip the reduce-scatter until the last micro-batch
+            return contextlib.nullcontext()
         if self.acc is None or sync:
             return contextlib.nullcontext()
         return self.acc.no_sync(module)
 
     def backward(self, loss) -> None:
-        if self.acc is not None:
+        if self.acc is not None and not self.cpu_fsdp:
             self.acc.backward(loss)
         else:
             loss.backward()
@@ -164,6 +184,9 @@ class Dist:
     def clip(self, params, max_norm: float) -> float:
         import torch
 
+        if self.cpu_fsdp:  # DTensor gradients: the norm comes back as a DTensor over all shards
+            gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         if self.acc is not None:
             return float(self.acc.clip_grad_norm_(params, max_norm))
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -188,7 +211,21 @@ class Dist:
         """Full (gathered) state dict of the prepared loss module; every rank must call it."""
         if self.acc is None:
             return module.state_dict()
+        if self.cpu_fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.acc.get_state_dict(module)
+
+    def full_optimizer_tensors(self, opt, names: dict[int, str]) -> dict:
+        """AdamW moments gathered to full tensors (sharded FSDP2 on CPU); every rank must call it."""
+        out = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    t = v.full_tensor() if hasattr(v, "full_tensor") else v
+                    out[f"{names[id(p)]}.{k}"] = t.detach().to("cpu").contiguous().clone()
+        return out
 
     def end(self) -> None:
         if self.acc is not None:

@@ -547,7 +547,7 @@ def _save(dist, loss_mod, ckpt_root, done, model, opt, names, tc, effective, fin
         full = _gathered_model_state(dist, loss_mod)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable}
-        optim: dict = {}
+        optim = dist.full_optimizer_tensors(opt, names) if dist.cpu_fsdp else {}
     else:
         weights = ck.trainable_state(model)
         optim = ck.optimizer_tensors(opt, names)
