@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 from train_helpers import make_run, tiny_cfg
 
 from dsft.config import config_from_dict
@@ -82,7 +83,8 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "plain data parallel" not in out.stdout + out.stderr
     m2 = json.loads((tmp_path / "fsdp/train/manifest.json").read_text())
-    assert m2["processes"] == {"world": 2, "kind": "FSDP"} and m2["effective_batch"] == 4
+    assert m2["processes"]["world"] == 2 and m2["processes"]["kind"] == "FSDP" and m2["effective_batch"] == 4
+    assert 0.4 < m2["processes"]["local_param_fraction"] < 0.6  # each rank really holds half the weights
     assert (tmp_path / "fsdp/train/adapter/adapter_model.safetensors").exists()
 
     one = make_run(tmp_path / "one", records16)
@@ -90,6 +92,10 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
     l2, l1 = _losses(tmp_path / "fsdp/train"), _losses(tmp_path / "one/train")
     assert l2.keys() == l1.keys() == set(range(1, 5))
     assert max(abs(l2[k] - l1[k]) for k in l1) < 1e-4
+    a2 = load_file(str(tmp_path / "fsdp/train/adapter/adapter_model.safetensors"))  # gathered, not one shard
+    a1 = load_file(str(tmp_path / "one/train/adapter/adapter_model.safetensors"))
+    assert a2.keys() == a1.keys() and all(a2[k].shape == a1[k].shape for k in a1)
+    assert max(float((a2[k] - a1[k]).abs().max()) for k in a1) < 1e-4
 
     res = make_run(tmp_path / "res", records16)
     m = train(config_from_dict(_cfg(tmp_path / "res", max_steps=4, save_steps=2, gradient_accumulation_steps=2)),

@@ -137,6 +137,7 @@ class Dist:
         self.acc = None
         self.rank = 0
         self.cpu_fsdp = False
+        self.local_param_fraction = 1.0
         if self.world > 1:
             from accelerate import Accelerator
 
@@ -161,7 +162,13 @@ class Dist:
 
     def prepare(self, module):
         if self.cpu_fsdp:
-            return _fully_shard(module)
+            module = _fully_shard(module)
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
+            self.local_param_fraction = round(local / max(1, sum(p.numel() for p in module.parameters())), 4)
+            if self.is_main:
+                print(f"dsft train: FSDP2 on CPU (gloo): rank 0 holds {self.local_param_fraction:.1%} of the "
+                      f"parameters", flush=True)
+            return module
         return self.acc.prepare(module) if self.acc is not None else module
 
     def prepare_optimizer(self, opt):

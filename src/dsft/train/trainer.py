@@ -469,6 +469,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
         "method_info": {k: v for k, v in info.items() if k not in ("trainable_params", "total_params")},
     }
     manifest["processes"] = {"world": dist.world, "kind": dist.kind}
+    if dist.cpu_fsdp:
+        manifest["processes"]["local_param_fraction"] = dist.local_param_fraction
     if dist.is_main:
         run.write_manifest("train", manifest)
     dist.barrier()
