@@ -3,7 +3,8 @@
 `dsft train CONFIG --nproc N` writes `<run_dir>/accelerate_<strategy>.yaml` from the `train:` section and
 re-runs itself under `accelerate launch`; `accelerate launch -m dsft train CONFIG` works the same with a
 config of your own. In a worker (WORLD_SIZE > 1) the loop wraps its loss module with `Accelerator.prepare`
-(DDP, FSDP or DeepSpeed, as the launcher said), splits each step's micro-batches across ranks and divides the
+(DDP, FSDP or DeepSpeed, as the launcher said; FSDP on CPU, which accelerate refuses, is FSDP2 `fully_shard`
+over gloo applied here), splits each step's micro-batches across ranks and divides the
 summed token loss by the step's global label count, so N processes follow the loss curve of one process at
 the same global batch.
 """
