@@ -1,7 +1,7 @@
 """Planner accuracy: estimated vs measured peak memory of real training steps, side by side; last line JSON.
 
 CPU (always): the validation matrix of small Llama / Qwen2 / DeepSeek-V3 (MLA + MoE) models, measured from
-torch's CPU-allocator events in a fresh process. GPU (when CUDA is present): 7B-shape random-init models in
+torch's CPU-allocator events in a fresh process, then 7B-width layers in bf16 (the GPU shapes, 2 layers). GPU (when CUDA is present): 7B-shape random-init models in
 bf16, measured with torch.cuda.max_memory_allocated, each in its own fresh process (≈ 5 minutes on an H200).
 
   python benchmarks/plan_accuracy.py            # CPU matrix (+ GPU shapes when a GPU is visible)
@@ -46,6 +46,21 @@ def gpu_specs() -> list[Spec]:
     ]
 
 
+def wide_specs() -> list[Spec]:
+    """7B-width layers (1–2 of them, 8 k vocabulary) in bf16 under autocast on CPU: the GPU shapes' per-layer
+    tensors at a size a CPU can run."""
+    def small(d: dict, **k) -> dict:
+        return {**d, "num_hidden_layers": 2, "vocab_size": 8192, **k}
+
+    b = dict(dtype="bfloat16", lora_rank=32)
+    return [
+        Spec("llama", "lora", 128, 2, shape=small(LLM_7B), **b),
+        Spec("qwen2", "lora", 128, 2, gc=True, shape=small(QWEN_7B), **b),
+        Spec("deepseek_v3", "lora", 128, 1, shape=small(V2_LITE_AS_V3), lora_targets="attention", **b),
+        Spec("llama", "full", 64, 1, shape=small(LLM_7B, num_hidden_layers=1), dtype="bfloat16"),
+    ]
+
+
 def _table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print(f"{'config':<44} {'estimated MiB':>14} {'measured MiB':>13} {'est/meas':>9} {'error %':>8}  peak at")
@@ -79,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu-only", action="store_true")
     ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--no-wide", action="store_true", help="skip the 7B-width bf16 CPU rows (≈ 1 minute)")
     args = ap.parse_args(argv)
     out: dict = {"benchmark": "plan_accuracy", "peer": "measured peak (torch allocator)"}
     t0 = time.time()
@@ -86,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu_rows = run(validation_specs(), fresh_each=False)
         _table("CPU: estimate vs measured peak of 2 training steps (allocator events, fresh process)", cpu_rows)
         out["cpu"] = _summary(cpu_rows)
+        if not args.no_wide:
+            wide_rows = run(wide_specs(), fresh_each=False)
+            _table("CPU, 7B-width layers in bf16 (autocast), 2 layers, 8 k vocabulary", wide_rows)
+            out["cpu_wide"] = _summary(wide_rows)
     gpu_rows: list[dict] = []
     if not args.cpu_only:
         try:

@@ -182,6 +182,7 @@ def render_report_md(rep: dict[str, Any]) -> str:
         *[f"- variant `{v.get('name')}`: {v.get('format')} {v.get('dtype', '')}, {_num(v.get('size_bytes'), '{:,.0f}')} bytes"
           for v in (rep["export"].get("variants") or [])],
         "",
+        *_quant_table(rep["export"].get("quant_report")),
         "## Serve",
         f"- POST /generate → HTTP {rep['serve']['status']}, ok = {rep['serve']['ok']}: {rep['serve']['text']!r}",
         "",
@@ -192,6 +193,21 @@ def render_report_md(rep: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _quant_table(qr: Any) -> list[str]:
+    """The export stage's quantization report rows as a Markdown table (measured in the same run)."""
+    rows = qr.get("rows") if isinstance(qr, dict) else None
+    if not rows:
+        return []
+    out = ["", "### Quantization report (held-out split, this machine)",
+           "| variant | size | perplexity (Δ %) | accuracy | ROUGE-L | prefill tok/s | decode tok/s | engine |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.get('variant')} | {_num(r.get('size_ratio'), '{:.2f}')}× | {_num(r.get('perplexity'), '{:.1f}')} "
+                   f"({_num(r.get('perplexity_delta_pct'), '{:+.2f}')}) | {_pct(r.get('accuracy'))} | {_num(r.get('rouge_l'))} "
+                   f"| {_num(r.get('prefill_tok_s'), '{:.0f}')} | {_num(r.get('decode_tok_s'), '{:.0f}')} | {r.get('engine')} |")
+    return out + [""]
 
 
 def write_report(run_root: Path, rep: dict[str, Any]) -> tuple[Path, Path]:

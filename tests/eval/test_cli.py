@@ -107,3 +107,17 @@ def test_unknown_eval_metric_is_config_error(tmp_path, tiny_model_dir, tiny_adap
     cfg.write_text(yaml.safe_dump({"run_dir": str(run.root), "eval": {"metrics": ["rouge_l", "bleurt"]}}))
     assert main(["eval", str(cfg)]) == 2
     assert "eval.metrics" in capsys.readouterr().err and not (run.root / "eval" / "manifest.json").exists()
+
+
+def test_labels_from_test_split_when_manifest_has_none(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    from dsft.config import config_from_dict
+    from dsft.eval import evaluate
+
+    run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(4, per_label=1))
+    dm = json.loads((run.root / "data" / "manifest.json").read_text())
+    dm.pop("labels")
+    (run.root / "data" / "manifest.json").write_text(json.dumps(dm))
+    m = evaluate(config_from_dict({"run_dir": str(run.root), "eval": {"max_new_tokens": 2, "compare_base": False}}), run)
+    assert isinstance(m["after"]["accuracy"], float)
+    ev = json.loads((run.root / "eval" / "eval.json").read_text())
+    assert ev["labels"] == sorted({r["label"] for r in real_records(4, per_label=1)})

@@ -20,10 +20,11 @@ def rows():
 def test_matrix_covers_the_issue(rows):
     specs = validation_specs()
     assert len(specs) >= 8
-    assert {s.arch for s in specs} == {"llama", "qwen2", "deepseek_v3"}
+    assert {s.arch for s in specs} == {"llama", "qwen2", "deepseek_v3", "deepseek_v2"}
     assert {s.method for s in specs} == {"lora", "full", "freeze"}
     assert {s.gc for s in specs} == {True, False}
     assert len({s.seq_len for s in specs}) >= 2 and len({s.batch for s in specs}) >= 2
+    assert {s.dtype for s in specs} == {"float32", "bfloat16"} and {s.trainer for s in specs} == {"dsft", "hf"}
     # the peaks fall in different phases, so every part of the memory model is exercised
     kinds = {r["phase"].split(" (layer")[0] for r in rows}
     assert {"backward (loss)", "backward", "optimizer step"} <= kinds, kinds

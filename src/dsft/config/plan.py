@@ -23,3 +23,5 @@ class PlanConfig(Section):
     """Peak TFLOPS per GPU for the time estimate; default: the GPU type's dense bf16 peak."""
     effective_batch_size: int | None = Field(None, gt=0)
     """Per-device effective batch kept by `per_device_train_batch_size: auto` (default: the seed matrix's)."""
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    """Share of tokens with a loss target (assistant tokens): dsft computes logits only there; 1.0 is the safe bound."""

@@ -212,7 +212,9 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     records = select_records(read_jsonl(test_path), cfg.eval.max_samples, cfg.data.seed)
     if not records:
         raise DataError(f"{test_path}: no original record with an assistant turn to evaluate")
-    labels = [str(x) for x in (data_m.get("labels") or [])] or None
+    # the label set: the data manifest's, else every label seen in the test split
+    labels = [str(x) for x in (data_m.get("labels") or [])] or \
+        sorted({str(r["label"]) for r in read_jsonl(test_path) if r.get("label") is not None}) or None
     lang = cfg.eval.lang if cfg.eval.lang != "auto" else M.detect_lang([prompt_and_reference(r)[1] for r in records])
     base_dir = Path(train_m["base_model"])
     log.info("eval: %d held-out records, lang=%s, labels=%s", len(records), lang, len(labels or []))

@@ -46,6 +46,9 @@ def register(sub) -> None:
                                           "comma list such as q_proj,v_proj")
     p.add_argument("--freeze-layers", type=int, help="with --method freeze: how many last layers train (default 2)")
     p.add_argument("--attn", help="sdpa | flash_attention_2 | eager (default sdpa)")
+    p.add_argument("--trainer", help="dsft (the step `dsft train` runs: logits only on labelled tokens, chunked) | "
+                                     "hf (a Hugging Face Trainer step: logits for every token) (default dsft)")
+    p.add_argument("--label-fraction", type=float, help="share of tokens with a loss target (default 1.0)")
     p.add_argument("--examples", type=int, help="training examples per epoch (for tokens and time per epoch)")
     p.add_argument("--avg-tokens", type=float, help="mean tokens per example (default: seq-len)")
     p.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed for time (default 0.35)")
@@ -73,7 +76,7 @@ def build_request(args: argparse.Namespace):
 
     for name in ("seq_len", "batch", "grad_accum", "gpus", "lora_rank", "freeze_layers", "examples"):
         positive(name.replace("_", "-"), getattr(args, name))
-    for name in ("avg_tokens", "tflops"):
+    for name in ("avg_tokens", "tflops", "label_fraction", "mfu"):
         positive(name.replace("_", "-"), getattr(args, name), float)
     if args.zero is not None and args.zero not in (0, 1, 2, 3):
         raise ConfigError(f"--zero {args.zero}: expected a ZeRO stage 0, 1, 2 or 3")
@@ -106,7 +109,7 @@ def build_request(args: argparse.Namespace):
                       ("precision", "precision"), ("optimizer", "optimizer"), ("gc", "gradient_checkpointing"),
                       ("packing", "packing"), ("gpus", "num_gpus"), ("lora_rank", "lora_rank"),
                       ("lora_dropout", "lora_dropout"), ("lora_targets", "lora_targets"), ("freeze_layers", "freeze_layers"),
-                      ("attn", "attn"), ("mfu", "mfu")):
+                      ("attn", "attn"), ("mfu", "mfu"), ("trainer", "trainer"), ("label_fraction", "label_fraction")):
         v = getattr(args, attr)
         if v is not None:
             changes[key] = v.strip().lower() if isinstance(v, str) and key != "attn" else v

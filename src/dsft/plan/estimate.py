@@ -52,7 +52,15 @@ class PlanRequest:
     attn: str = "sdpa"
     mfu: float = 0.35
     hold_logits: bool = False
-    """True when the training loop keeps the model output (logits) alive through backward."""
+    """True when the training loop keeps the model output (logits) alive through backward (hf trainer)."""
+    trainer: str = "dsft"
+    """dsft: `dsft train` (logits only on labelled tokens in chunks, foreach AdamW, dsft's LoRA targets);
+    hf: a Hugging Face Trainer-style step (logits for every token, fused AdamW on CUDA, PEFT's own targets)."""
+    label_fraction: float = 1.0
+    """Share of tokens that carry a loss target (dsft trainer: assistant tokens); 1.0 is the safe bound."""
+    loss_chunk: int = 4096
+    modules_to_save: bool | None = None
+    """Embeddings, LM head and norms trained fully next to LoRA; None: dsft's rule (tiny models < 100 M)."""
 
     def validate(self) -> PlanRequest:
         def bad(key: str, value: Any, accepted: str) -> ConfigError:
@@ -82,8 +90,12 @@ class PlanRequest:
             if unknown or not _target_names(self):
                 raise bad("lora-targets", ",".join(unknown) or self.lora_targets,
                           "all, attention, or names among " + ", ".join(sorted(known)))
-        if self.attn not in ("sdpa", "eager", "flash_attention_2"):
-            raise bad("attn", self.attn, "sdpa, eager or flash_attention_2")
+        if self.trainer not in ("dsft", "hf"):
+            raise bad("trainer", self.trainer, "dsft or hf")
+        if not 0 < self.label_fraction <= 1:
+            raise bad("label-fraction", self.label_fraction, "a fraction in (0, 1]")
+        if self.attn not in ("sdpa", "eager", "flash_attention_2", "dsft_packed"):
+            raise bad("attn", self.attn, "sdpa, eager, flash_attention_2 or dsft_packed")
         return self
 
     @property
@@ -101,6 +113,15 @@ class PlanRequest:
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def mts(self) -> bool:
+        """Whether embeddings, LM head and norms train fully next to the adapter (dsft: tiny models)."""
+        if not self.adapter:
+            return False
+        if self.modules_to_save is not None:
+            return self.modules_to_save
+        return self.trainer == "dsft" and self.arch.total_params() < 100e6
 
 
 @dataclass
@@ -169,22 +190,37 @@ def _target_names(req: PlanRequest) -> set[str]:
 
 
 def fused_expert_lora(req: PlanRequest) -> bool:
-    """PEFT + transformers 5 on DeepSeek-V2/V3: MLP target names are remapped onto the fused 3-D routed-expert
-    parameters (LoRA on every expert; the dense MLPs and shared experts then get no LoRA)."""
-    return req.adapter and req.arch.moe and req.arch.family.startswith("deepseek") and bool(_target_names(req) & MLP_NAMES)
+    """Whether the fused 3-D routed-expert parameters of a DeepSeek-V2/V3 model (transformers 5) carry LoRA.
+
+    dsft: its adapters module targets them explicitly next to every nn.Linear (not with DoRA).
+    hf: PEFT itself remaps the MLP target names onto them, and the dense MLPs / shared experts get no LoRA.
+    """
+    if not (req.adapter and req.arch.moe and req.arch.family.startswith("deepseek")):
+        return False
+    if not _target_names(req) & MLP_NAMES:
+        return False
+    return not (req.trainer == "dsft" and req.method == "dora")
 
 
 def _targets(req: PlanRequest, i: int) -> list:
     names = _target_names(req)
-    fused = fused_expert_lora(req)
+    peft_remap = fused_expert_lora(req) and req.trainer == "hf"
     return [lin for lin in req.arch.layer_linears(i)
-            if lin.lora and lin.name in names and not (fused and lin.group in ("mlp", "shared"))]
+            if lin.lora and lin.name in names and not (peft_remap and lin.group in ("mlp", "shared"))]
 
 
 def _fused_expert_adapter(req: PlanRequest) -> int:
-    """LoRA params of one MoE layer's fused experts: gate_up (rank 2r per expert) + down (rank r per expert)."""
+    """LoRA params of one MoE layer's fused experts, rank r per expert (PEFT's remap doubles gate_up's rank)."""
     a, r, e = req.arch, req.rank, req.arch.n_routed_experts
-    return 2 * r * e * (a.hidden + 2 * a.moe_intermediate) + r * e * (a.moe_intermediate + a.hidden)
+    gate_up = (2 if req.trainer == "hf" else 1) * r * e * (a.hidden + 2 * a.moe_intermediate)
+    return gate_up + r * e * (a.moe_intermediate + a.hidden)
+
+
+def _mts_params(req: PlanRequest) -> int:
+    """Parameters of the modules trained fully next to LoRA (embeddings, LM head, norms)."""
+    a = req.arch
+    norms = a.hidden * (2 * a.layers + 1) + a.layers * a.attn_norm_params()
+    return a.embed_params + a.head_params + norms
 
 
 def _layer_adapter(req: PlanRequest, i: int) -> int:
@@ -196,7 +232,13 @@ def _layer_adapter(req: PlanRequest, i: int) -> int:
 
 
 def adapter_params(req: PlanRequest) -> int:
-    return sum(_layer_adapter(req, i) for i in range(req.arch.layers))
+    return sum(_layer_adapter(req, i) for i in range(req.arch.layers)) + (_mts_params(req) if req.mts else 0)
+
+
+def packed_mask(req: PlanRequest) -> bool:
+    """Packed rows through transformers' SDPA path get a (B,1,S,S) block-diagonal mask, which every layer's
+    attention converts to a float bias and saves for backward (flash_attention_2 / dsft's CPU path avoid it)."""
+    return req.packing and req.attn == "sdpa"
 
 
 def _freeze_first(req: PlanRequest) -> int:
@@ -220,7 +262,8 @@ def _weights_bytes(req: PlanRequest) -> float:
         lin = sum(lin.params for i in range(a.layers) for lin in a.layer_linears(i))
         experts = sum(a.n_routed_experts * a.expert_params() for i in range(a.layers) if a.is_moe_layer(i))
         rest = a.total_params() - lin - experts
-        return (lin + experts) * QLORA_BYTES + rest * 2
+        # prepare_model_for_kbit_training upcasts what is not quantized (embeddings, LM head, norms) to fp32
+        return (lin + experts) * QLORA_BYTES + rest * 4
     return a.total_params() * wb
 
 
@@ -241,14 +284,17 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
     mask = 1.0 if req.gpu.cuda else f32  # (LoRA inputs are fp32: PEFT's adapters are fp32)
     full = mode == "full"
     lora = mode == "lora"
+    norm_w = full or (lora and req.mts)  # the norms' weights train (full, or LoRA with modules_to_save)
     p = req.lora_dropout if lora else 0.0
     tset = {lin.name for lin in _targets(req, i)} if lora else set()
     r = req.rank if lora else 0
     fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
 
     # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
-    # base computes in 16-bit); dropout then copies it again and keeps a mask
+    # base computes in 16-bit); dropout then copies it again and keeps a mask. Under autocast (dsft train in
+    # 16-bit) the adapter matmuls run in 16-bit, so what lora_A keeps is a 16-bit cast of that copy.
     cast = ab != f32
+    li = ab if (cast and req.trainer == "dsft") else f32
 
     def lin_in(name: str, width: int, already_saved: bool, grad_in: bool = True) -> float:
         """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
@@ -256,8 +302,8 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
             return 0.0 if already_saved else width * ab
         if name in tset:
             if p > 0:
-                return width * f32 + (width * mask if grad_in else 0.0) + r * f32
-            return r * f32 + (width * f32 if cast else (0.0 if already_saved else width * ab))
+                return width * li + (width * mask if grad_in else 0.0) + r * li
+            return r * li + (width * li if cast else (0.0 if already_saved else width * ab))
         return 0.0
 
     def lin_group(names: list[str], width: int, grad_in: bool = True) -> float:
@@ -268,15 +314,15 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         if not ts:
             return 0.0
         if p > 0:
-            return len(ts) * (width * f32 + (width * mask if grad_in else 0.0) + r * f32)
+            return len(ts) * (width * li + (width * mask if grad_in else 0.0) + r * li)
         if cast:
-            return len(ts) * (width * f32 + r * f32)
+            return len(ts) * (width * li + r * li)
         return width * ab + len(ts) * r * f32
 
     def norm(width: int, grad_in: bool) -> float:
         """RMSNorm upcasts to fp32 and keeps that input and rsqrt (when the input needs grad), and the normalized
         value cast back (when the weight trains)."""
-        return (width * f32 + f32 if grad_in else 0.0) + (width * ab if full else 0.0)
+        return (width * f32 + f32 if grad_in else 0.0) + (width * ab if norm_w else 0.0)
 
     s = norm(h, input_grad)
     if a.mla:
@@ -288,7 +334,7 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
             s += norm(qa, True) + lin_in("q_b_proj", qa, False)  # q_a out kept by q_a_layernorm
         kvr = a.kv_lora_rank + a.qk_rope_head_dim
         # kv_a out (its split view is upcast for kv_a_layernorm; in fp32 the view keeps all of kv_a out alive)
-        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if full else 0.0)
+        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if norm_w else 0.0)
         s += lin_in("kv_b_proj", a.kv_lora_rank, False)
         s += 2 * a.heads * qk * ab  # query_states (cat) and key_states (new_empty + copy) kept by attention
         s += a.heads * (a.qk_nope_head_dim + a.v_head_dim) * ab  # kv_b out, alive through the value view
@@ -296,13 +342,16 @@ def _layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -
         s += lin_in("o_proj", a.o_dim, False)  # the (B,H,S,D) output is copied to (B,S,H·D) for o_proj
     else:
         s += lin_group(["q_proj", "k_proj", "v_proj"], h, input_grad)
-        gqa_repeat = a.kv_heads != a.heads and req.attn == "eager"
+        packed = req.attn == "dsft_packed"  # dsft's CPU packed path: SDPA per sample, outputs concatenated
+        gqa_repeat = a.kv_heads != a.heads and req.attn in ("eager", "dsft_packed")
         kv = a.q_dim if gqa_repeat else a.kv_heads * a.hd
         s += (a.q_dim + 2 * kv) * ab  # rotated q, k and v kept by attention
         s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
-        s += lin_in("o_proj", a.o_dim, True)
+        s += lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
     if req.attn == "eager":
         s += a.heads * req.seq_len * 2 * ab  # softmax probabilities (+ the scores they came from)
+    if packed_mask(req):
+        s += req.seq_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
     s += norm(h, True)  # residual after attention, kept by the second norm
     per_layer = 0.0
     if a.is_moe_layer(i):
@@ -363,19 +412,26 @@ def _activations(req: PlanRequest) -> _Acts:
             rec.append(0.0)
             bwd.append(0.0)
             continue
-        first_trainable = (i == 0 and req.method != "full") or (req.method == "freeze" and i == _freeze_first(req))
+        # dsft's checkpointing makes the embedding output require grad (enable_input_require_grads)
+        emb_grad = req.mts or (req.gradient_checkpointing and req.adapter and req.trainer == "dsft")
+        first_trainable = (i == 0 and req.method != "full" and not emb_grad) or (
+            req.method == "freeze" and i == _freeze_first(req))
         per_tok, tmp, per_layer = _layer_bytes(req, i, mode, input_grad=not first_trainable)
         full_layer = per_tok * tok + per_layer
         if req.gradient_checkpointing:
-            saved.append(a.hidden * tok * ab)
+            saved.append(a.hidden * tok * ab + (tok * req.seq_len if packed_mask(req) and i == 0 else 0.0))
             rec.append(full_layer)
         else:
             saved.append(full_layer)
             rec.append(0.0)
         bwd.append(tmp * tok)
-    head_trains = req.method == "full"
+    head_trains = req.method == "full" or req.mts
     trains_any = req.method != "freeze" or req.freeze_layers > 0
-    final = (a.hidden * 4 + 4 + (2 * a.hidden * ab if head_trains else 0.0)) * tok if trains_any else 0.0
+    # final norm: fp32 input + rsqrt (+ normalized when it trains, + its output kept by a training head (hf))
+    final = a.hidden * 4 + 4
+    if head_trains:
+        final += a.hidden * ab + (a.hidden * ab if req.trainer == "hf" else 0.0)
+    final = final * tok if trains_any else 0.0
     return _Acts(saved, rec, bwd, final)
 
 
@@ -383,6 +439,14 @@ def _logits_phases(req: PlanRequest) -> tuple[float, float]:
     """(forward peak, backward peak) bytes of logits + loss: lm_head out, fp32 log-softmax, their gradients."""
     a = req.arch
     ab = _act_bytes(req)
+    if req.trainer == "dsft":
+        # dsft: hidden states of labelled tokens gathered, logits in chunks, each chunk's fp32 log-softmax kept
+        sel = req.tokens * req.label_fraction
+        c = min(req.loss_chunk, sel)
+        gathered = sel * a.hidden * ab
+        fwd = gathered + sel * a.vocab * 4 + c * a.vocab * (ab + (4 if ab != 4 else 0))
+        bwd = gathered + sel * a.vocab * 4 + 2 * c * a.vocab * 4
+        return fwd, bwd
     n = req.tokens * a.vocab
     logits = n * ab
     upcast = n * 4 if ab != 4 else 0
@@ -404,7 +468,9 @@ def estimate(req: PlanRequest) -> Estimate:
     base = _weights_bytes(req)
     train_n = trainable_params(req)
     if req.adapter:
-        adapter = train_n * 4.0 / par_div  # PEFT keeps adapter weights in fp32
+        mts_n = _mts_params(req) if req.mts else 0
+        # PEFT keeps adapter weights in fp32; modules_to_save are trainable copies in the weights' dtype
+        adapter = ((train_n - mts_n) * 4.0 + mts_n * wb) / par_div
         weights = base / par_div
         param_bytes = 4
     else:
@@ -443,8 +509,10 @@ def estimate(req: PlanRequest) -> Estimate:
     largest = max([a.embed_params, a.head_params] + [lin.params for lin in a.layer_linears(0)]) if not req.adapter else 0
     if req.optimizer == "sgd" or req.cpu_offload:
         step_tmp = 0.0
+    elif req.trainer == "dsft":
+        step_tmp = train_n * param_bytes / opt_div  # foreach AdamW: one √v temporary for every parameter at once
     elif req.gpu.cuda:
-        step_tmp = 0.0  # fused AdamW (the Trainer's default on CUDA) updates in place
+        step_tmp = 0.0  # fused AdamW (the HF Trainer's default on CUDA) updates in place
     else:
         step_tmp = (largest if not req.adapter else 0) * param_bytes * 2
     if req.sharding in ("zero3", "fsdp") and (req.num_gpus > 1 or req.cpu_offload):
@@ -473,10 +541,12 @@ def estimate(req: PlanRequest) -> Estimate:
         else:
             g = 0.0
         layer_grad.append(g / grad_div * offload_grads)
-    head_grad = (a.head_params if req.method == "full" else 0) * param_bytes / grad_div * offload_grads
-    embed_grad = (a.embed_params if req.method == "full" else 0) * param_bytes / grad_div * offload_grads
-    if req.method == "full" and a.tie_embeddings:
-        head_grad = a.embed_params * param_bytes / grad_div * offload_grads
+    he = req.method == "full" or req.mts
+    hb = param_bytes if req.method == "full" else wb
+    head_grad = (a.head_params if he else 0) * hb / grad_div * offload_grads
+    embed_grad = (a.embed_params if he else 0) * hb / grad_div * offload_grads
+    if he and a.tie_embeddings:
+        head_grad = a.embed_params * hb / grad_div * offload_grads
         embed_grad = 0.0
 
     ab = _act_bytes(req)
@@ -489,6 +559,13 @@ def estimate(req: PlanRequest) -> Estimate:
         layer_tmp += biggest * 2
     if req.method == "dora":
         layer_tmp += max((lin.params for i in range(a.layers) for lin in _targets(req, i)), default=0) * 4
+    # recomputing a checkpointed layer in 16-bit: PEFT's fp32 cast of the widest adapted input (and, under
+    # autocast, its fp32 dropout copy) exist for a moment on top of the rebuilt layer
+    recompute_tmp = 0.0
+    if req.adapter and ab != 4:
+        widest = max((lin.d_in for i in range(a.layers) for lin in _targets(req, i)), default=0)
+        copies = 2 if (req.trainer == "dsft" and req.lora_dropout > 0) else 1
+        recompute_tmp = widest * 4 * copies * req.tokens
     saved_total = sum(acts.saved) + acts.final
     candidates: list[tuple[float, str, float, float, float]] = []  # (total, phase, acts, logits, grads)
     # 1) end of forward, loss computed
@@ -501,7 +578,7 @@ def estimate(req: PlanRequest) -> Estimate:
     for i in reversed(range(a.layers)):
         grads += layer_grad[i]
         # checkpointing: the peak is the recomputed layer (+ incoming gradient); else the layer's gradient buffers
-        work = acts.recompute[i] + 3 * hid if req.gradient_checkpointing else acts.bwd_temp[i]
+        work = acts.recompute[i] + 3 * hid + recompute_tmp if req.gradient_checkpointing else acts.bwd_temp[i]
         work += layer_tmp
         candidates.append((static + live + work + grads, f"backward (layer {i})", live + work, 0.0, grads))
         live -= acts.saved[i]
@@ -515,15 +592,25 @@ def estimate(req: PlanRequest) -> Estimate:
     overhead = (CUDA_CONTEXT + FRAGMENTATION * alloc) if req.gpu.cuda else 0.0
     if req.attn == "eager":
         notes.append("eager attention keeps the S×S score matrix per head")
+    if packed_mask(req) and req.seq_len >= 2048:
+        m = a.layers * req.tokens * req.seq_len * _act_bytes(req)
+        notes.append(f"packing through SDPA keeps an S×S float mask per layer ({m / GiB:.1f} GiB); "
+                     f"attn_implementation flash_attention_2 (varlen) avoids it")
     if fused_expert_lora(req):
         a_ = req.arch
-        copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _weight_bytes(req)
-        notes.append(f"PEFT maps gate/up/down_proj targets of {a_.family} onto the fused routed experts: LoRA on every "
-                     f"expert, dense MLPs and shared experts get none, and W+ΔW of each MoE layer is kept for "
-                     f"backward ({copy / GiB:.1f} GiB without checkpointing); --lora-targets attention avoids it")
-        if req.lora_dropout > 0:
-            notes.append("PEFT refuses lora_dropout > 0 on fused experts (ParamWrapper): set lora.dropout: 0 "
-                         "or target attention only")
+        copy = a_.n_moe_layers * a_.n_routed_experts * a_.expert_params() * _act_bytes(req)
+        where = (f"{copy / GiB:.1f} GiB" if not req.gradient_checkpointing
+                 else f"{copy / max(a_.n_moe_layers, 1) / GiB:.1f} GiB at a time with checkpointing")
+        if req.trainer == "hf":
+            notes.append(f"PEFT maps gate/up/down_proj targets of {a_.family} onto the fused routed experts: LoRA on "
+                         f"every expert, dense MLPs and shared experts get none, and W+ΔW of each MoE layer is kept "
+                         f"for backward ({where}); --lora-targets attention avoids it")
+            if req.lora_dropout > 0:
+                notes.append("PEFT refuses lora_dropout > 0 on fused experts (ParamWrapper): set lora.dropout: 0 "
+                             "or target attention only")
+        elif copy > 0.02 * req.gpu.memory_bytes:
+            notes.append(f"LoRA on the fused routed experts keeps W+ΔW of each MoE layer for backward ({where}); "
+                         f"lora.target_modules without gate/up/down_proj (--lora-targets attention) avoids it")
     return Estimate(weights=weights, adapter=adapter, gradients=grad_b, optimizer=opt_b, activations=act_b,
                     logits=log_b, overhead=overhead, phase=phase, pageable=pageable, trainable_params=train_n,
                     total_params=a.total_params(), notes=notes)

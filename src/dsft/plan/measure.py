@@ -30,6 +30,11 @@ TINY_SHAPES: dict[str, dict[str, Any]] = {
                         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                         q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
                         n_group=1, topk_group=1, tie_word_embeddings=False),
+    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=1024, hidden_size=128, intermediate_size=256,
+                        moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+                        tie_word_embeddings=False),
 }
 
 
@@ -46,6 +51,9 @@ class Spec:
     lora_dropout: float = 0.1
     freeze_layers: int = 2
     lora_targets: str = "all"
+    trainer: str = "dsft"  # dsft: the step `dsft train` runs; hf: model(labels=…) + AdamW, as HF Trainer does
+    label_fraction: float = 0.5
+    packed: bool = False  # two samples per row (position ids restart), through transformers' SDPA mask path
     steps: int = 2
     shape: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -53,10 +61,12 @@ class Spec:
 
     @property
     def label(self) -> str:
-        return (f"{self.arch} {self.method}{'-attn' if self.lora_targets == 'attention' else ''} seq{self.seq_len} "
+        return (f"{'hf ' if self.trainer == 'hf' else ''}{self.arch} {self.method}"
+                f"{'-attn' if self.lora_targets == 'attention' else ''} seq{self.seq_len} "
                 f"b{self.batch}{' gc' if self.gc else ''}"
                 + (f" vocab{self.shape['vocab_size']}" if "vocab_size" in self.shape else "")
-                + (" p0" if self.method == "lora" and self.lora_dropout == 0 else ""))
+                + (" p0" if self.method == "lora" and self.lora_dropout == 0 else "")
+                + (" bf16" if self.dtype == "bfloat16" else "") + (" packed" if self.packed else ""))
 
     def hf_config(self) -> dict[str, Any]:
         return {**TINY_SHAPES[self.arch], **self.shape}
@@ -74,7 +84,18 @@ def plan_request(spec: Spec):
     return PlanRequest(arch=arch, method=spec.method, seq_len=spec.seq_len, micro_batch=spec.batch, precision=prec,
                        gradient_checkpointing=spec.gc, gpu=gpu, lora_rank=spec.lora_rank,
                        lora_dropout=spec.lora_dropout, freeze_layers=spec.freeze_layers, attn="sdpa",
-                       lora_targets=spec.lora_targets)
+                       lora_targets=spec.lora_targets, trainer=spec.trainer,
+                       label_fraction=spec.label_fraction if spec.trainer == "dsft" else 1.0, packing=spec.packed)
+
+
+def _lora_names(spec: Spec) -> list[str] | str:
+    from dsft.plan.models import arch_from_hf_config
+
+    arch = arch_from_hf_config(spec.hf_config())
+    names = sorted({lin.name for i in range(arch.layers) for lin in arch.layer_linears(i)})
+    if spec.lora_targets == "attention":
+        return [n for n in names if n not in ("gate_proj", "up_proj", "down_proj")]
+    return names
 
 
 def _build(spec: Spec):
@@ -86,43 +107,95 @@ def _build(spec: Spec):
     dtype = getattr(torch, spec.dtype)
     with torch.device(spec.device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    n_params = sum(p.numel() for p in model.parameters())
+    if spec.trainer == "dsft":  # as dsft.train sets models up: the MoE router stays fp32 and frozen
+        for name, mod in model.named_modules():
+            if name.endswith(".mlp.gate") and type(mod).__name__.endswith("Router"):
+                mod.to(torch.float32)
     if spec.method in ("lora", "dora"):
-        from peft import LoraConfig, get_peft_model
+        if spec.trainer == "dsft":  # dsft's adapters: exact targets incl. fused experts, modules_to_save rule
+            from dsft.config import LoraConfig as DsftLora
+            from dsft.model.adapters import attach_lora, default_modules_to_save
 
-        from dsft.plan.models import arch_from_hf_config
+            lcfg = DsftLora(r=spec.lora_rank, dropout=spec.lora_dropout, use_dora=spec.method == "dora",
+                            target_modules="auto" if spec.lora_targets == "all" else _lora_names(spec))
+            mts = default_modules_to_save(model) if n_params < 100e6 else []
+            model, _ = attach_lora(model, lcfg, modules_to_save=mts, r=spec.lora_rank, alpha=2 * spec.lora_rank)
+        else:  # plain PEFT (which remaps MLP names onto DeepSeek's fused experts)
+            from peft import LoraConfig, get_peft_model
 
-        arch = arch_from_hf_config(spec.hf_config())
-        names = sorted({lin.name for i in range(arch.layers) for lin in arch.layer_linears(i)})
-        if spec.lora_targets == "attention":
-            names = [n for n in names if n not in ("gate_proj", "up_proj", "down_proj")]
-        targets = names  # on DeepSeek-V2/V3 PEFT remaps the MLP names onto the fused routed experts
-        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
-                                                 lora_dropout=spec.lora_dropout, target_modules=targets,
-                                                 use_dora=spec.method == "dora", task_type="CAUSAL_LM"))
+            model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
+                                                     lora_dropout=spec.lora_dropout, target_modules=_lora_names(spec),
+                                                     use_dora=spec.method == "dora", task_type="CAUSAL_LM"))
     elif spec.method == "freeze":
         n = cfg.num_hidden_layers
         keep = {f"layers.{i}." for i in range(n - spec.freeze_layers, n)}
         for name, p in model.named_parameters():
-            p.requires_grad_(any(k in name for k in keep))
+            p.requires_grad_(any(k in name for k in keep) and not name.endswith(".mlp.gate.weight"))
+    elif spec.method == "full" and spec.trainer == "dsft":
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.endswith(".mlp.gate.weight"))
     if spec.gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.trainer == "dsft" and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
     model.config.use_cache = False
     model.train()
     return model
+
+
+def _dsft_loss(model, ids, targets, chunk: int = 4096, packed: bool = False):
+    """The loss `dsft train` computes: logits only where a target exists, in chunks, fp32 cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = ids.shape[1]
+    pos = torch.arange(n, device=ids.device)
+    if packed:
+        pos = torch.cat([pos[: n // 2], pos[: n - n // 2]])
+    pos = pos.expand_as(ids)
+    h = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    sel = targets != -100
+    hs, tg = h[sel], targets[sel]
+    head = inner.get_output_embeddings()
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, tg.numel(), chunk):
+        logits = head(hs[i:i + chunk]).float()
+        total = total + F.cross_entropy(logits, tg[i:i + chunk], reduction="sum")
+    return total / max(1, tg.numel())
 
 
 def _steps(spec: Spec, model) -> float:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    # the Trainer's default optimizer: fused AdamW on CUDA, the per-tensor loop on CPU
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if spec.device == "cuda" else None)
+    if spec.trainer == "dsft":  # dsft.train's optimizer: foreach AdamW, no decay on 1-D params
+        decay = [p for p in params if p.ndim >= 2]
+        rest = [p for p in params if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
+    else:  # the HF Trainer's default: fused AdamW on CUDA, the per-tensor loop on CPU
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True if spec.device == "cuda" else None)
     g = torch.Generator().manual_seed(0)
     vocab = spec.hf_config()["vocab_size"]
     loss = torch.tensor(0.0)
+    import contextlib
+
+    # dsft train runs 16-bit precisions under autocast (even with 16-bit weights)
+    autocast = (lambda: torch.autocast(spec.device, dtype=getattr(torch, spec.dtype))) if (
+        spec.trainer == "dsft" and spec.dtype != "float32") else contextlib.nullcontext
     for _ in range(spec.steps):
         ids = torch.randint(0, vocab, (spec.batch, spec.seq_len), generator=g).to(spec.device)
-        loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
+        if spec.trainer == "dsft":
+            targets = torch.roll(ids, -1, dims=1)
+            targets[:, : int(round(spec.seq_len * (1 - spec.label_fraction)))] = -100  # the prompt part
+            targets[:, -1] = -100
+            with autocast():
+                loss = _dsft_loss(model, ids, targets, packed=spec.packed)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -209,9 +282,9 @@ _SMALL_VOCAB = {"vocab_size": 128}  # activations, not logits, set the peak
 
 
 def validation_specs() -> list[Spec]:
-    """The CPU validation matrix: 3 architectures (Llama, Qwen2 GQA, DeepSeek-V3 MLA+MoE) × lora/full/freeze ×
-    seq 128/256 × batch 2/4 × with/without gradient checkpointing; peaks land in the loss, in a layer's
-    backward and in the optimizer step."""
+    """The CPU validation matrix: Llama, Qwen2 (GQA), DeepSeek-V3 and -V2 (MLA + MoE) × lora/full/freeze ×
+    seq 64/128/256 × batch 1/2/4 × with/without gradient checkpointing, as `dsft train` runs them (plus two
+    HF-Trainer-style steps); peaks land in the loss, in a layer's backward and in the optimizer step."""
     return [
         Spec("llama", "lora", 128, 2),
         Spec("llama", "full", 64, 1),
@@ -221,10 +294,17 @@ def validation_specs() -> list[Spec]:
         Spec("qwen2", "full", 256, 4),
         Spec("qwen2", "lora", 256, 2, gc=True),
         Spec("qwen2", "freeze", 256, 4, shape=_SMALL_VOCAB),
-        Spec("deepseek_v3", "lora", 128, 2, lora_dropout=0.0),
+        Spec("deepseek_v3", "lora", 128, 2),
         Spec("deepseek_v3", "full", 128, 2),
         Spec("deepseek_v3", "lora", 256, 4, gc=True, lora_targets="attention"),
         Spec("deepseek_v3", "freeze", 256, 4),
         Spec("deepseek_v3", "full", 256, 4, gc=True, shape=_SMALL_VOCAB),
-        Spec("deepseek_v3", "lora", 256, 4, lora_dropout=0.0, shape=_SMALL_VOCAB),
+        Spec("deepseek_v3", "lora", 256, 4, shape=_SMALL_VOCAB),
+        Spec("deepseek_v2", "lora", 256, 4, gc=True, shape=_SMALL_VOCAB),
+        Spec("llama", "lora", 256, 4, shape=_SMALL_VOCAB, packed=True),  # SDPA's per-layer packed-mask bias
+        Spec("llama", "lora", 128, 2, trainer="hf"),
+        Spec("deepseek_v3", "lora", 128, 2, trainer="hf", lora_dropout=0.0),
+        # 16-bit under autocast, as dsft train runs bf16 (fp32 norm upcasts, PEFT's fp32 adapter casts)
+        Spec("qwen2", "lora", 128, 2, gc=True, shape=_SMALL_VOCAB, dtype="bfloat16"),
+        Spec("deepseek_v3", "full", 128, 2, shape=_SMALL_VOCAB, dtype="bfloat16"),
     ]

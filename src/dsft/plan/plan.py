@@ -124,6 +124,15 @@ class Plan:
         r = self.request
         return tok * train_flops_per_token(r) / (r.num_gpus * tf * 1e12 * r.mfu)
 
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Trained tokens per second over all GPUs at the stated MFU (None when the device's FLOPS are unknown)."""
+        tf = self.tflops or self.request.gpu.bf16_tflops
+        if not tf:
+            return None
+        r = self.request
+        return r.num_gpus * tf * 1e12 * r.mfu / train_flops_per_token(r)
+
     def to_dict(self) -> dict[str, Any]:
         r, e = self.request, self.estimate
         rec = self.recommendation
@@ -137,7 +146,8 @@ class Plan:
                       "gradient_checkpointing": r.gradient_checkpointing, "packing": r.packing,
                       "sharding": r.sharding, "cpu_offload": r.cpu_offload, "num_gpus": r.num_gpus,
                       "gpu": r.gpu.name, "gpu_memory_bytes": r.gpu.memory_bytes,
-                      "lora_rank": r.rank if r.adapter else None, "trainable_params": e.trainable_params},
+                      "lora_rank": r.rank if r.adapter else None, "trainable_params": e.trainable_params,
+                      "trainer": r.trainer, "label_fraction": r.label_fraction},
             "memory_bytes": {**{k: int(v) for k, v in e.breakdown().items()}, "allocated": int(e.allocated),
                              "peak": int(e.peak), "pageable": int(e.pageable)},
             "peak_phase": e.phase,
@@ -150,7 +160,7 @@ class Plan:
             "throughput": {"tokens_per_step": self.tokens_per_step, "tokens_per_epoch": self.tokens_per_epoch,
                            "flops_per_token": train_flops_per_token(r), "mfu": r.mfu,
                            "tflops_per_gpu": self.tflops or r.gpu.bf16_tflops,
-                           "seconds_per_epoch": self.seconds_per_epoch},
+                           "seconds_per_epoch": self.seconds_per_epoch, "tokens_per_second": self.tokens_per_second},
             "notes": e.notes + self.notes,
         }
 
@@ -180,7 +190,9 @@ class Plan:
         lines.append(f"setup: {meth}, seq {r.seq_len} × micro-batch {r.micro_batch} × accum {r.grad_accum} × "
                      f"{r.num_gpus} GPU, {r.precision}, {r.optimizer}, "
                      f"{'gradient checkpointing' if r.gradient_checkpointing else 'no checkpointing'}, "
-                     f"{'packing' if r.packing else 'padding'}, sharding {r.sharding}{', CPU offload' if r.cpu_offload else ''}")
+                     f"{'packing' if r.packing else 'padding'}, sharding {r.sharding}{', CPU offload' if r.cpu_offload else ''}, "
+                     f"{'dsft train' if r.trainer == 'dsft' else 'HF Trainer'} step"
+                     + (f" (loss on {100 * r.label_fraction:.0f} % of tokens)" if r.trainer == "dsft" and r.label_fraction < 1 else ""))
         lines.append(f"trainable: {fmt_count(e.trainable_params)} of {fmt_count(e.total_params)} params")
         lines.append(f"per-GPU peak memory (at {e.phase}):")
         labels = {"weights": "weights", "adapter": "adapter", "gradients": "gradients", "optimizer": "optimizer state",
@@ -215,6 +227,11 @@ class Plan:
                       f"{t['tflops_per_gpu']:g} TFLOPS × {r.num_gpus}")
         elif t["tokens_per_epoch"]:
             tline += " (time: unknown FLOPS for this device; pass --tflops)"
+        if t["tokens_per_second"]:
+            tline += (f"; ≈ {fmt_count(t['tokens_per_second'])} tokens/s (≈ {_fmt_time(1e6 / t['tokens_per_second'])} per "
+                      f"1 M tokens) at {100 * r.mfu:.0f} % MFU")
+            if not t["tokens_per_epoch"]:
+                tline += "; pass --examples/--avg-tokens (or run the data stage) for time per epoch"
         lines.append(tline)
         for n in d["notes"]:
             lines.append(f"note: {n}")
@@ -270,6 +287,15 @@ def detect_device() -> Gpu:
     return cpu_device()
 
 
+def _attn_for(cfg, dev: Gpu) -> str:
+    """dsft train's attention path: per-sample SDPA for packed rows on CPU (train.packed_attention auto/segments)."""
+    t = cfg.train
+    mode = getattr(t, "packed_attention", "mask")
+    if t.packing and (mode == "segments" or (mode == "auto" and not dev.cuda)):
+        return "dsft_packed"
+    return cfg.model.attn_implementation
+
+
 def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | None = None,
                         micro_batch: int | None = None) -> PlanRequest:
     """Map a dsft Config (train / lora / data / plan sections) to a PlanRequest."""
@@ -292,6 +318,7 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
     if sharding == "auto":
         sharding = "fsdp" if t.strategy == "fsdp" else ("zero2" if t.strategy == "deepspeed" else "none")
     targets = cfg.lora.target_modules
+    mts_cfg = getattr(cfg.lora, "modules_to_save", "auto")
     return PlanRequest(
         arch=arch, method=method, seq_len=cfg.data.max_seq_length, micro_batch=mb,
         grad_accum=t.gradient_accumulation_steps, precision=prec, optimizer=plan_cfg.optimizer,
@@ -299,7 +326,8 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
         cpu_offload=plan_cfg.cpu_offload, num_gpus=max(plan_cfg.num_gpus, t.nproc) if dev.cuda else 1, gpu=dev,
         lora_rank=cfg.lora.r, lora_dropout=cfg.lora.dropout,
         lora_targets="all" if targets == "auto" else list(targets), freeze_layers=t.freeze_trainable_layers,
-        attn=cfg.model.attn_implementation, mfu=plan_cfg.mfu,
+        attn=_attn_for(cfg, dev), mfu=plan_cfg.mfu, trainer="dsft", label_fraction=plan_cfg.label_fraction,
+        modules_to_save=None if mts_cfg == "auto" else bool(mts_cfg),
     )
 
 
@@ -340,14 +368,26 @@ def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=2, ensure_ascii=False)
 
 
-def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print, gpu: Gpu | None = None) -> tuple[int, int, Plan]:
+def plan_training(cfg, model_dir: str | Path | None = None, *, echo=print,
+                  gpu: Gpu | None = None) -> tuple[int | None, int, Plan | None]:
     """ONE call for `dsft train`: resolve `per_device_train_batch_size: auto`, print the plan, warn if it won't fit.
 
     Returns (micro_batch, grad_accum, plan). With an integer batch size these are the configured values; with
     `auto` they are the largest micro-batch that fits and the accumulation that keeps the effective batch.
-    Never raises for a setup that does not fit (training may still be attempted); it warns through `echo`.
+    Never raises: a setup that does not fit gets a warning through `echo` (training may still be attempted);
+    a model the planner cannot read gets a warning and (configured micro-batch or None, configured accumulation,
+    None) — None meaning "use your own default".
     """
-    plan = plan_for_config(cfg, model_dir, gpu=gpu, search=False)
+    from dsft.errors import DsftError
+
+    t = cfg.train
+    try:
+        plan = plan_for_config(cfg, model_dir, gpu=gpu, search=False)
+    except (DsftError, ValueError, KeyError, OSError) as err:
+        if echo:
+            echo(f"warning: the memory planner cannot plan this run ({err}); continuing without it")
+        micro = t.per_device_train_batch_size if isinstance(t.per_device_train_batch_size, int) else None
+        return micro, t.gradient_accumulation_steps, None
     r = plan.request
     if echo:
         echo(plan.table())
