@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dsft.config import Config
+from dsft.errors import OverwriteError
 from dsft.run import RunDir, atomic_write_json, atomic_write_text
 
 PIPELINE = ("plan", "data", "train", "eval", "export", "serve")
@@ -92,11 +94,25 @@ def run_pipeline(cfg: Config, run: RunDir, *, stages: tuple[str, ...] = PIPELINE
     """Run stages in order; return {stage: manifest} and {timings}. Each stage writes its own manifest."""
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    # Decide about overwriting before any work: without --force a finished stage stops the run now; with --force
+    # every stage to be run is cleared first, so no stage can read a previous run's output of a later one.
+    for stage in stages:
+        if run.has(stage):
+            if not force:
+                raise OverwriteError(f"{run.root / stage} already holds a finished '{stage}' stage; pass --force to overwrite it")
+            shutil.rmtree(run.root / stage)
     for stage in stages:
         t0 = time.perf_counter()
         manifest = _stage_fn(stage)(cfg, run, force=force)
         timings[stage] = round(time.perf_counter() - t0, 2)
         results[stage] = manifest
+        if stage == "export" and cfg.eval.variants and "eval" in results:
+            # quantized variants scored on the same held-out records: the seed's "latency −Z %" headline
+            from dsft.eval import add_variants
+
+            t1 = time.perf_counter()
+            results["eval"] = add_variants(cfg, run)
+            timings["eval"] = round(timings.get("eval", 0) + time.perf_counter() - t1, 2)
         if on_stage:
             on_stage(stage, manifest, timings[stage])
     results["timings"] = timings
@@ -163,6 +179,8 @@ def render_report_md(rep: dict[str, Any]) -> str:
         "## Data",
         f"- input {rep['data']['input']} = kept {rep['data']['kept']} + dropped {json.dumps(rep['data']['dropped'], ensure_ascii=False)}",
         f"- train {rep['data']['train']} (+{rep['data']['derived']} derived classification records), test {rep['data']['test']}",
+        "- per-step counts, length and label histograms: [data/data_report.md](data/data_report.md); removed records and "
+        "their reasons: data/rejected.jsonl, data/duplicates.jsonl",
         "",
         "## Train",
         f"- loss {_num(rep['train']['loss_first'])} → {_num(rep['train']['loss_last'])} in {rep['train']['steps']} steps, "

@@ -45,6 +45,14 @@ def test_synonyms_protect_terms_and_numbers():
     assert n == 2 and "alcohol" in en and "suggest" not in en
 
 
+def test_shipped_medical_terms_are_protected_even_when_a_list_has_them():
+    table = parse_synonyms("感冒 伤风\n建议 推荐\nALT 谷丙\n")
+    prot = load_protected([], None)
+    assert {"感冒", "阿司匹林", "二甲双胍", "糖尿病"} <= prot
+    out, n = synonym_replace("感冒了，建议查ALT。", random.Random(0), table, prot, 1.0)
+    assert out == "感冒了，推荐查ALT。" and n == 1
+
+
 def test_cilin_format_is_accepted():
     t = parse_synonyms("Aa01A01= 人 士 人物\nAa01A02# 相关 无关\nAa01A03@ 单独\n头痛 头疼")
     assert t["士"] == ["人", "士", "人物"] and "相关" not in t and t["头疼"] == ["头痛", "头疼"]

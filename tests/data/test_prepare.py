@@ -65,7 +65,7 @@ def test_embedded_medical_contract(tmp_path):
 
 
 def test_deterministic_and_refuses_overwrite(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, report_plots=False)
     run = RunDir(cfg.run_dir)
     prepare(cfg, run)
     first = (run.root / "data" / "train.jsonl").read_bytes(), (run.root / "data" / "test.jsonl").read_bytes()
@@ -73,7 +73,7 @@ def test_deterministic_and_refuses_overwrite(tmp_path):
         prepare(cfg, run)
     prepare(cfg, run, force=True)
     assert ((run.root / "data" / "train.jsonl").read_bytes(), (run.root / "data" / "test.jsonl").read_bytes()) == first
-    other = _cfg(tmp_path / "o", seed=7)
+    other = _cfg(tmp_path / "o", seed=7, report_plots=False)
     prepare(other, RunDir(other.run_dir))
     assert (RunDir(other.run_dir).root / "data" / "test.jsonl").read_bytes() != first[1]
 

@@ -66,6 +66,8 @@ def test_balance_cap_floor_temperature_deterministic():
     out, under, info = balance(train, "floor", floor=10, seed=1)
     assert Counter(r["label"] for r in out) == {"A": 40, "B": 10} and not under
     assert sum(r["provenance"] == "oversampled" for r in out) == 6 and len({r["id"] for r in out}) == len(out)
+    out, under, info = balance(train, "temperature", temperature=0.5, seed=1)
+    assert len(out) == len(train) and Counter(r["label"] for r in out) == {"A": 33, "B": 11} and len(under) == 7
     t = target_counts({"A": 900, "B": 100}, "temperature", None, None, 0.5)
     assert sum(t.values()) == 1000 and t["A"] == 750 and t["B"] == 250  # 30:10 → 3:1
 
@@ -114,7 +116,7 @@ def test_prepare_filters_balance_decontaminate_accounting(tmp_path, medical_csv)
     assert len(rejected) + len(dups) == sum(c["dropped"].values())  # every drop is listed with its reason
     assert Counter(r["reason"] for r in rejected) + Counter("duplicate_exact" if x["method"] == "exact" else "near_duplicate"
                                                             for x in dups) == Counter(c["dropped"])
-    assert c["dropped"]["incomplete_answer"] > 0 and c["dropped"]["balance_cap"] > 0
+    assert c["dropped"]["incomplete_answer"] > 0 and c["dropped"]["balance_undersampled"] > 0
     sampled = {r["line"] for r in rejected if r["reason"] == "max_samples"}
     leaked = {1002 + k for k in range(30)} - sampled  # lines (header = 1) of the eval rows that were sampled in
     assert c["dropped"].get("contaminated", 0) >= len(leaked) - 5

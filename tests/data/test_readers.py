@@ -74,6 +74,20 @@ def test_json_array_line_numbers_and_rejections(tmp_path):
         load_records(DataConfig(path=str(p)), strict=True)
 
 
+def test_jsonl_saved_as_json(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps(QA, ensure_ascii=False) + "\n" + json.dumps(QA, ensure_ascii=False) + "\n", encoding="utf-8")
+    recs, _, _ = _load(p)
+    assert [r["source"]["line"] for r in recs] == [1, 2]
+
+
+def test_csv_unclosed_quote_names_the_line(tmp_path):
+    p = tmp_path / "q.csv"
+    p.write_text('title,answer\n头痛,多休息。\n"胃痛,少吃\n辣\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"q\.csv:3: unreadable CSV row"):
+        _load(p)
+
+
 def test_csv_missing_mapped_column(medical_csv):
     with pytest.raises(DataError) as e:
         _load(medical_csv, columns={"question": "title", "answer": "doctor_reply"})
@@ -95,6 +109,8 @@ def test_sharegpt_tool_calls_and_openai_messages(sharegpt_json, tmp_path):
     assert info[0]["schema"] == "sharegpt" and len(recs) + len(rej) == 300
     withtool = [r for r in recs if any(m["role"] == "tool" for m in r["messages"])]
     assert withtool and all(r["tools"] for r in withtool)
+    # the tool schema is in the system turn (the model must see what it is trained to call)
+    assert withtool[0]["messages"][0]["role"] == "system" and withtool[0]["tools"] in withtool[0]["messages"][0]["content"]
     # function_call turns are assistant text (never content None) so every chat template keeps them
     call = next(m for m in withtool[0]["messages"] if m["role"] == "assistant")
     assert json.loads(call["content"])["name"]
@@ -151,6 +167,9 @@ def test_cli_prepare_stats_and_errors(tmp_path, medical_csv):
     assert r.returncode == 2 and f"{bad}:2: empty_answer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _dsft("data", "stats", str(medical_csv))
     assert r.returncode == 0 and "gb18030" in r.stdout and "肝病科 3121" in r.stdout
+    r = _dsft("data", "stats", "embedded:medical", "--json", "--tokenizer", "embedded:tiny-deepseek-v3")
+    st = json.loads(r.stdout)
+    assert st["records"] == 1667 and st["exact_duplicates"] == 33 and st["lengths_tokens"]["answer"]["count"] == 1667
 
 
 def test_sharegpt_tool_calls_render_with_the_deepseek_template(sharegpt_json):

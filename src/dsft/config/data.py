@@ -107,6 +107,8 @@ class DataConfig(Section):
     label_field: str | None = "domain"
     """Canonical field whose value is the class label (used for stratified split, classification eval)."""
     system_prompt: str | None = None
+    tools_in_system: bool = True
+    """Render a record's tool schema (sharegpt/OpenAI `tools`) into its system turn, so the model sees what it calls."""
     label_prompt: str | None = "{question}\n请问这个问题应该挂哪个科室？"
     """Prompt of the derived classification task (format keys: question, context). None disables the task."""
     label_task_in_train: bool = True

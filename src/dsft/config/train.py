@@ -26,7 +26,7 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     method: Literal["lora", "dora", "qlora", "full", "freeze"] = "lora"
     num_train_epochs: float | None = Field(None, gt=0)
-    """Default from the preset for the model size: 2 for tiny (< 0.5 B) models, else 1."""
+    """Default from the preset for the model size: 3 for tiny (< 0.5 B) models, else 1."""
     max_steps: int | None = Field(None, gt=0)
     per_device_train_batch_size: int | Literal["auto"] = 8
     gradient_accumulation_steps: int = Field(1, gt=0)

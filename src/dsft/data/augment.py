@@ -18,6 +18,7 @@ from dsft.records import user_turn
 
 log = logging.getLogger("dsft.data")
 _NUM = re.compile(r"\d")
+_ACRONYM = re.compile(r"^[A-Z][A-Z0-9\-]+$")  # HBV, ALT, HBV-DNA: protected like numbers
 _EN_WORD = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 # always protected: what an edit must never change in a medical answer or question
 DEFAULT_PROTECTED = ("医生", "医院", "患者", "病人")
@@ -54,7 +55,10 @@ def load_synonyms(extra_file: str | None = None) -> dict[str, list[str]]:
 
 
 def load_protected(terms: list[str], file: str | None) -> frozenset[str]:
-    out = set(DEFAULT_PROTECTED) | {t.strip() for t in terms if t.strip()}
+    """Never-replaced terms: dsft's medical list + DEFAULT_PROTECTED + the config's terms and file."""
+    shipped = (resources.files("dsft") / "assets" / "data" / "protected_medical_zh.txt").read_text(encoding="utf-8")
+    out = set(DEFAULT_PROTECTED) | {x.strip() for x in shipped.splitlines() if x.strip() and not x.startswith("#")}
+    out |= {t.strip() for t in terms if t.strip()}
     if file:
         p = Path(file)
         if not p.exists():
@@ -98,7 +102,7 @@ def synonym_replace(text: str, rng: random.Random, table: dict[str, list[str]], 
     """Replace each replaceable word with probability prob (at least one when any is replaceable)."""
     toks = tokenize(text, protected)
     cand = [i for i, w in enumerate(toks)
-            if w in table and w not in protected and not _NUM.search(w) and len(table[w]) > 1]
+            if w in table and w not in protected and not _NUM.search(w) and not _ACRONYM.match(w) and len(table[w]) > 1]
     if not cand:
         return text, 0
     chosen = [i for i in cand if rng.random() < prob] or [rng.choice(cand)]

@@ -78,7 +78,7 @@ def _prepare(args) -> int:
     print(f"data: {c['input']} in → {c['kept']} kept; dropped {json.dumps(c['dropped'], ensure_ascii=False)}")
     print(f"split: train {c['train']} (+{c['derived']} derived), test {c['test']}, eval {c['eval']}; "
           f"{len(m['labels'])} labels")
-    print(f"→ {run.root / 'data'}")
+    print(f"→ {run.root / 'data'}  (report: {run.root / 'data' / 'data_report.md'})")
     return 0
 
 

@@ -241,27 +241,35 @@ class NearDupResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Candidate pairs (i < j, local indices) of rows of sig sharing a band: each bucket → (lowest, other)."""
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n × bands) uint64: one hash per LSH band of each signature row."""
     n = sig.shape[0]
-    pairs = []
     s64 = sig.astype(np.uint64)
+    out = np.empty((n, bands), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for b in range(bands):
-            block = s64[:, b * rows:(b + 1) * rows]
             h = np.full(n, np.uint64(b) + np.uint64(0x243F6A8885A308D3), dtype=np.uint64)
-            for c in range(rows):
-                h = h * _P + block[:, c]
-            h = _mix(h)
-            order = np.lexsort((np.arange(n), h))
-            hs = h[order]
-            same = np.flatnonzero(hs[1:] == hs[:-1]) + 1  # positions whose predecessor has the same hash
-            if same.size == 0:
-                continue
-            # the first element of each run of equal hashes is the lowest index (lexsort breaks ties by index)
-            run_start = np.flatnonzero(np.concatenate([[True], hs[1:] != hs[:-1]]))
-            head = run_start[np.searchsorted(run_start, same, side="right") - 1]
-            pairs.append(np.stack([order[head], order[same]], axis=1))
+            for c in range(b * rows, (b + 1) * rows):
+                h = h * _P + s64[:, c]
+            out[:, b] = _mix(h)
+    return out
+
+
+def pairs_from_band_hashes(bh: np.ndarray) -> np.ndarray:
+    """Candidate pairs (i < j) of rows sharing a band hash: each bucket → (lowest index, each other member)."""
+    n = bh.shape[0]
+    pairs = []
+    for b in range(bh.shape[1]):
+        h = bh[:, b]
+        order = np.lexsort((np.arange(n), h))
+        hs = h[order]
+        same = np.flatnonzero(hs[1:] == hs[:-1]) + 1  # positions whose predecessor has the same hash
+        if same.size == 0:
+            continue
+        # the first element of each run of equal hashes is the lowest index (lexsort breaks ties by index)
+        run_start = np.flatnonzero(np.concatenate([[True], hs[1:] != hs[:-1]]))
+        head = run_start[np.searchsorted(run_start, same, side="right") - 1]
+        pairs.append(np.stack([order[head], order[same]], axis=1))
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
     allp = np.concatenate(pairs).astype(np.int64)
@@ -269,11 +277,29 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return np.stack([key // n, key % n], axis=1)
 
 
+def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Candidate pairs (i < j, local indices) of rows of sig sharing a band."""
+    return pairs_from_band_hashes(band_hashes(sig, bands, rows))
+
+
 def _digest(tok: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
-    """rensa MinHash signatures of many docs at once from one flat buffer of shingle hashes."""
+    """rensa MinHash signatures of many docs at once from one flat buffer of shingle hashes.
+
+    rensa's Rayon pool starts with one thread unless RAYON_NUM_THREADS says otherwise: on a busy 2-core machine its
+    fork-join waits for a preempted worker (measured: 3× slower wall-clock); dsft's engines parallelise instead.
+    The variable is set only around the call, so other Rust libraries (tokenizers) keep their own default."""
+    import os
+
     import rensa
 
-    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+    unset = "RAYON_NUM_THREADS" not in os.environ
+    if unset:
+        os.environ["RAYON_NUM_THREADS"] = "1"
+    try:
+        return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tok, offsets, num_perm, seed)
+    finally:
+        if unset:
+            os.environ.pop("RAYON_NUM_THREADS", None)
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -382,10 +408,30 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     ok = jac >= threshold if verify != "none" else np.ones(len(gpairs), dtype=bool)
     edges = gpairs[ok]
     stats["pairs"] = int(len(edges))
-    # connected components (union-find, root = lowest index)
-    parent = list(range(n))
+
+    def jaccard_of(pairs_: np.ndarray) -> list[float]:
+        if verify == "exact":
+            return _exact_jaccard(tok, full_off, pairs_).tolist()
+        pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
+        return [float((sig[pos[a]] == sig[pos[b]]).mean()) for a, b in pairs_.tolist()]
+
+    dups = cluster(edges, jac[ok], jaccard_of)
+    for x in dups:
+        keep[x["index"]] = False
+    stats["removed"] = len(dups)
+    return NearDupResult(keep, dups, stats)
+
+
+def cluster(edges: np.ndarray, edge_jac: np.ndarray, jaccard_of) -> list[dict[str, Any]]:
+    """Connected components of the confirmed pairs; every member but the lowest index is a duplicate of it.
+
+    Each row: {index, duplicate_of (the kept record), jaccard (to it)} plus {matched, matched_jaccard} when the
+    record joined through a chain (its confirmed partner is itself a duplicate). jaccard_of(pairs) computes the
+    Jaccard of (kept, removed) pairs that were not confirmed directly."""
+    parent: dict[int, int] = {}
 
     def find(x: int) -> int:
+        parent.setdefault(x, x)
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
@@ -396,35 +442,28 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     involved = sorted({int(x) for x in edges.ravel().tolist()})
-    dups = []
     removed = [i for i in involved if find(i) != i]
-    if removed:
-        # the confirmed pair that put each record in its cluster (its most similar partner)
-        best: dict[int, tuple[float, int]] = {}
-        for (a, b), j in zip(edges.tolist(), jac[ok].tolist(), strict=True):
-            for x, y in ((a, b), (b, a)):
-                if x not in best or (j, -y) > (best[x][0], -best[x][1]):
-                    best[x] = (j, y)
-        roots = [find(i) for i in removed]
-        # Jaccard to the kept record: the confirmed pair's when that is the partner, else computed (chains)
-        chained = [k for k, (i, r) in enumerate(zip(removed, roots, strict=True)) if best[i][1] != r]
-        jr = [best[i][0] for i in removed]
-        if chained:
-            cp_pairs = np.asarray([[roots[k], removed[k]] for k in chained], dtype=np.int64)
-            if verify == "exact":
-                cj = _exact_jaccard(tok, full_off, cp_pairs).tolist()
-            else:
-                pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
-                cj = [float((sig[pos[a]] == sig[pos[b]]).mean()) for a, b in cp_pairs.tolist()]
-            for k, j in zip(chained, cj, strict=True):
-                jr[k] = j
-        for i, r, j in zip(removed, roots, jr, strict=True):
-            keep[i] = False
-            row = {"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)}
-            bj, bp = best[i]
-            if bp != r:  # chained: similar to a record that is itself a duplicate of the kept one
-                row.update(matched=bp, matched_jaccard=round(float(bj), 4))
-            dups.append(row)
-    stats["removed"] = len(dups)
-    return NearDupResult(keep, dups, stats)
-
+    if not removed:
+        return []
+    # the confirmed pair that put each record in its cluster (its most similar partner)
+    best: dict[int, tuple[float, int]] = {}
+    for (a, b), j in zip(edges.tolist(), edge_jac.tolist(), strict=True):
+        for x, y in ((a, b), (b, a)):
+            if x not in best or (j, -y) > (best[x][0], -best[x][1]):
+                best[x] = (j, y)
+    roots = [find(i) for i in removed]
+    # Jaccard to the kept record: the confirmed pair's when that is the partner, else computed (chains)
+    chained = [k for k, (i, r) in enumerate(zip(removed, roots, strict=True)) if best[i][1] != r]
+    jr = [best[i][0] for i in removed]
+    if chained:
+        cj = jaccard_of(np.asarray([[roots[k], removed[k]] for k in chained], dtype=np.int64))
+        for k, j in zip(chained, cj, strict=True):
+            jr[k] = j
+    dups = []
+    for i, r, j in zip(removed, roots, jr, strict=True):
+        row = {"index": i, "duplicate_of": r, "jaccard": round(float(j), 4)}
+        bj, bp = best[i]
+        if bp != r:  # chained: similar to a record that is itself a duplicate of the kept one
+            row.update(matched=bp, matched_jaccard=round(float(bj), 4))
+        dups.append(row)
+    return dups

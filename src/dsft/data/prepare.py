@@ -13,7 +13,7 @@ from dsft.config import Config
 from dsft.data.engine import get_engine
 from dsft.data.readers import read_rows, resolve_path
 from dsft.data.schema import Invalid, check_mapping, detect_schema, record_text, seed_mapping, to_record
-from dsft.data.split import stratified_split, stream_split
+from dsft.data.split import stratified_split
 from dsft.data.text import normalize
 from dsft.errors import DataError
 from dsft.records import label_prompt_messages
@@ -63,7 +63,7 @@ def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[di
             info["schema"] = None
             infos.append(info)
             continue
-        schema = FORMAT_TO_SCHEMA.get(cfg_data.format) or detect_schema(rows, columns, display)
+        schema = FORMAT_TO_SCHEMA.get(cfg_data.format) or detect_schema(rows, columns, display, info.get("header"))
         keys = info.get("header") or sorted({k for r in rows[:50] if isinstance(r.data, dict) for k in r.data})
         mapping = seed_mapping(keys, columns) if schema == "seed" else columns
         if schema == "seed" and "answer" not in mapping:
@@ -73,7 +73,8 @@ def load_records(cfg_data, *, strict: bool = False) -> tuple[list[dict], list[di
         n_ok = 0
         for row in rows:
             try:
-                records.append(to_record(row, schema, mapping, cfg_data.label_field, cfg_data.system_prompt))
+                records.append(to_record(row, schema, mapping, cfg_data.label_field, cfg_data.system_prompt,
+                                         cfg_data.tools_in_system))
                 n_ok += 1
             except Invalid as bad:
                 if strict:
@@ -201,6 +202,10 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     timer = Timer()
     out_dir = run.prepare_stage("data", force=force)
     engine = get_engine(d.engine, d.workers)
+    if d.streaming:  # inputs larger than memory: three passes, constant state per record
+        from dsft.data.stream import prepare_streaming
+
+        return prepare_streaming(cfg, run, out_dir, engine, timer)
     records, rejected, infos = load_records(d, strict=d.strict)
     n_input = len(records) + len(rejected)
     if n_input == 0:
@@ -254,13 +259,7 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
                         f"(dropped: {dict(dropped)}); see {out_dir / 'rejected.jsonl'}")
 
     labels_clean = Counter(str(r.get("label")) for r in records)
-    if d.streaming:
-        parts: dict[str, list[dict]] = {"train": [], "test": [], "eval": []}
-        for split, rec in stream_split(iter(records), d.test_size, d.eval_size, d.seed, d.shuffle_buffer):
-            parts[split].append(rec)
-        train, test, ev = parts["train"], parts["test"], parts["eval"]
-    else:
-        train, test, ev = stratified_split(records, d.test_size, d.eval_size, d.seed)
+    train, test, ev = stratified_split(records, d.test_size, d.eval_size, d.seed)
     timer.step("split")
     if d.balance.method != "none":
         from dsft.data.balance import balance
@@ -271,9 +270,9 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         except ValueError as err:
             raise DataError(str(err)) from err
         for r in under:
-            rejected.append(_rejected_row(r, "balance_cap", f"class '{r.get('label')}' undersampled to its target"))
+            rejected.append(_rejected_row(r, "balance_undersampled", f"class '{r.get('label')}' undersampled to {d.balance.method} target"))
         if under:
-            dropped["balance_cap"] += len(under)
+            dropped["balance_undersampled"] += len(under)
         timer.step("balance")
     kept = len([r for r in train if r["provenance"] == "original"]) + len(test) + len(ev)
     if d.augment.methods and d.augment.ratio > 0:
@@ -333,24 +332,35 @@ def prepare(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def _lengths_and_plots(report: dict, cfg: Config, final: list[dict], out_dir) -> None:
-    """Length statistics (characters, and tokens when a tokenizer is at hand) and the PNG plots."""
-    from dsft.data.stats import length_stats, record_lengths
+def record_token_lengths(cfg: Config, records: list[dict]) -> dict[str, list[int]]:
+    """Token lengths per field with the model's fast tokenizer (raises when there is none)."""
+    from dsft.data.tokens import count_tokens, tokenizer_for
 
-    chars = record_lengths(final)
+    name = tokenizer_for(cfg)
+    tokens: dict[str, list[int]] = {}
+    for k in ("question", "answer"):
+        texts = [t for t in ((r.get("fields") or {}).get(k) for r in records) if t]
+        if texts:
+            tokens[k] = count_tokens(name, texts)
+    tokens["conversation"] = count_tokens(name, ["\n".join(m["content"] for m in r["messages"]) for r in records])
+    return tokens
+
+
+def _lengths_and_plots(report: dict, cfg: Config, final: list[dict], out_dir,
+                       lengths: tuple[dict[str, list[int]], dict[str, list[int]] | None] | None = None) -> None:
+    """Length statistics (characters, and tokens when a tokenizer is at hand) and the PNG plots.
+    lengths: (chars, tokens or None) already counted (the streaming path counts them batch by batch)."""
+    from dsft.data.stats import length_stats, record_lengths
+    from dsft.data.tokens import tokenizer_for
+
+    chars = lengths[0] if lengths else record_lengths(final)
     report["lengths_chars"] = {k: length_stats(v) for k, v in chars.items()}
     tokens: dict[str, list[int]] = {}
     try:
-        from dsft.data.tokens import count_tokens, tokenizer_for
-
-        name = tokenizer_for(cfg)
-        for k in ("question", "answer"):
-            texts = [(r.get("fields") or {}).get(k) for r in final]
-            texts = [t for t in texts if t]
-            if texts:
-                tokens[k] = count_tokens(name, texts)
-        tokens["conversation"] = count_tokens(name, ["\n".join(m["content"] for m in r["messages"]) for r in final])
-        report["tokenizer"] = name
+        tokens = lengths[1] if lengths and lengths[1] is not None else record_token_lengths(cfg, final)
+        if lengths and lengths[1] is None:
+            raise RuntimeError("no tokenizer")
+        report["tokenizer"] = tokenizer_for(cfg)
     except Exception as err:  # token counts are a report nicety: never fail the stage for them
         report["tokenizer"] = None
         report["tokenizer_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"

@@ -6,7 +6,7 @@ import codecs
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -93,8 +93,9 @@ def decode_bytes(raw: bytes, name: str, encoding: str = "auto") -> tuple[str, st
                             f"GB18030; GB18030 fails at line {_line_of(raw, err.start)}); set data.encoding") from err
 
 
-def _iter_csv(text: str, name: str, delimiter: str) -> Iterator[RawRow]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _iter_csv(text: str | Iterable[str], name: str, delimiter: str) -> Iterator[RawRow]:
+    src = io.StringIO(text, newline="") if isinstance(text, str) else text
+    reader = csv.reader(src, delimiter=delimiter, strict=True)  # an unclosed quote is an error
     try:
         header = next(reader)
     except StopIteration:
@@ -138,6 +139,9 @@ def _iter_json(text: str, name: str) -> Iterator[RawRow]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # JSON Lines saved as .json: read it as what it is
+                yield from _iter_jsonl(text, name)
+                return
             raise DataError(f"{name}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from err
         if isinstance(obj, dict):
             lists = [k for k, v in obj.items() if k in WRAPPER_KEYS and isinstance(v, list) and all(isinstance(x, dict) for x in v)]
@@ -168,8 +172,13 @@ def _iter_json(text: str, name: str) -> Iterator[RawRow]:
         i = end
 
 
-def _iter_jsonl(text: str, name: str) -> Iterator[RawRow]:
-    for k, line in enumerate(text.splitlines(), start=1):
+def _lines(text: str | Iterable[str]) -> Iterable[str]:
+    """Lines of a decoded text, or an open text file as it is (both split on \\n only, like a file)."""
+    return text.split("\n") if isinstance(text, str) else text
+
+
+def _iter_jsonl(text: str | Iterable[str], name: str) -> Iterator[RawRow]:
+    for k, line in enumerate(_lines(text), start=1):
         s = line.strip()
         if not s:
             continue
@@ -180,8 +189,8 @@ def _iter_jsonl(text: str, name: str) -> Iterator[RawRow]:
         yield RawRow(name, k, obj)
 
 
-def _iter_text(text: str, name: str) -> Iterator[RawRow]:
-    for k, line in enumerate(text.splitlines(), start=1):
+def _iter_text(text: str | Iterable[str], name: str) -> Iterator[RawRow]:
+    for k, line in enumerate(_lines(text), start=1):
         if line.strip():
             yield RawRow(name, k, {"text": line.strip()})
 
@@ -225,3 +234,81 @@ def read_rows(path: Path, encoding: str = "auto", display: str | None = None) ->
             rows = list(_iter_text(text, name))
     info["rows"] = len(rows)
     return rows, info
+
+
+def check_encoding(path: Path, name: str, encoding: str = "auto", chunk: int = 1 << 20) -> str:
+    """The file's encoding, checked by decoding it chunk by chunk (constant memory); one-line error with the line."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if encoding.lower() == "auto":
+        if head.startswith(codecs.BOM_UTF8):
+            candidates = ["utf-8-sig"]
+        elif head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return "utf-16"
+        else:
+            candidates = ["utf-8", "gb18030"]
+    else:
+        enc = encoding.lower().replace("_", "-")
+        try:
+            codecs.lookup(enc)
+        except LookupError as err:
+            raise DataError(f"{name}: unknown encoding '{encoding}' (data.encoding)") from err
+        candidates = ["utf-8-sig" if enc in ("utf-8", "utf8") and head.startswith(codecs.BOM_UTF8) else enc]
+    errors = []
+    for enc in candidates:
+        dec = codecs.getincrementaldecoder(enc)()
+        line, ok = 1, True
+        with open(path, "rb") as fh:
+            while True:
+                block = fh.read(chunk)
+                try:
+                    dec.decode(block, final=not block)
+                except UnicodeDecodeError as err:
+                    errors.append((enc, line + block.count(b"\n", 0, max(err.start, 0)), block[err.start:err.start + 1].hex()))
+                    ok = False
+                    break
+                if not block:
+                    break
+                line += block.count(b"\n")
+        if ok:
+            return enc
+    enc, where, byte = errors[0]
+    if encoding.lower() != "auto":
+        raise DataError(f"{name}:{where}: not valid {encoding} (byte 0x{byte}); set data.encoding to the file's encoding "
+                        "or 'auto' (detects UTF-8, UTF-8-BOM, GB18030)")
+    raise DataError(f"{name}:{where}: cannot decode (byte 0x{byte} is neither UTF-8 nor GB18030); set data.encoding")
+
+
+def iter_rows(path: Path, encoding: str = "auto", display: str | None = None) -> tuple[Iterator[RawRow], dict[str, Any]]:
+    """Like read_rows, but streams CSV/TSV/JSONL/text/Parquet row by row (a JSON array is still parsed whole)."""
+    name = display or str(path)
+    kind = file_kind(path)
+    if kind == "json":
+        rows, info = read_rows(path, encoding, display)
+        return iter(rows), info
+    info: dict[str, Any] = {"file": name, "kind": kind, "encoding": "parquet" if kind == "parquet" else None}
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            info["header"] = list(pq.read_schema(path).names)
+        except Exception as err:  # pyarrow raises several types for a broken file
+            raise DataError(f"{name}: not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        return _iter_parquet(path, name), info
+    enc = check_encoding(path, name, encoding)
+    info["encoding"] = enc
+
+    def gen() -> Iterator[RawRow]:
+        with open(path, encoding=enc, newline="") as fh:
+            if kind in ("csv", "tsv"):
+                yield from _iter_csv(fh, name, "\t" if kind == "tsv" else ",")
+            elif kind == "jsonl":
+                yield from _iter_jsonl(fh, name)
+            else:
+                yield from _iter_text(fh, name)
+
+    if kind in ("csv", "tsv"):
+        with open(path, encoding=enc, newline="") as fh:
+            first = next(csv.reader(fh, delimiter="\t" if kind == "tsv" else ","), [])
+        info["header"] = [h.strip() for h in first]
+    return gen(), info

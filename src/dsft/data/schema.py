@@ -37,10 +37,10 @@ class Invalid(Exception):
         self.detail = detail
 
 
-def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str) -> str:
-    """Pick one schema for a whole file from the keys of its first records."""
-    keys: set[str] = set()
-    for r in rows[:50]:
+def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str, header: list[str] | None = None) -> str:
+    """Pick one schema for a whole file from its header (CSV/TSV) or the keys of its first records."""
+    keys: set[str] = set(header or [])
+    for r in ([] if header else rows[:50]):
         if isinstance(r.data, dict):
             keys |= set(r.data)
     keys |= {c for c, s in columns.items() if s in keys}  # mapped columns count under their canonical names
@@ -133,8 +133,21 @@ def _tool_calls_text(calls: Any) -> str:
     return "\n".join(out)
 
 
+def _label(meta: dict[str, Any], fields: dict[str, str], label_field: str | None) -> str | None:
+    """The class label: the canonical field named by data.label_field, or that source column."""
+    if not label_field or label_field == "label":
+        return meta.get("label")
+    if label_field in META:
+        return meta.get(label_field)
+    return _meta(fields.get(label_field)) or meta.get("label")
+
+
+TOOLS_PREAMBLE = ("Available tools (JSON schema). To call one, answer with a JSON object "
+                  '{"name": <tool name>, "arguments": {...}}; its result comes back as a tool message.\n')
+
+
 def _finish(messages: list[dict[str, str]], fields: dict[str, str], meta: dict[str, Any], row: RawRow,
-            label_field: str | None, tools: Any = None) -> dict[str, Any]:
+            label_field: str | None, tools: Any = None, tools_in_system: bool = True) -> dict[str, Any]:
     users = [m for m in messages if m["role"] == "user" and m["content"].strip()]
     if not users:
         raise Invalid("empty_question", "no non-empty user turn")
@@ -142,11 +155,16 @@ def _finish(messages: list[dict[str, str]], fields: dict[str, str], meta: dict[s
         raise Invalid("no_final_answer", "the conversation does not end with an assistant turn")
     if not messages[-1]["content"].strip():
         raise Invalid("empty_answer", "the last assistant turn is empty")
-    label = meta.get("label")
-    if label_field and label_field != "label":
-        label = meta.get(label_field) if label_field in META else (_meta(fields.get(label_field)) or meta.get("label"))
+    label = _label(meta, fields, label_field)
     if tools is not None and not isinstance(tools, str):
         tools = json.dumps(tools, ensure_ascii=False)
+    if tools and tools_in_system:
+        # the model must see the tool schema it is trained to call: render it into the system turn
+        text = TOOLS_PREAMBLE + tools
+        if messages[0]["role"] == "system":
+            messages = [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+        else:
+            messages = [{"role": "system", "content": text}, *messages]
     return {
         "id": f"{Path(row.file).name}:{row.line}",
         "messages": messages,
@@ -161,7 +179,7 @@ def _finish(messages: list[dict[str, str]], fields: dict[str, str], meta: dict[s
 
 
 def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: str | None,
-              system_prompt: str | None = None) -> dict[str, Any]:
+              system_prompt: str | None = None, tools_in_system: bool = True) -> dict[str, Any]:
     """One raw row → one canonical record, or Invalid(reason, detail)."""
     if row.error:
         reason, _, detail = row.error.partition(": ")
@@ -209,7 +227,7 @@ def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: st
             if role is None:
                 raise Invalid("bad_role", f"conversations[{k}].from = {who!r} (expected {', '.join(SHAREGPT_ROLES)})")
             msgs.append({"role": role, "content": _text(turn.get("value", turn.get("content")), f"conversations[{k}].value")})
-        return _finish(msgs, _qa_view(msgs), meta, row, label_field, tools=d.get("tools"))
+        return _finish(msgs, _qa_view(msgs), meta, row, label_field, tools=d.get("tools"), tools_in_system=tools_in_system)
     if schema == "openai":
         raw_msgs = d.get("messages")
         if not isinstance(raw_msgs, list) or not raw_msgs:
@@ -228,13 +246,13 @@ def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: st
                 calls = _tool_calls_text(m["tool_calls"])
                 content = f"{content}\n{calls}" if content.strip() else calls
             msgs.append({"role": role, "content": content})
-        return _finish(msgs, _qa_view(msgs), meta, row, label_field, tools=d.get("tools"))
+        return _finish(msgs, _qa_view(msgs), meta, row, label_field, tools=d.get("tools"), tools_in_system=tools_in_system)
     if schema == "text":
         text = _text(d.get("text"), "text").strip()
         if not text:
             raise Invalid("empty_answer", "empty text")
         rec = {"id": f"{Path(row.file).name}:{row.line}", "messages": [{"role": "assistant", "content": text}],
-               "fields": {"text": text}, "label": meta.get("label") if label_field == "label" else meta.get(label_field or ""),
+               "fields": {"text": text}, "label": _label(meta, {"text": text}, label_field),
                "domain": meta.get("domain"), "difficulty": meta.get("difficulty"),
                "source": {"file": row.file, "line": row.line}, "provenance": "original", "tools": None}
         return rec

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from dsft.errors import ExportError
+from dsft.run import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +130,7 @@ def save_plain(model, tok, out_dir: Path, dtype: str) -> Path:
     from dsft.model.load import torch_dtype
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model = model.to(torch_dtype(dtype))
         model.config.use_cache = True
         model.generation_config = _generation_config(model, tok)
@@ -142,12 +138,6 @@ def save_plain(model, tok, out_dir: Path, dtype: str) -> Path:
         tok.save_pretrained(str(tmp))
         if not any(tmp.glob("*.safetensors")):
             raise ExportError(f"{out_dir}: transformers wrote no safetensors file")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from dsft.errors import ExportError
+from dsft.run import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +206,7 @@ def save_quantized(model, tok, out_dir: str | Path, spec: dict[str, Any], *, sou
         "experts": spec["experts"], "kept_float": sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith(prefixes)}),
         "source": source, "load": "from dsft.export.quant import load_quantized; model, tok = load_quantized(DIR)",
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "scheme": spec["scheme"]})
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
@@ -218,12 +214,6 @@ def save_quantized(model, tok, out_dir: str | Path, spec: dict[str, Any], *, sou
         if tok is not None:
             tok.save_pretrained(str(tmp))
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

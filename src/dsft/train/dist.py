@@ -36,6 +36,8 @@ def accelerate_config(tc, *, n_gpu: int | None = None, mixed_precision: str = "n
     if tc.num_machines > 1:
         base["main_process_ip"] = tc.main_process_ip or "127.0.0.1"
         base["main_process_port"] = tc.main_process_port
+    else:  # one machine: a free local port, so two runs on one host do not collide
+        base["main_process_port"] = _free_port()
     if strategy == "ddp":
         base["distributed_type"] = "MULTI_GPU"  # also right on CPU: the worker asks for gloo (Accelerator(cpu=True))
     elif strategy == "fsdp":
@@ -56,6 +58,14 @@ def accelerate_config(tc, *, n_gpu: int | None = None, mixed_precision: str = "n
             "zero3_init_flag": tc.zero_stage == 3, "zero3_save_16bit_model": tc.zero_stage == 3,
         }
     return base
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def decoder_layer_class(model_dir: Path) -> str | None:

@@ -19,6 +19,16 @@ def unwrap(model):
     return m
 
 
+_BUFFER: list[torch.Tensor] = []
+
+
+def _cpu_buffer(numel: int) -> torch.Tensor:
+    """A reusable flat fp32 CPU buffer of at least numel elements."""
+    if not _BUFFER or _BUFFER[0].numel() < numel:
+        _BUFFER[:] = [torch.empty(numel, dtype=torch.float32)]
+    return _BUFFER[0][:numel]
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Σ CE(h·Wᵀ + b, targets) in chunks, computing d/dh (and d/dW, d/db when trained) during the forward.
 
@@ -37,7 +47,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(h.dtype)
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], targets[i:i + chunk]
-            logits = (hc @ w.t()).float()
+            if hc.dtype == torch.float32 and hc.device.type == "cpu":
+                # reuse one logits buffer across chunks and steps: a fresh 10–250 MB tensor per chunk costs page
+                # faults on CPU that are as slow as the matmul itself
+                logits = torch.mm(hc, w.t(), out=_cpu_buffer(hc.shape[0] * w.shape[0]).view(hc.shape[0], w.shape[0]))
+            else:
+                logits = (hc @ w.t()).float()
             if bias is not None:
                 logits += bias.float()
             # one exp pass, in place: p = exp(z - max) / Σ, loss = log Σ + max − z_target
@@ -49,7 +64,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             probs.div_(sumexp)
             probs[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0
             g = probs.to(h.dtype)
-            grad_h[i:i + chunk] = g @ w
+            torch.mm(g, w, out=grad_h[i:i + chunk])
             if need_w:
                 grad_w.addmm_(probs.t(), hc.float())
             if need_b:
@@ -102,8 +117,8 @@ class CausalLMLoss(nn.Module):
         head = unwrap(self.model).get_output_embeddings()
         if torch.is_grad_enabled() and _plain_head(head) and tg.numel():
             w = head.weight
-            # keep each chunk's fp32 logits near 64 MB whatever the vocabulary
-            chunk = max(16, min(self.chunk_size, (1 << 24) // w.shape[0]))
+            # each chunk's fp32 logits ≈ 256 MB at most, whatever the vocabulary (bigger chunks: faster matmuls)
+            chunk = max(16, min(self.chunk_size, (1 << 26) // w.shape[0]))
             return _FusedLinearCrossEntropy.apply(hs, w, getattr(head, "bias", None), tg, chunk)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, tg.numel(), self.chunk_size):

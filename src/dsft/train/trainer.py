@@ -20,7 +20,7 @@ import torch
 
 from dsft.config import Config
 from dsft.errors import DataError, OverwriteError, TrainError
-from dsft.run import RunDir, read_jsonl
+from dsft.run import RunDir, atomic_write_text, read_jsonl
 from dsft.train import checkpoint as ck
 from dsft.train.batching import StepPlan, collate_packed, collate_padded, real_tokens, split_micro
 from dsft.train.dist import Dist
@@ -259,9 +259,9 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
 
         prev_attn = use_packed_attention(model)
     lr = tc.learning_rate or preset.learning_rate
-    micro = tc.per_device_train_batch_size if tc.per_device_train_batch_size != "auto" else preset.batch
+    micro, accum = _plan_micro_batch(cfg, run, model_dir, preset, quiet=not dist.is_main)
     world = dist.world
-    effective = micro * tc.gradient_accumulation_steps * world
+    effective = micro * accum * world
     epochs = tc.num_train_epochs or preset.epochs
     plan = StepPlan(len(examples), effective, tc.seed, group_by_length=not tc.packing and tc.group_by_length,
                     lengths=tuple(len(e.input_ids) for e in examples))
@@ -556,6 +556,59 @@ def _save(dist, loss_mod, ckpt_root, done, model, opt, names, tc, effective, fin
     dist.barrier()
 
 
+def compact_names(names: list[str]) -> list[str]:
+    """`model.layers.{0-3}.self_attn.q_a_proj`-style summary of per-layer module names."""
+    import re
+
+    groups: dict[str, list[int]] = {}
+    for n in names:
+        m = re.search(r"\.layers\.(\d+)\.", n)
+        key = re.sub(r"\.layers\.\d+\.", ".layers.{}.", n) if m else n
+        groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    out = []
+    for key, idx in groups.items():
+        idx = sorted(i for i in idx if i >= 0)
+        if not idx:
+            out.append(key)
+            continue
+        span = f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
+        out.append(key.replace("{}", "{" + span + "}").removeprefix("model."))
+    return out
+
+
+def compact_skips(skipped: dict[str, str]) -> list[tuple[str, str]]:
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    return [(c, why) for why, names in by_reason.items() for c in compact_names(names)]
+
+
+def _plan_micro_batch(cfg: Config, run: RunDir, model_dir: Path, preset, *, quiet: bool) -> tuple[int, int]:
+    """Ask the memory planner before training: print its plan (or, when this run's plan stage already printed it, its
+    verdict), warn if it will not fit, and resolve `per_device_train_batch_size: auto` to the largest micro-batch that
+    fits, with gradient accumulation keeping the effective batch."""
+    from dsft.plan import plan_training
+
+    tc = cfg.train
+    lines: list[str] = []
+    planned_micro, planned_accum, plan = plan_training(cfg, model_dir, echo=lines.append)
+    if plan is not None:
+        atomic_write_text(run.root / "train" / "plan.txt", plan.table() + "\n")
+    if not quiet:
+        if run.has("plan") and plan is not None:
+            print(f"dsft train: plan — {plan.verdict()} (train/plan.txt)")
+            for line in lines:
+                if line.startswith("warning"):
+                    print(line)
+        else:
+            print("\n".join(lines))
+    if tc.per_device_train_batch_size == "auto":
+        if planned_micro:
+            return planned_micro, planned_accum
+        return preset.batch, tc.gradient_accumulation_steps
+    return tc.per_device_train_batch_size, tc.gradient_accumulation_steps
+
+
 def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, enc_rep, device, precision, dist) -> None:
     lines = [f"dsft train: {info['method']} on {model_dir.name} ({info['total_params']:,} params, preset {preset.name}), "
              f"{info['trainable_params']:,} trainable ({100 * info['trainable_params'] / max(1, info['total_params']):.2f} %)",
@@ -566,5 +619,8 @@ def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, 
         t = info["targets"]
         lines.append(f"dsft train: LoRA r={info['r']} alpha={info['alpha']} on {t['modules']} modules + "
                      f"{t['expert_parameters']} fused expert parameters {t['by_kind']}; fully trained: {info['modules_to_save']}")
+        lines.append("dsft train: adapters on " + ", ".join(compact_names(info["adapted"])))
+        if t["skipped"]:
+            lines.append("dsft train: not adapted: " + ", ".join(f"{k} ({v})" for k, v in compact_skips(t["skipped"])))
     for line in lines:
         print(line, flush=True)

@@ -65,3 +65,16 @@ def test_per_sample_attention_equals_masked_packing_and_one_at_a_time(records16)
     assert use_packed_attention(model) == "sdpa"
     got = per_sample_losses(lm, packed)
     assert max(abs(got[i] - alone[i]) for i in range(8)) <= 1e-5
+
+
+def test_length_grouped_batches_pad_less_than_random_ones(setup):
+    tok, exs, _ = setup
+    lengths = tuple(len(e.input_ids) for e in exs)
+
+    def padded_tokens(plan):
+        return sum(max(lengths[i] for i in plan.samples(s)) * len(plan.samples(s)) for s in range(plan.steps_per_epoch))
+
+    grouped = StepPlan(len(exs), 4, 0, group_by_length=True, lengths=lengths)
+    plain = StepPlan(len(exs), 4, 0)
+    assert sorted(i for s in range(grouped.steps_per_epoch) for i in grouped.samples(s)) == list(range(len(exs)))
+    assert padded_tokens(grouped) < padded_tokens(plain)

@@ -54,7 +54,7 @@ def _cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
 
 def _write_cfg(root: Path, records) -> Path:
     make_run(root, records)
-    cfg = tiny_cfg(root, **KW).model_dump(mode="json")
+    cfg = tiny_cfg(root, **{**KW, "max_steps": 18}).model_dump(mode="json")  # ≥ 10 steps left after the kill
     p = root / "cfg.yaml"
     p.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     return p
@@ -82,7 +82,7 @@ def test_kill_minus_9_then_resume_auto_is_bit_exact(tmp_path, records16):
     assert _losses(tmp_path / "k/train") == _losses(tmp_path / "ref/train")
     assert _same(_adapter(tmp_path / "k/train"), _adapter(tmp_path / "ref/train"))
     m = json.loads((tmp_path / "k/train/manifest.json").read_text())
-    assert m["steps"] == 12
+    assert m["steps"] == 18
 
 
 def test_torn_checkpoint_is_skipped_and_last_k_kept(tmp_path, records16):
