@@ -40,3 +40,21 @@ def assert_greedy_matches(got: str, ref, tol: float = NEAR_TIE) -> None:
     k = next((i for i in range(len(toks))
               if not got.startswith(tok.decode(toks[: i + 1], skip_special_tokens=True).rstrip("\ufffd"))), len(toks) - 1)
     assert gaps[k] < tol, f"output departs at token {k}, where the top-2 logit gap is {gaps[k]:.2e}: {got!r} != {want!r}"
+
+
+def wait_healthy(url: str, timeout_s: float = 120, proc=None, poll_s: float = 0.1) -> None:
+    """Poll GET {url}/health until 200; fail if it takes longer than timeout_s or the server process died."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url}/health did not answer 200 within {timeout_s} s"
+        assert proc is None or proc.poll() is None, "the server process exited"
+        time.sleep(poll_s)
