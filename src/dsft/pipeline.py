@@ -74,9 +74,17 @@ def serve_check(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]
         started = time.perf_counter() - t0
         r = httpx.post(f"{base_url}/generate", json={"prompt": prompt, "max_tokens": 32, "temperature": 0.7}, timeout=120)
         bad = httpx.post(f"{base_url}/generate", json={"prompt": 42}, timeout=60)
+        chat = httpx.post(f"{base_url}/v1/chat/completions", timeout=120,
+                          json={"model": httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"],
+                                "messages": [{"role": "user", "content": prompt}], "max_tokens": 32, "temperature": 0})
     body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    chat_body = chat.json() if chat.status_code == 200 else {}
+    chat_text = ((chat_body.get("choices") or [{}])[0].get("message") or {}).get("content")
     out = {
-        "ok": r.status_code == 200 and isinstance(body.get("text"), str) and 400 <= bad.status_code < 500,
+        "ok": r.status_code == 200 and isinstance(body.get("text"), str) and 400 <= bad.status_code < 500
+        and isinstance(chat_text, str),
+        "openai_chat_status": chat.status_code,
+        "openai_chat_text": chat_text,
         "status": r.status_code,
         "bad_request_status": bad.status_code,
         "prompt": prompt,
@@ -146,7 +154,8 @@ def build_report(cfg: Config, results: dict[str, Any]) -> dict[str, Any]:
                  "report_html": f"eval/{ev['report_html']}" if ev.get("report_html") else None},
         "export": {"max_abs_diff": exp.get("max_abs_diff"), "dtype": exp.get("dtype"), "variants": exp.get("variants"),
                    "quant_report": exp.get("quant_report")},
-        "serve": {"ok": srv.get("ok"), "status": srv.get("status"), "text": srv.get("text")},
+        "serve": {"ok": srv.get("ok"), "status": srv.get("status"), "text": srv.get("text"),
+                  "bad_request_status": srv.get("bad_request_status"), "openai_chat_status": srv.get("openai_chat_status")},
         "timings": timings,
     }
 
@@ -203,6 +212,7 @@ def render_report_md(rep: dict[str, Any]) -> str:
         *_quant_table(rep["export"].get("quant_report")),
         "## Serve",
         f"- POST /generate → HTTP {rep['serve']['status']}, ok = {rep['serve']['ok']}: {rep['serve']['text']!r}",
+        f"- POST /v1/chat/completions (OpenAI API) → HTTP {rep['serve'].get('openai_chat_status')}",
         "",
         "## Timings (s)",
         "| stage | seconds |",

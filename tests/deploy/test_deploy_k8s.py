@@ -106,3 +106,14 @@ def test_k8s_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["deploy", "k8s", "--model", "m", "-o", str(out), "--force", "--replicas", "3"]) == 0
     assert _load(out)["deployment.yaml"]["spec"]["replicas"] == 3
+
+
+def test_cpu_quantities_map_to_whole_threads():
+    from dsft.deploy.k8s import _threads
+
+    assert [_threads(x) for x in ("4", "2.5", "500m", "1500m", "x")] == [4, 2, 1, 1, 1]
+    docs = manifests(K8sOptions(model="/m/merged", cpu_request="2500m", gpus=0))
+    c = docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "OMP_NUM_THREADS", "value": "2"} in c["env"] and "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert "tolerations" not in docs["deployment.yaml"]["spec"]["template"]["spec"]
+    validate_manifest(docs["deployment.yaml"])

@@ -46,6 +46,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert a["loss"] < b["loss"]  # held-out loss falls even after a short run
     assert rep["export"]["max_abs_diff"] < 1e-3
     assert rep["serve"]["ok"] is True
+    assert rep["serve"]["bad_request_status"] == 400 and rep["serve"]["openai_chat_status"] == 200
     assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "export" / "merged" / "model.safetensors").is_file()
     md = (out / "report.md").read_text(encoding="utf-8")

@@ -21,3 +21,4 @@ def server(tiny_model_dir):
     cfg = ServeConfig(port=0, served_model_name="tiny", max_batch_size=8, max_queue=64)
     with serve_in_background(str(tiny_model_dir), cfg) as url:
         yield url
+

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from serve_helpers import NEAR_TIE, greedy_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsft.model.tokenizer import embedded_tokenizer_dir
@@ -61,20 +62,16 @@ def test_staggered_batch_equals_generate(kind, tmp_path):
     d = _tiny(kind, tmp_path / kind)
     tok = AutoTokenizer.from_pretrained(str(d))
     model = AutoModelForCausalLM.from_pretrained(str(d)).eval()
-    want = []
-    for p, n in zip(PROMPTS, LENS, strict=True):
-        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        gen = out[0, ids.shape[1]:].tolist()
-        want.append([t for t in gen if t != tok.eos_token_id])
+    refs = [greedy_reference(d, p, n) for p, n in zip(PROMPTS, LENS, strict=True)]
     engine = Engine(model, tok, max_batch_size=3)  # 4 requests, 3 slots: one waits, then joins mid-flight
     engine.start()
     try:
         for stagger in (0.0, 0.01):
-            assert _run(engine, tok, stagger) == want
+            for got, (want, gaps, _) in zip(_run(engine, tok, stagger), refs, strict=True):
+                want = [t for t in want if t != tok.eos_token_id]
+                if got != want:  # only where one-at-a-time decoding had a near-tie may a batch pick the other token
+                    k = next(i for i in range(min(len(got), len(want)) + 1) if got[: i + 1] != want[: i + 1])
+                    assert gaps[k] < NEAR_TIE, f"token {k}: gap {gaps[k]:.2e}, {got} != {want}"
         assert engine.max_rows_seen >= 2
         assert engine.running == 0 and engine._cache is None  # batch state released when idle
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_helpers import wait_healthy
 from transformers import AutoTokenizer
 
 from dsft.config import ServeConfig
@@ -138,15 +139,7 @@ def test_cli_serve_runs_and_stops_on_sigterm(tiny_model_dir):
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert m, line
         url = f"http://127.0.0.1:{m.group(1)}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        wait_healthy(url, 120, proc=proc, poll_s=0.2)
         r = httpx.post(f"{url}/generate", json={"prompt": "头痛", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and isinstance(r.json()["text"], str)
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "cli-tiny"

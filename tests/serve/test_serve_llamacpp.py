@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from serve_helpers import assert_greedy_matches, greedy_reference
 
 from dsft.config import ServeConfig
 
@@ -23,7 +24,7 @@ def gguf_file(tiny_model_dir, tmp_path_factory):
     return convert(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32")
 
 
-def test_llamacpp_engine_serves_the_same_api(gguf_file, server):
+def test_llamacpp_engine_serves_the_same_api(gguf_file, server, tiny_model_dir):
     from dsft.serve import serve_in_background
 
     body = {"messages": [{"role": "user", "content": "头痛怎么办"}], "max_tokens": 8, "temperature": 0}
@@ -32,7 +33,8 @@ def test_llamacpp_engine_serves_the_same_api(gguf_file, server):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         got = client.chat.completions.create(model="g", **body)
         assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"]  # same template, same vocabulary
-        assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+        # llama.cpp's kernels round differently: equal greedy text, or a departure only at a near-tie
+        assert_greedy_matches(got.choices[0].message.content, greedy_reference(tiny_model_dir, "头痛怎么办", 8))
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(model="g", stream=True, **body))
         assert streamed == got.choices[0].message.content
         r = httpx.post(f"{url}/generate", json={"prompt": 1}, timeout=30)

@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import httpx
 import openai
 import pytest
+from serve_helpers import assert_greedy_matches, greedy_reference
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +113,14 @@ def test_error_classes(client, server):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0.role")
 
 
-def test_concurrent_greedy_requests_match_sequential_ones(client):
+def test_concurrent_greedy_requests_match_plain_generate(client, tiny_model_dir):
     prompts = ["头痛", "发烧三天了，应该吃什么药？请详细说明一下", "hi", "胃疼，恶心", "咳嗽", "失眠多梦怎么办", "腰疼", "血压高"]
     lens = [6, 14, 9, 12, 5, 16, 7, 11]
-    seq = [_chat(client, p, max_tokens=n, temperature=0).choices[0].message.content for p, n in zip(prompts, lens, strict=True)]
     with cf.ThreadPoolExecutor(8) as ex:
         par = list(ex.map(lambda pn: _chat(client, pn[0], max_tokens=pn[1], temperature=0).choices[0].message.content,
                           zip(prompts, lens, strict=True)))
-    assert par == seq
+    for p, n, got in zip(prompts, lens, par, strict=True):
+        assert_greedy_matches(got, greedy_reference(tiny_model_dir, p, n))
 
 
 def test_metrics_are_prometheus_text(server, client):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 import uvicorn
+from serve_helpers import wait_healthy
 
 from dsft.config import ServeConfig
 from dsft.serve.app import create_app
@@ -24,15 +24,7 @@ def wrapped(tiny_model_dir):
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     t.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_healthy(url, 120)
     yield url
     server.should_exit = True
     t.join(30)

@@ -66,9 +66,19 @@ def _meta(o: K8sOptions, name: str) -> dict[str, Any]:
     return m
 
 
+def _threads(cpu: str) -> int:
+    """Whole CPUs in a Kubernetes CPU quantity ('4', '2.5', '500m') → OMP_NUM_THREADS (at least 1)."""
+    cpu = str(cpu).strip()
+    try:
+        n = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    except ValueError:
+        return 1
+    return max(1, int(n))
+
+
 def _container(o: K8sOptions) -> dict[str, Any]:
     s = o.serve
-    env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": o.cpu_request}]
+    env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": str(_threads(o.cpu_request))}]
     if o.engine == "vllm":
         from dsft.serve.vllm import VLLM_MODULE, vllm_args
 

@@ -221,24 +221,24 @@ def _as_ref_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
     return [[r] if isinstance(r, str) else list(r) for r in references]
 
 
-def squad_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]], lang: str = "auto") -> float:
-    """Mean SQuAD F1 (max over each item's references); CMRC 2018 style (character-level) for Chinese."""
+def _best_over_references(one, predictions, references, lang: str) -> float:
+    """Mean over items of the best score against any of the item's references (SQuAD / CMRC 2018 convention)."""
     _check_pairs(predictions, references)
     refs = _as_ref_lists(references)
     if not predictions:
         return 0.0
     lang = _resolve_lang(lang, [x for r in refs for x in r])
-    return sum(max(_f1_one(p, r, lang) for r in rs) for p, rs in zip(predictions, refs, strict=True)) / len(predictions)
+    return sum(max(one(p, r, lang) for r in rs) for p, rs in zip(predictions, refs, strict=True)) / len(predictions)
+
+
+def squad_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]], lang: str = "auto") -> float:
+    """Mean SQuAD F1 (max over each item's references); CMRC 2018 style (character-level) for Chinese."""
+    return _best_over_references(_f1_one, predictions, references, lang)
 
 
 def squad_em(predictions: Sequence[str], references: Sequence[str | Sequence[str]], lang: str = "auto") -> float:
     """Mean exact match after SQuAD (English) / CMRC 2018 (Chinese) normalisation."""
-    _check_pairs(predictions, references)
-    refs = _as_ref_lists(references)
-    if not predictions:
-        return 0.0
-    lang = _resolve_lang(lang, [x for r in refs for x in r])
-    return sum(max(_em_one(p, r, lang) for r in rs) for p, rs in zip(predictions, refs, strict=True)) / len(predictions)
+    return _best_over_references(_em_one, predictions, references, lang)
 
 
 # --- classification ------------------------------------------------------------------------------------
