@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,54 @@ class Monitor:
             try:
                 import mlflow
             except ImportError as err:
-                raise TrainError("train.report_to lists mlflow but it is not installed (pip install mlflow)") from err
+                raise TrainError("train.report_to lists mlflow but it is not installed "
+                                 "(pip install 'dsft[track]' or mlflow-skinny)") from err
+            # offline by default: a file store under the run's train folder unless MLFLOW_TRACKING_URI is set
+            self.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not self.mlflow_uri:
+                self.mlflow_uri = (self.dir / "mlruns").resolve().as_uri()
+                # MLflow ≥ 3.x refuses a file store unless opted in; it still reads and writes it fine
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(self.mlflow_uri)
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dsft")
+            prev = (self.dir / "mlflow_run_id").read_text().strip() if start_step and (self.dir / "mlflow_run_id").exists() else None
+            if mlflow.active_run() is not None:
+                mlflow.end_run()
+            try:
+                run = mlflow.start_run(run_id=prev) if prev else mlflow.start_run(run_name=self.dir.parent.name)
+            except Exception:  # the resumed run is gone (other store): start a new one
+                run = mlflow.start_run(run_name=self.dir.parent.name)
+            (self.dir / "mlflow_run_id").write_text(run.info.run_id + "\n", encoding="utf-8")
             self.mlflow = mlflow
+            self.mlflow_run_id = run.info.run_id
         if "wandb" in report:
             try:
                 import wandb
             except ImportError as err:
-                raise TrainError("train.report_to lists wandb but it is not installed (pip install wandb)") from err
-            self.wandb = wandb.init(project="dsft", dir=str(self.dir), resume="allow")
+                raise TrainError("train.report_to lists wandb but it is not installed "
+                                 "(pip install 'dsft[track]' or wandb)") from err
+            # offline unless the user asked for online (WANDB_MODE) or logged in (WANDB_API_KEY)
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            wdir = self.dir / "wandb_root"
+            wdir.mkdir(parents=True, exist_ok=True)
+            prev = (self.dir / "wandb_run_id").read_text().strip() if start_step and (self.dir / "wandb_run_id").exists() else None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dsft", dir=str(wdir), mode=mode,
+                                    name=self.dir.parent.name, id=prev, resume="allow" if prev else None,
+                                    settings=wandb.Settings(silent=True, console="off"))
+            (self.dir / "wandb_run_id").write_text(self.wandb.id + "\n", encoding="utf-8")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """The resolved training config (lr, rank, batch, epochs, method …) as tracker params / config."""
+        if not self.is_main:
+            return
+        flat = {k: v for k, v in params.items() if v is not None}
+        if self.mlflow is not None:
+            try:
+                self.mlflow.log_params({k: str(v) for k, v in flat.items()})
+            except Exception as err:  # a resumed run may not change a param's value
+                log.warning("dsft train: mlflow params not logged: %s", str(err).splitlines()[0])
+        if self.wandb is not None:
+            self.wandb.config.update(flat, allow_val_change=True)
 
     # -- per step --
     def step(self, rec: dict[str, Any]) -> None:
@@ -109,10 +150,12 @@ class Monitor:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({f"{prefix}_{k}": v for k, v in metrics.items()}, step=step)
-        if self.wandb is not None:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        if self.mlflow is not None:  # train: loss, lr, grad_norm; eval: eval_loss, eval_<metric>
+            names = {k: k if prefix == "train" or k.startswith(prefix + "_") else f"{prefix}_{k}" for k in metrics}
+            self.mlflow.log_metrics({names[k]: v for k, v in metrics.items()}, step=step)
+        if self.wandb is not None:  # train/loss, eval/loss, eval/rouge_l …
+            self.wandb.log({f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in metrics.items()}, step=step)
 
     def eval_record(self, step: int, metrics: dict[str, float]) -> None:
         rec = {"step": step, "event": "eval", **metrics}
@@ -128,12 +171,33 @@ class Monitor:
         if self.is_main:
             plot_losses(self.history, path)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED", png: Path | None = None) -> None:
+        """Flush and end every tracker (status FAILED/KILLED on error); loss.png becomes an artifact."""
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+            self.tb = None
+        if self.mlflow is not None:
+            try:
+                if png is not None and png.exists():
+                    self.mlflow.log_artifact(str(png))
+                last = next((h for h in reversed(self.history) if "loss" in h and "event" not in h), None)
+                if last is not None:
+                    self.mlflow.set_tag("final_loss", f"{last['loss']:.6g}")
+            finally:
+                self.mlflow.end_run(status=status)
+                self.mlflow = None
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                if png is not None and png.exists():
+                    import wandb
+
+                    self.wandb.log({"loss_curve": wandb.Image(str(png))})
+            except Exception as err:
+                log.warning("dsft train: wandb loss.png not logged: %s", str(err).splitlines()[0])
+            finally:
+                self.wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+                self.wandb = None
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -331,6 +331,12 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
             log.info("dsft train: resumed from %s (step %d of %d)", path, start, total_steps)
 
     monitor = Monitor(stage, tc, start_step=start, history=history, is_main=dist.is_main)
+    monitor.log_params({"method": tc.method, "learning_rate": lr, "lora_r": info.get("r"),
+                        "lora_alpha": info.get("alpha"), "micro_batch": micro, "effective_batch": effective,
+                        "epochs": epochs, "max_steps": total_steps, "lr_scheduler": tc.lr_scheduler,
+                        "warmup_ratio": tc.warmup_ratio, "max_seq_length": cfg.data.max_seq_length,
+                        "preset": preset.name, "base_model": model_dir.name, "precision": precision,
+                        "packing": tc.packing, "examples": len(examples), "world_size": dist.world})
     if dist.is_main:
         _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, len(examples), enc_rep, device,
                      precision, dist)
@@ -406,6 +412,13 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                 monitor.plot(stage / "loss.png")
             if stopped_early:
                 break
+    except BaseException as err:  # NaN stop, OOM, Ctrl-C: end MLflow/W&B runs as failed, keep loss.png
+        try:
+            monitor.plot(stage / "loss.png")
+        except Exception:
+            pass
+        monitor.close(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", png=stage / "loss.png")
+        raise
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
@@ -433,7 +446,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
             tok.save_pretrained(str(stage / "model"))
         model_rel = "model"
     monitor.plot(stage / "loss.png")
-    monitor.close()
+    monitor.close(png=stage / "loss.png")
     losses = monitor.losses()
     window = max(1, min(tc.logging_steps, len(losses)))
     manifest = {

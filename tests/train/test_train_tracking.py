@@ -1,0 +1,114 @@
+"""report_to mlflow / wandb: a tiny real training run logs offline, and the tracker's own reader gets the same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from train_helpers import make_run, medical_records, tiny_cfg
+
+from dsft.errors import TrainError
+from dsft.train import train
+
+STEPS = 3
+
+
+def _step_losses(stage) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (stage / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and "event" not in r}
+
+
+@pytest.fixture
+def clean_tracker_env(monkeypatch):
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT",
+              "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+
+
+def test_mlflow_file_store_holds_params_per_step_loss_eval_and_loss_png(tmp_path, clean_tracker_env):
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'dsft[track]')")
+    from mlflow.tracking import MlflowClient
+
+    run = make_run(tmp_path, medical_records(8), eval_records=medical_records(10)[16:])
+    cfg = tiny_cfg(tmp_path, max_steps=STEPS, report_to=["mlflow"], per_device_train_batch_size=4,
+                   eval_steps=STEPS, evaluation_strategy="steps", learning_rate=3e-4)
+    train(cfg, run)
+    stage = tmp_path / "train"
+    store = stage / "mlruns"
+    assert store.is_dir()
+    client = MlflowClient(tracking_uri=store.resolve().as_uri())
+    run_id = (stage / "mlflow_run_id").read_text().strip()
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    hist = client.get_metric_history(run_id, "loss")
+    want = _step_losses(stage)
+    assert sorted(want) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in hist} == pytest.approx(want, rel=1e-9) and len(hist) == STEPS
+    assert len(client.get_metric_history(run_id, "lr")) == STEPS
+    assert len(client.get_metric_history(run_id, "grad_norm")) == STEPS
+    ev = client.get_metric_history(run_id, "eval_loss")
+    assert [m.step for m in ev] == [STEPS] and ev[0].value > 0
+    p = r.data.params
+    assert p["method"] == "lora" and float(p["learning_rate"]) == 3e-4 and p["lora_r"].isdigit()
+    assert p["max_steps"] == str(STEPS) and "effective_batch" in p and "epochs" in p
+    assert "loss.png" in [a.path for a in client.list_artifacts(run_id)]
+
+
+def test_mlflow_run_ends_failed_when_training_stops_on_nan(tmp_path, clean_tracker_env):
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'dsft[track]')")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    run = make_run(tmp_path, medical_records(8))
+    cfg = tiny_cfg(tmp_path, max_steps=40, report_to=["mlflow"], learning_rate=1e4, lr_scheduler="constant",
+                   warmup_ratio=0.0, max_grad_norm=1e30)
+    with pytest.raises(TrainError, match="training loss is"):
+        train(cfg, run)
+    assert mlflow.active_run() is None
+    stage = tmp_path / "train"
+    client = MlflowClient(tracking_uri=(stage / "mlruns").resolve().as_uri())
+    r = client.get_run((stage / "mlflow_run_id").read_text().strip())
+    assert r.info.status == "FAILED"
+    assert len(client.get_metric_history(r.info.run_id, "loss")) >= 1
+
+
+def test_mlflow_tracking_uri_from_the_environment_wins(tmp_path, clean_tracker_env, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'dsft[track]')")
+    from dsft.config import TrainConfig
+    from dsft.train.monitor import Monitor
+
+    elsewhere = tmp_path / "central-store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere.as_uri())
+    (tmp_path / "train").mkdir()
+    mon = Monitor(tmp_path / "train", TrainConfig(report_to=["mlflow"]))
+    mon.step({"step": 1, "loss": 2.5, "lr": 1e-4, "grad_norm": 1.0})
+    mon.close()
+    assert elsewhere.is_dir() and not (tmp_path / "train/mlruns").exists()
+
+
+def test_wandb_offline_run_folder_holds_config_and_final_loss(tmp_path, clean_tracker_env):
+    pytest.importorskip("wandb", reason="wandb not installed (pip install 'dsft[track]')")
+    import wandb
+
+    run = make_run(tmp_path, medical_records(8))
+    cfg = tiny_cfg(tmp_path, max_steps=STEPS, report_to=["wandb"], per_device_train_batch_size=4)
+    try:
+        train(cfg, run)
+    finally:
+        wandb.teardown()  # the wandb service process must not outlive the test
+    stage = tmp_path / "train"
+    assert wandb.run is None
+    run_id = (stage / "wandb_run_id").read_text().strip()
+    runs = list((stage / "wandb_root" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1, os.listdir(stage / "wandb_root" / "wandb")
+    files = runs[0] / "files"
+    assert (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
+    summary = json.loads((files / "wandb-summary.json").read_text())
+    losses = _step_losses(stage)
+    assert summary["train/loss"] == pytest.approx(losses[STEPS], rel=1e-9)
+    assert summary["_step"] >= STEPS
+    config = (files / "config.yaml").read_text()
+    assert "method" in config and "learning_rate" in config and "effective_batch" in config
