@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import struct
+import zlib
 
 import pytest
 from train_helpers import make_run, medical_records, tiny_cfg
@@ -89,7 +90,45 @@ def test_mlflow_tracking_uri_from_the_environment_wins(tmp_path, clean_tracker_e
     assert elsewhere.is_dir() and not (tmp_path / "train/mlruns").exists()
 
 
-def test_wandb_offline_run_folder_holds_config_and_final_loss(tmp_path, clean_tracker_env):
+def _read_wandb_log(path) -> list:
+    """The records of an offline run's .wandb file (W&B header, then leveldb-log blocks of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1
+    pos, buf, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if n == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + n]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"bad checksum at byte {pos}"
+        buf += chunk
+        pos += 7 + n
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # "train/loss" is stored as the nested key [train, loss]
+
+
+def _wandb_children() -> list[str]:
+    psutil = pytest.importorskip("psutil")
+    return [p.name() for p in psutil.Process().children(recursive=True) if "wandb" in p.name()]
+
+
+def test_wandb_offline_run_holds_config_per_step_loss_and_final_summary(tmp_path, clean_tracker_env):
     pytest.importorskip("wandb", reason="wandb not installed (pip install 'dsft[track]')")
     import wandb
 
@@ -97,18 +136,31 @@ def test_wandb_offline_run_folder_holds_config_and_final_loss(tmp_path, clean_tr
     cfg = tiny_cfg(tmp_path, max_steps=STEPS, report_to=["wandb"], per_device_train_batch_size=4)
     try:
         train(cfg, run)
+        assert wandb.run is None  # finish() ran
     finally:
         wandb.teardown()  # the wandb service process must not outlive the test
+    assert not _wandb_children()
     stage = tmp_path / "train"
-    assert wandb.run is None
     run_id = (stage / "wandb_run_id").read_text().strip()
-    runs = list((stage / "wandb_root" / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(runs) == 1, os.listdir(stage / "wandb_root" / "wandb")
-    files = runs[0] / "files"
-    assert (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
-    summary = json.loads((files / "wandb-summary.json").read_text())
-    losses = _step_losses(stage)
-    assert summary["train/loss"] == pytest.approx(losses[STEPS], rel=1e-9)
-    assert summary["_step"] >= STEPS
-    config = (files / "config.yaml").read_text()
-    assert "method" in config and "learning_rate" in config and "effective_batch" in config
+    runs = list((stage / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1, sorted(p.name for p in (stage / "wandb").iterdir())
+    recs = _read_wandb_log(runs[0] / f"run-{run_id}.wandb")
+    kinds = [r.WhichOneof("record_type") for r in recs]
+    assert kinds[-1] == "exit" and recs[-1].exit.exit_code == 0
+    want = _step_losses(stage)
+    hist = []
+    for r in recs:
+        if r.WhichOneof("record_type") == "history":
+            items = {_key(i): json.loads(i.value_json) for i in r.history.item}
+            if "train/loss" in items:
+                hist.append((items["_step"], items["train/loss"]))
+    assert dict(hist) == pytest.approx(want, rel=1e-12) and len(hist) == STEPS
+    summary = {}
+    for r in recs:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+    assert summary["train/loss"] == pytest.approx(want[STEPS], rel=1e-12)
+    config = {_key(i): json.loads(i.value_json) for r in recs if r.WhichOneof("record_type") == "config"
+              for i in r.config.update}
+    assert config["method"] == "lora" and config["max_steps"] == STEPS and config["lora_r"] > 0
+    assert "effective_batch" in config and "learning_rate" in config

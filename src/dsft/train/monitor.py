@@ -98,10 +98,8 @@ class Monitor:
                                  "(pip install 'dsft[track]' or wandb)") from err
             # offline unless the user asked for online (WANDB_MODE) or logged in (WANDB_API_KEY)
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            wdir = self.dir / "wandb_root"
-            wdir.mkdir(parents=True, exist_ok=True)
             prev = (self.dir / "wandb_run_id").read_text().strip() if start_step and (self.dir / "wandb_run_id").exists() else None
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dsft", dir=str(wdir), mode=mode,
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dsft", dir=str(self.dir), mode=mode,
                                     name=self.dir.parent.name, id=prev, resume="allow" if prev else None,
                                     settings=wandb.Settings(silent=True, console="off"))
             (self.dir / "wandb_run_id").write_text(self.wandb.id + "\n", encoding="utf-8")
