@@ -76,6 +76,53 @@ def test_mlflow_run_ends_failed_when_training_stops_on_nan(tmp_path, clean_track
     assert len(client.get_metric_history(r.info.run_id, "loss")) >= 1
 
 
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(n):
+    def hook(step, micro):
+        if step == n:
+            raise _Crash
+    return hook
+
+
+def test_resume_after_a_crash_continues_the_same_mlflow_and_wandb_runs(tmp_path, clean_tracker_env):
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'dsft[track]')")
+    pytest.importorskip("wandb", reason="wandb not installed (pip install 'dsft[track]')")
+    import wandb
+    from mlflow.tracking import MlflowClient
+
+    run = make_run(tmp_path, medical_records(8))
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_steps=2, report_to=["mlflow", "wandb"], per_device_train_batch_size=4)
+    stage = tmp_path / "train"
+    try:
+        with pytest.raises(_Crash):
+            train(cfg, run, fault_hook=_crash_at(3))
+        assert wandb.run is None
+        first_ml, first_wb = ((stage / f).read_text().strip() for f in ("mlflow_run_id", "wandb_run_id"))
+        client = MlflowClient(tracking_uri=(stage / "mlruns").resolve().as_uri())
+        assert client.get_run(first_ml).info.status == "FAILED"
+        train(cfg, run, resume="auto")
+    finally:
+        wandb.teardown()
+    assert (stage / "mlflow_run_id").read_text().strip() == first_ml
+    assert (stage / "wandb_run_id").read_text().strip() == first_wb
+    r = client.get_run(first_ml)
+    assert r.info.status == "FINISHED"
+    assert len(client.search_runs([r.info.experiment_id])) == 1
+    hist = client.get_metric_history(first_ml, "loss")
+    assert {m.step: m.value for m in hist} == pytest.approx(_step_losses(stage), rel=1e-9) and len(hist) == 4
+    runs = sorted((stage / "wandb").glob(f"offline-run-*-{first_wb}"))
+    assert 1 <= len(runs) <= 2  # both attempts log under one run id (two folders unless started the same second)
+    if len(runs) == 2:
+        assert _read_wandb_log(runs[0] / f"run-{first_wb}.wandb")[-1].exit.exit_code == 1
+    last = _read_wandb_log(runs[-1] / f"run-{first_wb}.wandb")
+    steps = [json.loads(next(i.value_json for i in rec.history.item if _key(i) == "_step"))
+             for rec in last if rec.WhichOneof("record_type") == "history"]
+    assert 4 in steps and last[-1].exit.exit_code == 0
+
+
 def test_mlflow_tracking_uri_from_the_environment_wins(tmp_path, clean_tracker_env, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'dsft[track]')")
     from dsft.config import TrainConfig
