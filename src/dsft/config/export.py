@@ -10,7 +10,6 @@ from dsft.config.base import Section
 
 
 class ExportConfig(Section):
-    merge: bool = True
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     formats: list[Literal["merged", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]] = Field(
         default_factory=lambda: ["merged"])

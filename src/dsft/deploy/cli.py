@@ -84,9 +84,12 @@ def _k8s(args) -> int:
         prometheus_url=args.prometheus_url, api_key_secret=args.api_key_secret, serve=_serve_cfg(args),
     )
     try:
+        import kubernetes  # noqa: F401  (the schema source; a dev extra)
+
         from dsft.deploy.validate import validate_manifest
-    except ImportError:  # the kubernetes client is a dev extra
+    except ImportError:
         validate_manifest = None
+        print("note: manifests not checked against the Kubernetes schemas (pip install kubernetes to check them)")
     if validate_manifest is not None:
         for doc in manifests(o).values():
             validate_manifest(doc)
