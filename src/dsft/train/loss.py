@@ -119,12 +119,18 @@ class CausalLMLoss(nn.Module):
             w = head.weight
             # each chunk's fp32 logits ≈ 256 MB at most, whatever the vocabulary (bigger chunks: faster matmuls)
             chunk = max(16, min(self.chunk_size, (1 << 26) // w.shape[0]))
-            return _FusedLinearCrossEntropy.apply(hs, w, getattr(head, "bias", None), tg, chunk)
+            return _fused_linear_ce(hs, w, getattr(head, "bias", None), tg, chunk)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, tg.numel(), self.chunk_size):
             logits = head(hs[i:i + self.chunk_size]).float()
             total = total + F.cross_entropy(logits, tg[i:i + self.chunk_size], reduction="sum")
         return total
+
+
+@torch.compiler.disable
+def _fused_linear_ce(hs, w, bias, tg, chunk):
+    """The fused head + loss as an opaque call for torch.compile (dynamo cannot trace its autograd.Function)."""
+    return _FusedLinearCrossEntropy.apply(hs, w, bias, tg, chunk)
 
 
 @torch.no_grad()
