@@ -14,24 +14,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import make_run, tiny_cfg
+from train_helpers import Crash, crash_at, make_run, tiny_cfg
 
 from dsft.errors import TrainError
 from dsft.train import train
 from dsft.train.checkpoint import latest_valid, list_checkpoints
 
 KW = dict(max_steps=12, save_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_at(n):
-    def hook(step, micro):
-        if step == n:
-            raise Crash
-    return hook
 
 
 def _losses(stage: Path) -> list[float]:
@@ -93,7 +82,7 @@ def test_torn_checkpoint_is_skipped_and_last_k_kept(tmp_path, records16):
     run = make_run(tmp_path / "t", records16)
     cfg = tiny_cfg(tmp_path / "t", **KW, save_total_limit=2)
     with pytest.raises(Crash):
-        train(cfg, run, fault_hook=_crash_at(8))
+        train(cfg, run, fault_hook=crash_at(8))
     root = tmp_path / "t/train/checkpoints"
     assert [s for s, _ in list_checkpoints(root)] == [3, 6]
     with open(root / "checkpoint-6" / "trainable.safetensors", "r+b") as fh:  # a crash mid-write
@@ -109,7 +98,7 @@ def test_changed_dataset_or_effective_batch_is_refused_unless_forced(tmp_path, r
     run = make_run(tmp_path, records16)
     cfg = tiny_cfg(tmp_path, **KW)
     with pytest.raises(Crash):
-        train(cfg, run, fault_hook=_crash_at(5))
+        train(cfg, run, fault_hook=crash_at(5))
     with pytest.raises(TrainError, match="effective batch changed .4 → 8.*--resume-force"):
         train(tiny_cfg(tmp_path, **{**KW, "gradient_accumulation_steps": 4}), run, resume="auto")
     make_run(tmp_path, records16[:-2])

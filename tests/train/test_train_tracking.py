@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import pytest
-from train_helpers import make_run, medical_records, tiny_cfg
+from train_helpers import Crash, crash_at, make_run, medical_records, tiny_cfg
 
 from dsft.errors import TrainError
 from dsft.train import train
@@ -76,17 +76,6 @@ def test_mlflow_run_ends_failed_when_training_stops_on_nan(tmp_path, clean_track
     assert len(client.get_metric_history(r.info.run_id, "loss")) >= 1
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crash_at(n):
-    def hook(step, micro):
-        if step == n:
-            raise _Crash
-    return hook
-
-
 def test_resume_after_a_crash_continues_the_same_mlflow_and_wandb_runs(tmp_path, clean_tracker_env):
     pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'dsft[track]')")
     pytest.importorskip("wandb", reason="wandb not installed (pip install 'dsft[track]')")
@@ -97,8 +86,8 @@ def test_resume_after_a_crash_continues_the_same_mlflow_and_wandb_runs(tmp_path,
     cfg = tiny_cfg(tmp_path, max_steps=4, save_steps=2, report_to=["mlflow", "wandb"], per_device_train_batch_size=4)
     stage = tmp_path / "train"
     try:
-        with pytest.raises(_Crash):
-            train(cfg, run, fault_hook=_crash_at(3))
+        with pytest.raises(Crash):
+            train(cfg, run, fault_hook=crash_at(3))
         assert wandb.run is None
         first_ml, first_wb = ((stage / f).read_text().strip() for f in ("mlflow_run_id", "wandb_run_id"))
         client = MlflowClient(tracking_uri=(stage / "mlruns").resolve().as_uri())

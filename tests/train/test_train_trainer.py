@@ -7,14 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_run, medical_records, tiny_cfg
+from train_helpers import Crash, crash_at, make_run, medical_records, tiny_cfg
 
 from dsft.errors import OverwriteError
 from dsft.train import train
-
-
-class Crash(Exception):
-    pass
 
 
 def test_loss_falls_on_a_fixed_batch_and_manifest_matches_contract(tmp_path):
@@ -48,12 +44,8 @@ def test_resume_continues_step_count_and_reproduces_the_loss_curve(tmp_path, rec
     rb = make_run(tmp_path / "b", records16)
     cfg_b = tiny_cfg(tmp_path / "b", **kw)
 
-    def crash_at_7(step, micro):
-        if step == 7:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(cfg_b, rb, fault_hook=crash_at_7)
+        train(cfg_b, rb, fault_hook=crash_at(7))
     ckpts = sorted(p.name for p in (tmp_path / "b/train/checkpoints").iterdir())
     assert ckpts == ["checkpoint-3", "checkpoint-6"]
     with pytest.raises(OverwriteError, match="--resume auto"):

@@ -43,3 +43,15 @@ def tiny_cfg(run_root: Path, **train) -> object:
     base = {"run_dir": str(run_root), "data": {"max_seq_length": 192},
             "train": {"logging_steps": 1, "save_steps": 1000, "report_to": ["none"], **train}}
     return config_from_dict(base)
+
+
+class Crash(Exception):
+    """A simulated crash raised inside the training loop by `crash_at`."""
+
+
+def crash_at(step_no: int):
+    """A trainer fault_hook that raises Crash when the loop reaches step `step_no`."""
+    def hook(step, micro):
+        if step == step_no:
+            raise Crash
+    return hook
