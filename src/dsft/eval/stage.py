@@ -20,19 +20,6 @@ log = logging.getLogger("dsft.eval")
 HEADLINE_METRICS = ("loss", "perplexity", "rouge_l", "bleu", "accuracy", "macro_f1")
 
 
-def load_adapter(base_model, adapter_dir: str | Path):
-    """Wrap a loaded base model with a saved PEFT adapter (the train stage's format)."""
-    try:  # the train stage's loader, when present, knows its own adapter layout
-        from dsft.model.adapters import load_adapter as _train_load_adapter  # type: ignore[attr-defined]
-    except ImportError:
-        _train_load_adapter = None
-    if _train_load_adapter is not None:
-        return _train_load_adapter(base_model, adapter_dir)
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
-
-
 def _to_device(model):
     """Move a model loaded on CPU to the GPU when one is present (no-op on CPU-only machines)."""
     import torch
@@ -249,6 +236,8 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
         rows += r
     merged = False
     if train_m.get("adapter"):
+        from dsft.model.adapters import load_adapter
+
         ft = load_adapter(model, train_dir / train_m["adapter"])
         ft_gen = vllm_fn(base_dir, train_dir / train_m["adapter"])
         if cfg.eval.merge_adapter:

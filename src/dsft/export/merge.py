@@ -29,13 +29,6 @@ MERGE_TOL_ABS = 1e-4
 DTYPE_TOL_REL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 
 
-def load_adapter(base, adapter_dir: str | Path):
-    """Wrap `base` with the adapter in `adapter_dir`, exactly on the modules it was trained on (train's loader)."""
-    from dsft.model.adapters import load_adapter as _load_adapter
-
-    return _load_adapter(base, adapter_dir)
-
-
 def check_adapter_dir(adapter_dir: Path) -> Path:
     """One-line errors for an adapter folder that is missing or not a PEFT safetensors adapter."""
     adapter_dir = Path(adapter_dir)
@@ -165,6 +158,8 @@ def merge_and_save(
     adapter_type = None
     if adapter_dir is not None:
         adapter_dir = check_adapter_dir(Path(adapter_dir))
+        from dsft.model.adapters import load_adapter
+
         peft_model = load_adapter(base, adapter_dir)
         adapter_type = _adapter_type(adapter_dir)
         ref = logits_of(peft_model, batches)
