@@ -4,11 +4,13 @@ Both sides: the same tiny DeepSeek-V3-shape model (random init, fixed seed), the
 rendered with the DeepSeek-V3 chat template (labels only on the answer), the same LoRA (r 16 on the MLA
 projections), the same effective batch, learning rate and cosine schedule, one epoch, fp32 on CPU.
 Reported: real (non-pad) tokens per second of training-loop time, and each side's final loss — the mean
-token loss of the trained model over all the training samples, computed the same way for both.
+token loss of the trained model over all the training samples, computed the same way for both. Each side runs once per training seed (default 3: data order, dropout and
+LoRA init differ per seed, so one run's loss difference is mostly which samples came last); the ratio is the median
+over seeds and the losses are means.
 
-    PYTHONPATH=src python benchmarks/train_throughput.py [--samples 128] [--batch 8] [--tokenizer deepseek-v3|embedded]
+    PYTHONPATH=src python benchmarks/train_throughput.py [--samples 128] [--batch 8] [--seeds 3] [--tokenizer deepseek-v3|embedded]
 
-Last line: JSON {"baseline_tokens_per_s", "dsft_tokens_per_s", "ratio", "baseline_loss", "dsft_loss"}.
+Last line: JSON {"baseline_tokens_per_s", "dsft_tokens_per_s", "ratio", "baseline_loss", "dsft_loss", "loss_delta_per_seed", ...}.
 """
 
 from __future__ import annotations
@@ -135,18 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="first training seed")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds to run (ratio: median; loss: mean)")
     p.add_argument("--tokenizer", default="deepseek-v3",
                    help="the real DeepSeek-V3 tokenizer (129 k vocabulary, the shared notes' baseline setting; default) "
                         "or embedded (the demo's 8 k vocabulary)")
     p.add_argument("--compile", action="store_true", help="dsft side: torch.compile (inductor)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import statistics
+
     import torch
 
     from dsft.model.tokenizer import load_tokenizer
     from dsft.train.encode import encode_records
 
+    seeds = [args.seed + k for k in range(args.seeds)]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="dsft-bench-") as tmp:
         root = Path(tmp)
         model_dir = build_model_dir(root, args.tokenizer)
@@ -159,23 +166,35 @@ def main(argv: list[str] | None = None) -> int:
         padded = sum(max(len(e.input_ids) for e in examples[i:i + args.batch]) * len(examples[i:i + args.batch])
                      for i in range(0, len(examples), args.batch))
         print(f"model: tiny DeepSeek-V3 shape, {n_params / 1e6:.1f} M params, vocab {len(tok)}; data: {len(examples)} "
-              f"samples of {source}, {real} real tokens; batch {args.batch}; torch threads {torch.get_num_threads()}",
+              f"samples of {source}, {real} real tokens; batch {args.batch}; torch threads {torch.get_num_threads()}; "
+              f"training seeds {seeds} (data order, dropout and LoRA init differ per seed; the model is the same)",
               flush=True)
         print(f"padding in input order would add {padded / real - 1:.0%} (the baseline pads each shuffled batch)", flush=True)
-        base = run_baseline(model_dir, examples, args, root / "hf")
-        print(f"baseline (HF Trainer + PEFT, padded): {base['tokens_per_s']:.0f} real tokens/s, {base['seconds']:.1f} s "
-              f"({base['cpu_seconds']:.1f} s CPU), "
-              f"final loss {base['loss']:.4f}", flush=True)
-        cand = run_dsft(model_dir, records, args, root / "dsft")
-        print(f"dsft train (packed, labels-only head):  {cand['tokens_per_s']:.0f} real tokens/s, {cand['seconds']:.1f} s "
-              f"({cand['cpu_seconds']:.1f} s CPU), "
-              f"final loss {cand['loss']:.4f}", flush=True)
-    ratio = cand["tokens_per_s"] / base["tokens_per_s"]
-    cpu_ratio = base["cpu_seconds"] / cand["cpu_seconds"]
-    print(f"{'':>38}ratio {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x by process CPU time (robust to a busy machine); "
-          f"goal ≥ 3.0 with equal or lower loss")
-    print(json.dumps({"baseline_tokens_per_s": round(base["tokens_per_s"], 1), "dsft_tokens_per_s": round(cand["tokens_per_s"], 1),
-                      "ratio": round(ratio, 3), "cpu_time_ratio": round(cpu_ratio, 3), "baseline_loss": round(base["loss"], 4), "dsft_loss": round(cand["loss"], 4)}))
+        for seed in seeds:
+            args.seed = seed
+            base = run_baseline(model_dir, examples, args, root / f"hf{seed}")
+            print(f"seed {seed} baseline (HF Trainer + PEFT, padded): {base['tokens_per_s']:.0f} real tokens/s, "
+                  f"{base['seconds']:.1f} s ({base['cpu_seconds']:.1f} s CPU), final loss {base['loss']:.4f}", flush=True)
+            cand = run_dsft(model_dir, records, args, root / f"dsft{seed}")
+            print(f"seed {seed} dsft train (packed, labels-only head):  {cand['tokens_per_s']:.0f} real tokens/s, "
+                  f"{cand['seconds']:.1f} s ({cand['cpu_seconds']:.1f} s CPU), final loss {cand['loss']:.4f}", flush=True)
+            rows.append((base, cand))
+    ratios = [c["tokens_per_s"] / b["tokens_per_s"] for b, c in rows]
+    cpu_ratios = [b["cpu_seconds"] / c["cpu_seconds"] for b, c in rows]
+    base_loss = statistics.fmean(b["loss"] for b, _ in rows)
+    dsft_loss = statistics.fmean(c["loss"] for _, c in rows)
+    deltas = [c["loss"] - b["loss"] for b, c in rows]
+    spread = statistics.stdev([b["loss"] for b, _ in rows]) if len(rows) > 1 else float("nan")
+    ratio, cpu_ratio = statistics.median(ratios), statistics.median(cpu_ratios)
+    print(f"ratio (median of {len(rows)}): {ratio:.2f}x wall-clock [{min(ratios):.2f}-{max(ratios):.2f}], {cpu_ratio:.2f}x by "
+          f"process CPU time (robust to a busy machine); mean final loss baseline {base_loss:.4f}, dsft {dsft_loss:.4f} "
+          f"(per-seed dsft - baseline: {', '.join(f'{d:+.4f}' for d in deltas)}; baseline seed-to-seed sd {spread:.4f}); "
+          f"goal >= 3.0 with equal or lower loss")
+    print(json.dumps({"baseline_tokens_per_s": round(statistics.median(b["tokens_per_s"] for b, _ in rows), 1),
+                      "dsft_tokens_per_s": round(statistics.median(c["tokens_per_s"] for _, c in rows), 1),
+                      "ratio": round(ratio, 3), "cpu_time_ratio": round(cpu_ratio, 3), "seeds": len(rows),
+                      "baseline_loss": round(base_loss, 4), "dsft_loss": round(dsft_loss, 4),
+                      "loss_delta_per_seed": [round(d, 5) for d in deltas]}))
     return 0
 
 

@@ -87,4 +87,4 @@ class TrainConfig(Section):
     zero_stage: Literal[2, 3] = 2
     """DeepSpeed ZeRO stage when strategy is deepspeed."""
     offload: bool = False
-    """CPU offload: optimizer (ZeRO-2/3), parameters (ZeRO-3, FSDP)."""
+    """CPU offload: optimizer (ZeRO-2/3), parameters (ZeRO-3, FSDP); one process on a GPU: AdamW state + activations."""

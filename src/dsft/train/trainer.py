@@ -8,6 +8,7 @@ count, so the gradient does not depend on how the step is split. That is what ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from dsft.train.dist import Dist
 from dsft.train.encode import Encoded, dataset_fingerprint, encode_records
 from dsft.train.loss import CausalLMLoss, unwrap
 from dsft.train.monitor import Monitor
+from dsft.train.offload import offload_available
 from dsft.train.presets import preset_for
 
 log = logging.getLogger("dsft.train")
@@ -155,6 +157,8 @@ class Ladder:
 
     micro_batch: int
     gradient_checkpointing: bool = False
+    offload: bool = False
+    can_offload: bool = False  # one process on an accelerator (FSDP/DeepSpeed offload through train.offload instead)
 
     def next_rung(self, model) -> str | None:
         if self.micro_batch > 1:
@@ -164,7 +168,34 @@ class Ladder:
             self.gradient_checkpointing = True
             enable_checkpointing(model)
             return "gradient checkpointing enabled"
+        if self.can_offload and not self.offload:
+            self.offload = True
+            return "offload enabled: AdamW state + fp32 master weights and saved activations in host memory"
         return None
+
+
+def _with_offload(opt, ladder: Ladder, monitor, step: int):
+    """Swap in the host-offloaded AdamW once the ladder (or train.offload) turned offload on."""
+    from dsft.train.offload import HostOffloadAdamW
+
+    if not ladder.offload or isinstance(opt, HostOffloadAdamW):
+        return opt
+    opt = HostOffloadAdamW(opt)
+    msg = f"dsft train: offload: {opt.moved_bytes() / 2**20:.1f} MiB of optimizer state and master weights in host memory"
+    log.info(msg)
+    monitor.event(step, "offload", host_mib=round(opt.moved_bytes() / 2**20, 2))
+    return opt
+
+
+def _fwd_context(autocast, ladder: Ladder, device):
+    """autocast plus, once offload is on, activations saved for backward kept in host memory."""
+    from dsft.train.offload import activation_offload
+
+    @contextlib.contextmanager
+    def ctx():
+        with autocast(), activation_offload(ladder.offload, device):
+            yield
+    return ctx
 
 
 def enable_checkpointing(model) -> None:
@@ -267,7 +298,14 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                     lengths=tuple(len(e.input_ids) for e in examples))
     total_steps = tc.max_steps or max(1, math.ceil(epochs * plan.steps_per_epoch))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
-    ladder = Ladder(micro_batch=micro, gradient_checkpointing=tc.gradient_checkpointing)
+    can_offload = offload_available(device) and dist.world == 1
+    ladder = Ladder(micro_batch=micro, gradient_checkpointing=tc.gradient_checkpointing, can_offload=can_offload)
+    if tc.offload and dist.world == 1:
+        if can_offload:
+            ladder.offload = True
+        elif dist.is_main:
+            print("dsft train: train.offload: training runs on the CPU, whose memory the state already lives in — "
+                  "nothing to offload", flush=True)
     if tc.gradient_checkpointing:
         enable_checkpointing(model)
     loss_mod = dist.prepare(CausalLMLoss(model, tc.loss_chunk_size))
@@ -328,9 +366,12 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
             if st.get("gradient_checkpointing") and not ladder.gradient_checkpointing:
                 ladder.gradient_checkpointing = True
                 enable_checkpointing(model)
+            if st.get("offload") and not ladder.offload:
+                ladder.offload = True
             log.info("dsft train: resumed from %s (step %d of %d)", path, start, total_steps)
 
     monitor = Monitor(stage, tc, start_step=start, history=history, is_main=dist.is_main)
+    opt = _with_offload(opt, ladder, monitor, start)
     monitor.log_params({"method": tc.method, "learning_rate": lr, "lora_r": info.get("r"),
                         "lora_alpha": info.get("alpha"), "micro_batch": micro, "effective_batch": effective,
                         "epochs": epochs, "max_steps": total_steps, "lr_scheduler": tc.lr_scheduler,
@@ -360,7 +401,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
             while True:
                 try:
                     loss_sum, toks = _accumulate(loss_mod, exs, ladder.micro_batch, n_lab, tc.packing, capacity,
-                                                 pad_id, dist, autocast, scaler, fault_hook, step + 1)
+                                                 pad_id, dist, _fwd_context(autocast, ladder, device), scaler,
+                                                 fault_hook, step + 1)
                     break
                 except torch.OutOfMemoryError:
                     opt.zero_grad(set_to_none=True)
@@ -368,10 +410,12 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                         torch.cuda.empty_cache()
                     rung = ladder.next_rung(model) if tc.oom_ladder else None
                     if rung is None:
+                        tried = "gradient checkpointing on" + (" and offload on" if ladder.offload else "")
                         raise TrainError(f"out of memory at step {step + 1} with micro-batch {ladder.micro_batch} and "
-                                         f"gradient checkpointing on: use method qlora, a smaller data.max_seq_length, or "
-                                         f"strategy deepspeed with offload") from None
+                                         f"{tried}: use method qlora, a smaller data.max_seq_length, or "
+                                         f"--nproc N with strategy deepspeed (zero_stage 3, offload: true)") from None
                     monitor.event(step + 1, "oom", action=rung)
+                    opt = _with_offload(opt, ladder, monitor, step + 1)
                     torch.set_rng_state(rng)  # the retried step sees the same dropout masks
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -553,6 +597,7 @@ def _save(dist, loss_mod, ckpt_root, done, model, opt, names, tc, effective, fin
     state = {
         "step": done, "total_steps": total_steps, "effective_batch": effective, "dataset": fingerprint,
         "method": tc.method, "micro_batch": ladder.micro_batch, "gradient_checkpointing": ladder.gradient_checkpointing,
+        "offload": ladder.offload,
         "best_eval": best_eval, "bad_evals": bad_evals, "world": dist.world,
         "train_seconds": train_seconds, "history": monitor.history,
         "scheduler": {"kind": tc.lr_scheduler, "step": done, "cycle_fraction": tc.cycle_fraction},
