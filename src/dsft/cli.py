@@ -46,6 +46,8 @@ def _quiet_third_party() -> None:
 
     for name in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes' CPU backend (imported by peft) warns that the optional hub `kernels` speed-up is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)

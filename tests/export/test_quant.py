@@ -1,4 +1,4 @@
-"""CPU int8 / int4 variants (incl. fused MoE experts), reload, refusals, fp16 overflow check, the report."""
+"""CPU int8 / int4 variants (incl. fused MoE experts), reload, refusals, fp16 overflow check, the report (bnb: test_bnb.py)."""
 
 from __future__ import annotations
 
@@ -85,17 +85,6 @@ def test_int4_packing_roundtrip():
 def test_load_quantized_refuses_plain_folder(tiny_base):
     with pytest.raises(ExportError, match="dsft_quant.json"):
         load_quantized(tiny_base)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for CPU-only machines")
-@pytest.mark.parametrize("fmt", ["nf4", "bnb-int8"])
-def test_bitsandbytes_formats_refused_on_cpu_in_one_line(tmp_path, tiny_base, fmt):
-    run = make_run(tmp_path / "run", tiny_base, None, model_dir=tiny_base)
-    cfg = config_from_dict({"run_dir": str(run.root), "export": {"formats": ["merged", fmt]}})
-    with pytest.raises(ExportError, match="needs a CUDA GPU.*use 'int4'") as e:
-        export(cfg, run)
-    assert "\n" not in str(e.value)
-    assert not (run.root / "export" / "merged").exists()  # refused before any work
 
 
 def test_gguf_refused_without_the_extra(tmp_path, tiny_base):

@@ -1,4 +1,4 @@
-"""Every method runs on the tiny DeepSeek-V3: LoRA/rsLoRA/DoRA adapters, full and freeze models, QLoRA's CPU message."""
+"""Every method runs on the tiny DeepSeek-V3: LoRA/rsLoRA/DoRA adapters, full and freeze models (QLoRA: test_train_qlora.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from train_helpers import make_run, tiny_cfg
 
 from dsft.config import config_from_dict
-from dsft.errors import TrainError
 from dsft.model.load import resolve_model_dir
 from dsft.train import train
 from dsft.train.presets import preset_for
@@ -50,12 +49,6 @@ def test_full_and_freeze_write_a_model(tmp_path, records16, method):
     else:
         assert changed and all(k.startswith("model.layers.3.") for k in changed)
         assert m["trainable_params"] < m["total_params"] / 4
-
-
-def test_qlora_on_cpu_explains(tmp_path, records16):
-    run = make_run(tmp_path, records16)
-    with pytest.raises(TrainError, match="qlora needs a CUDA GPU"):
-        train(tiny_cfg(tmp_path, method="qlora", max_steps=1), run)
 
 
 def test_presets_follow_the_seed_matrix():

@@ -13,8 +13,8 @@ class ExportConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     formats: list[Literal["merged", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]] = Field(
         default_factory=lambda: ["merged"])
-    """Variants to produce: merged, int8, int4 (CPU), nf4, bnb-int8 (CUDA + bitsandbytes), gguf-f16, gguf-q8_0,
-    gguf-q4_k_m (optional extra `gguf`)."""
+    """Variants to produce: merged, int8, int4 (dsft CPU kernels), nf4, bnb-int8 (bitsandbytes, extra `qlora`: on the
+    GPU, or its CPU backend without CUDA), gguf-f16, gguf-q8_0, gguf-q4_k_m (optional extra `gguf`)."""
     report: bool = False
     """Measure every variant (size, perplexity, task metric, prefill/decode tokens/s) → quant_report.json/.md/.png."""
     report_samples: int = Field(16, gt=0)

@@ -329,6 +329,10 @@ def _load_variant(v: dict[str, Any], run: RunDir, cfg: Config):
         except ImportError:
             return None
         return load_quantized(vdir)[0]
+    if v.get("format") == "safetensors+bitsandbytes":  # on the GPU, or bitsandbytes' CPU backend without CUDA
+        from dsft.model.bnb import load_quantized_dir
+
+        return load_quantized_dir(vdir, trust_remote_code=cfg.model.trust_remote_code)
     if (vdir / "config.json").exists() and any(vdir.glob("*.safetensors")):
         return _to_device(load_model(vdir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code))
     return None

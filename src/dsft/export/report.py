@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsft.errors import ExportError
+from dsft.errors import DsftError, ExportError
 from dsft.run import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,13 @@ def _runner(variant: dict[str, Any], out_dir: Path, dtype: str, threads: int, cl
 
         return TorchRunner(load_model(path, dtype=dtype), clock)
     if fmt == "safetensors+bitsandbytes":
-        from transformers import AutoModelForCausalLM
+        from dsft.model.bnb import load_quantized_dir, on_cuda
 
-        return TorchRunner(AutoModelForCausalLM.from_pretrained(str(path), device_map={"": 0}), time.perf_counter)
+        try:
+            model = load_quantized_dir(path)
+        except DsftError as err:
+            raise ExportError(f"quantization report: {err}") from err
+        return TorchRunner(model, time.perf_counter if on_cuda() else clock)
     raise ExportError(f"quantization report: cannot measure variant format {fmt!r}")
 
 
@@ -249,8 +253,6 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, records=
         label_samples = build_label_samples(tok, records, labels, cfg, ecfg.report_samples)
         rows, ref = [], None
         for v in variants:
-            if v.get("format") == "safetensors+bitsandbytes" and not torch.cuda.is_available():
-                continue
             t0 = time.perf_counter()
             runner = _runner(v, out_dir, ecfg.dtype, threads, clock)
             m = measure(runner, samples, tok, ecfg.report_new_tokens, label_samples, cfg.eval.label_scoring)
@@ -260,7 +262,7 @@ def quant_report(out_dir: Path, variants: list[dict[str, Any]], cfg, *, records=
                 ref = {**m, "gens": gens, "size": v["size_bytes"]}
             same = sum(sum(1 for a, b in zip(g, r, strict=False) if a == b) for g, r in zip(gens, ref["gens"], strict=True))
             total = sum(len(r) for r in ref["gens"])
-            dev = "cuda" if v.get("format") == "safetensors+bitsandbytes" else "cpu"
+            dev = "cuda" if v.get("format") == "safetensors+bitsandbytes" and torch.cuda.is_available() else "cpu"
             rows.append({
                 "variant": v["name"], "engine": v.get("engine"), "size_bytes": v["size_bytes"],
                 "size_ratio": v["size_bytes"] / ref["size"],

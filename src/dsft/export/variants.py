@@ -33,15 +33,11 @@ def check_formats_runnable(formats: list[str]) -> None:
 
 
 def _check_bnb(fmt: str) -> None:
-    import torch
+    from dsft.model.bnb import bnb_missing_reason
 
-    if not torch.cuda.is_available():
-        raise ExportError(f"export format '{fmt}' ({BNB_FORMATS[fmt]}, bitsandbytes) needs a CUDA GPU; this machine has none — "
-                          f"on CPU use 'int4' / 'int8' (dsft CPU quantization) or 'gguf-q4_k_m' / 'gguf-q8_0' (llama.cpp)")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise ExportError(f"export format '{fmt}' needs bitsandbytes: pip install 'bitsandbytes>=0.45'") from err
+    why = bnb_missing_reason()
+    if why:
+        raise ExportError(f"export format '{fmt}' ({BNB_FORMATS[fmt]}) {why}")
 
 
 def make_variant(fmt: str, merged_dir: Path, out_dir: Path, *, tok=None) -> dict[str, Any]:
@@ -74,21 +70,27 @@ def make_variant(fmt: str, merged_dir: Path, out_dir: Path, *, tok=None) -> dict
 
 
 def _bnb_variant(fmt: str, merged_dir: Path, dest: Path, tok) -> dict[str, Any]:
-    """bitsandbytes NF4 / LLM.int8 on CUDA: quantizes nn.Linear only; fused MoE experts stay bf16."""
+    """bitsandbytes NF4 / LLM.int8 on the GPU, or on its CPU backend when there is no CUDA; nn.Linear only."""
     _check_bnb(fmt)
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    if fmt == "nf4":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    else:
-        q = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-    model.save_pretrained(str(dest), safe_serialization=True)
+    from dsft.model import bnb
+
+    q = bnb.quant_config(fmt)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(merged_dir), quantization_config=q, dtype=torch.bfloat16,
+                                                     use_safetensors=True, device_map=bnb.device_map())
+        model.save_pretrained(str(dest), safe_serialization=True)
+    except Exception as err:
+        raise ExportError(f"export format '{fmt}': bitsandbytes failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''})") from err
     if tok is not None:
         tok.save_pretrained(str(dest))
-    return {"name": fmt, "format": "safetensors+bitsandbytes", "path": fmt, "engine": "transformers+bitsandbytes (CUDA)",
-            "load": "AutoModelForCausalLM.from_pretrained(dir, device_map='cuda')",
-            "experts": "fused 3-D MoE experts are not nn.Linear: bitsandbytes leaves them in bf16"}
+    kept = "fused 3-D MoE experts are not nn.Linear: bitsandbytes leaves them in bf16 (lm_head too)"
+    if fmt == "bnb-int8" and not bnb.on_cuda():
+        kept += f"; {', '.join(bnb.CPU_INT8_SKIP)} also kept bf16 (bitsandbytes' CPU LLM.int8 cannot take its 4-D input)"
+    load = ("AutoModelForCausalLM.from_pretrained(dir, device_map='cuda')" if bnb.on_cuda()
+            else "dsft.model.bnb.load_quantized_dir(dir)")  # + the CPU repacking guard (see guard_cpu_packing)
+    return {"name": fmt, "format": "safetensors+bitsandbytes", "path": fmt, "engine": bnb.engine(), "load": load,
+            "experts": kept}

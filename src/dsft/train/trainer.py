@@ -68,25 +68,33 @@ def _load_base(cfg: Config, model_dir: Path, device: torch.device):
     from dsft.model.load import load_model
 
     if cfg.train.method == "qlora":
-        if device.type != "cuda":
-            raise TrainError("train.method qlora needs a CUDA GPU (bitsandbytes NF4); on CPU use method: lora "
-                             "(same adapter, fp32 base) — the adapter trains the same way")
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-        except ImportError as err:
-            raise TrainError("train.method qlora needs bitsandbytes: pip install 'dsft[qlora]'") from err
-        from peft import prepare_model_for_kbit_training
-
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.bfloat16,
-                                                     use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code,
-                                                     device_map={"": device.index or 0})
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        return _load_qlora_base(cfg, model_dir, device)
     model = load_model(model_dir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation)
     return model.to(device)
+
+
+def _load_qlora_base(cfg: Config, model_dir: Path, device: torch.device):
+    """The base in NF4 (bitsandbytes): on the GPU with bf16 compute, or on the CPU backend with fp32 compute."""
+    from dsft.model import bnb
+
+    why = bnb.bnb_missing_reason()
+    if why:
+        raise TrainError(f"train.method qlora {why} (or: pip install 'dsft[qlora]')")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dmap = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    q = bnb.quant_config("nf4", training=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q,
+                                                     dtype=q.bnb_4bit_compute_dtype, use_safetensors=True,
+                                                     trust_remote_code=cfg.model.trust_remote_code, device_map=dmap)
+    except Exception as err:
+        raise TrainError(f"train.method qlora: cannot load {model_dir} in NF4 ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from err
+    bnb.guard_cpu_packing(model, training=True)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
 
 def setup_method(model, cfg: Config, preset) -> tuple[Any, dict[str, Any]]:
