@@ -103,3 +103,55 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
     assert m["steps"] == 4
     lr = _losses(tmp_path / "res/train")
     assert set(lr) == {3, 4} and max(abs(lr[k] - l2[k]) for k in lr) < 1e-4
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_path, records16, stage):
+    """Real DeepSpeed ZeRO-2/3 (deepspeed.initialize, CPU accelerator, gloo): the 1-process loss curve at the same
+    global batch (engine-side clipping and LR per step included), gathered adapter = the 1-process adapter, and its
+    checkpoint (gathered fp32 weights + AdamW moments) resumes in 1 process on the same curve."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'dsft[deepspeed]')")
+    name = f"zero{stage}"
+    c = _cfg(tmp_path / name, max_steps=4, save_steps=2)
+    c["train"].update(strategy="deepspeed", zero_stage=stage)
+    make_run(tmp_path / name, records16)
+    cfg_path = tmp_path / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(c), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "plain data parallel" not in out.stdout + out.stderr
+    assert f"DeepSpeed ZeRO-{stage} on cpu (gloo)" in out.stdout and f"2 processes (DeepSpeed ZeRO-{stage})" in out.stdout
+    m2 = json.loads((tmp_path / f"{name}/train/manifest.json").read_text())
+    p = m2["processes"]
+    assert p["world"] == 2 and p["kind"] == "DEEPSPEED" and p["zero_stage"] == stage and m2["effective_batch"] == 4
+    assert 0.4 < p["local_optim_fraction"] < 0.6  # each rank's AdamW state is half of it (ZeRO partitions)
+    if stage == 3:
+        assert 0.4 < p["local_param_fraction"] < 0.6  # ...and under ZeRO-3 half the weights too
+    acfg = yaml.safe_load((tmp_path / f"{name}/accelerate_deepspeed.yaml").read_text())
+    assert acfg["deepspeed_config"]["zero_stage"] == stage
+
+    one = make_run(tmp_path / "one", records16)
+    train(config_from_dict(_cfg(tmp_path / "one", max_steps=4, save_steps=2, gradient_accumulation_steps=2)), one)
+    l2, l1 = _losses(tmp_path / f"{name}/train"), _losses(tmp_path / "one/train")
+    assert l2.keys() == l1.keys() == set(range(1, 5))
+    assert max(abs(l2[k] - l1[k]) for k in l1) < 1e-4
+    g1 = {r["step"]: r["grad_norm"] for r in map(json.loads, (tmp_path / "one/train/log.jsonl").read_text().splitlines())
+          if "grad_norm" in r}
+    g2 = {r["step"]: r["grad_norm"] for r in map(json.loads, (tmp_path / f"{name}/train/log.jsonl").read_text().splitlines())
+          if "grad_norm" in r}
+    assert g1.keys() == g2.keys() and max(abs(g2[k] - g1[k]) / g1[k] for k in g1) < 1e-3
+    a2 = load_file(str(tmp_path / f"{name}/train/adapter/adapter_model.safetensors"))  # gathered, not a partition
+    a1 = load_file(str(tmp_path / "one/train/adapter/adapter_model.safetensors"))
+    assert a2.keys() == a1.keys() and all(a2[k].shape == a1[k].shape for k in a1)
+    assert max(float((a2[k] - a1[k]).abs().max()) for k in a1) < 1e-4
+    ck2 = load_file(str(tmp_path / f"{name}/train/checkpoints/checkpoint-2/optimizer.safetensors"))
+    assert ck2 and any(k.endswith(".exp_avg_sq") for k in ck2)
+
+    res = make_run(tmp_path / "res", records16)
+    m = train(config_from_dict(_cfg(tmp_path / "res", max_steps=4, save_steps=2, gradient_accumulation_steps=2)),
+              res, resume=str(tmp_path / f"{name}/train/checkpoints/checkpoint-2"))
+    assert m["steps"] == 4
+    lr = _losses(tmp_path / "res/train")
+    assert set(lr) == {3, 4} and max(abs(lr[k] - l2[k]) for k in lr) < 1e-4
