@@ -145,7 +145,10 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     a2 = load_file(str(tmp_path / f"{name}/train/adapter/adapter_model.safetensors"))  # gathered, not a partition
     a1 = load_file(str(tmp_path / "one/train/adapter/adapter_model.safetensors"))
     assert a2.keys() == a1.keys() and all(a2[k].shape == a1[k].shape for k in a1)
-    assert max(float((a2[k] - a1[k]).abs().max()) for k in a1) < 1e-4
+    # AdamW turns float-rounding differences of near-zero gradients into visible updates in a few elements (ZeRO-3:
+    # 7 of 2048 in one LoRA A above 1e-5, at most 2.3e-4 after 4 steps at lr 2e-3); a wrong gather would be O(1e-2)
+    assert max(float((a2[k] - a1[k]).abs().max()) for k in a1) < 1e-3
+    assert max(float((a2[k] - a1[k]).abs().mean()) for k in a1) < 2e-6
     ck2 = load_file(str(tmp_path / f"{name}/train/checkpoints/checkpoint-2/optimizer.safetensors"))
     assert ck2 and any(k.endswith(".exp_avg_sq") for k in ck2)
 

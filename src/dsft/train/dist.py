@@ -164,6 +164,15 @@ def _relink_optimizer_state(zopt) -> None:
         zopt._lazy_init_hp_params_optimizer_state()
 
 
+def _fp32_partitions(zopt) -> list:
+    """This rank's flat fp32 master partitions, the tensors AdamW steps (ZeRO-3 puts them into the AdamW param groups
+    only while it steps, so read them from the ZeRO optimizer)."""
+    flat = getattr(zopt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if flat is None:
+        flat = getattr(zopt, "single_partition_of_fp32_groups", [])  # ZeRO-1/2
+    return list(flat)
+
+
 def _full_numel(p) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
@@ -270,8 +279,7 @@ class Dist:
             self._load_moments(zopt, moments)
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         n = max(1, sum(_full_numel(p) for p in trainable))
-        base = zopt.optimizer
-        self.local_optim_fraction = round(sum(fp.numel() for g in base.param_groups for fp in g["params"]) / n, 4)
+        self.local_optim_fraction = round(sum(fp.numel() for fp in _fp32_partitions(zopt)) / n, 4)
         if self.zero_stage == 3:
             allp = list(engine.module.parameters())
             self.local_param_fraction = round(sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
@@ -294,11 +302,9 @@ class Dist:
 
         base = zopt.optimizer
         step = next(iter(moments.values())).get("step")
-        for g in base.param_groups:
-            for fp in g["params"]:
-                base.state[fp] = {"step": (step.detach().clone().cpu() if step is not None
-                                           else torch.tensor(0.0)),
-                                  "exp_avg": torch.zeros_like(fp), "exp_avg_sq": torch.zeros_like(fp)}
+        for fp in _fp32_partitions(zopt):
+            base.state[fp] = {"step": step.detach().clone().cpu() if step is not None else torch.tensor(0.0),
+                              "exp_avg": torch.zeros_like(fp), "exp_avg_sq": torch.zeros_like(fp)}
         _relink_optimizer_state(zopt)
         for p, st in moments.items():
             for k in ("exp_avg", "exp_avg_sq"):
