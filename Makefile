@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEVSTAMP): $(STAMP)
-	$(PIP) install -q -e '.[dev,ray,track]'
+	$(PIP) install -q -e '.[dev,ray,track,deepspeed]'
 	touch $(DEVSTAMP)
 
 install: $(STAMP)

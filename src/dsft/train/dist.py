@@ -3,8 +3,9 @@
 `dsft train CONFIG --nproc N` writes `<run_dir>/accelerate_<strategy>.yaml` from the `train:` section and
 re-runs itself under `accelerate launch`; `accelerate launch -m dsft train CONFIG` works the same with a
 config of your own. In a worker (WORLD_SIZE > 1) the loop wraps its loss module with `Accelerator.prepare`
-(DDP, FSDP or DeepSpeed, as the launcher said; FSDP on CPU, which accelerate refuses, is FSDP2 `fully_shard`
-over gloo applied here), splits each step's micro-batches across ranks and divides the
+(DDP or FSDP, as the launcher said; FSDP on CPU, which accelerate refuses, is FSDP2 `fully_shard` over gloo
+applied here); DeepSpeed, on GPUs and on CPU (gloo), is one `deepspeed.initialize` of the loss module and the
+AdamW here, driven with engine.backward / engine.step (`deepspeed_config`). The loop splits each step's micro-batches across ranks and divides the
 summed token loss by the step's global label count, so N processes follow the loss curve of one process at
 the same global batch.
 """
@@ -274,6 +275,11 @@ class Dist:
         moments = {p: st for p, st in opt.state.items() if st}
         opt.state.clear()
         engine, zopt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
+        if not hasattr(engine, "managed_gradient_accumulation"):  # older DeepSpeed ignores the key: refuse
+            from dsft.errors import TrainError
+
+            raise TrainError(f"deepspeed {deepspeed.__version__} lacks managed_gradient_accumulation (the loop owns "
+                             f"the accumulation boundary): pip install 'deepspeed>=0.19'")
         self.engine = engine
         if moments:
             self._load_moments(zopt, moments)
