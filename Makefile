@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEVSTAMP): $(STAMP)
-	$(PIP) install -q -e '.[dev,ray,track,qlora]'
+	$(PIP) install -q -e '.[dev,ray,track,qlora,deepspeed]'
 	touch $(DEVSTAMP)
 
 install: $(STAMP)

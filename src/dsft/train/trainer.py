@@ -269,7 +269,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     if train_path is None:
         raise DataError(f"{run.manifest_path('data')}: key 'train': expected the path of train.jsonl")
     eval_records, _ = _read_split(run, data_m, "eval")
-    dist = Dist()
+    dist = Dist(tc)
     if dist.is_main:
         stage = _stage_paths(run, resume, force)
     dist.barrier()
@@ -320,8 +320,10 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     if tc.compile and dist.world == 1:
         loss_mod = torch.compile(loss_mod, dynamic=True)
     opt, names = make_optimizer(model, cfg, lr)
-    opt = dist.prepare_optimizer(opt)
     autocast, precision = _autocast(tc.precision, device)
+    if dist.kind == "DEEPSPEED" and precision == "fp16":
+        raise TrainError("train.strategy deepspeed with precision fp16: dsft keeps DeepSpeed's own loss scaling off "
+                         "and torch's GradScaler cannot unscale a ZeRO optimizer; use precision bf16 (or fp32)")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     capacity = tc.pack_length or max_len
@@ -378,6 +380,9 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                 ladder.offload = True
             log.info("dsft train: resumed from %s (step %d of %d)", path, start, total_steps)
 
+    # DeepSpeed: one deepspeed.initialize for the loss module and AdamW, after a resumed checkpoint went into both
+    loss_mod, opt = dist.prepare_optimizer(loss_mod, opt, tc=tc, micro=ladder.micro_batch,
+                                           accum=max(1, effective // (ladder.micro_batch * world)))
     monitor = Monitor(stage, tc, start_step=start, history=history, is_main=dist.is_main)
     opt = _with_offload(opt, ladder, monitor, start)
     monitor.log_params({"method": tc.method, "learning_rate": lr, "lora_r": info.get("r"),
@@ -425,19 +430,25 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                     monitor.event(step + 1, "oom", action=rung)
                     opt = _with_offload(opt, ladder, monitor, step + 1)
                     torch.set_rng_state(rng)  # the retried step sees the same dropout masks
-            if scaler is not None:
-                scaler.unscale_(opt)
-            gn = dist.clip(trainable, tc.max_grad_norm)
             loss = loss_sum / max(1, n_lab)
+            if dist.engine is not None:  # DeepSpeed clips (gradient_clipping) and steps inside engine.step
+                gn = dist.step() if math.isfinite(loss) else math.nan
+            else:
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                gn = dist.clip(trainable, tc.max_grad_norm)
             rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": gn, "tokens": toks,
                    "epoch": round((step + 1) / plan.steps_per_epoch, 4), "micro_batch": ladder.micro_batch}
             monitor.step(rec)  # raises on NaN/inf before the optimizer applies it
-            if scaler is not None:
+            if dist.engine is not None:
+                pass  # applied and zeroed by engine.step above
+            elif scaler is not None:
                 scaler.step(opt)
                 scaler.update()
+                opt.zero_grad(set_to_none=True)
             else:
                 opt.step()
-            opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
             tokens_seen += toks
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cur_lr:.2e}")
@@ -536,6 +547,10 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     manifest["processes"] = {"world": dist.world, "kind": dist.kind}
     if dist.cpu_fsdp:
         manifest["processes"]["local_param_fraction"] = dist.local_param_fraction
+    if dist.engine is not None:
+        manifest["processes"].update(zero_stage=dist.zero_stage, local_optim_fraction=dist.local_optim_fraction)
+        if dist.zero_stage == 3:
+            manifest["processes"]["local_param_fraction"] = dist.local_param_fraction
     if dist.is_main:
         run.write_manifest("train", manifest)
     dist.barrier()
@@ -547,16 +562,17 @@ def _accumulate(loss_mod, exs: list[Encoded], micro: int, n_lab: int, packing: b
                 dist, autocast, scaler, fault_hook, step: int) -> tuple[float, int]:
     """Forward/backward this rank's micro-batches of one step; gradients = d(Σ token CE / n_lab) over all ranks.
 
-    Micro-batches are dealt round-robin to ranks; DDP averages gradients over ranks, hence the × world.
-    A rank left without a micro-batch (short last step) still joins the gradient sync with a zero loss.
+    Micro-batches are dealt round-robin to ranks; DDP / ZeRO average gradients over ranks, hence the × world.
+    A rank left without a micro-batch (short last step) still joins the gradient sync with a zero loss; under
+    FSDP / DeepSpeed, whose every forward/backward is collective, short ranks pad with zero-loss passes so all
+    ranks run the same number.
     """
     chunks = split_micro(exs, micro)
-    mine = chunks[dist.rank::dist.world]
-    weight = float(dist.world)
-    if not mine:
-        mine, weight = [chunks[0]], 0.0
+    mine = [(c, float(dist.world)) for c in chunks[dist.rank::dist.world]]
+    passes = -(-len(chunks) // dist.world) if dist.lockstep else 1
+    mine += [(chunks[0], 0.0)] * (passes - len(mine))
     total, toks = 0.0, 0
-    for j, chunk in enumerate(mine):
+    for j, (chunk, weight) in enumerate(mine):
         if fault_hook is not None:
             fault_hook(step, micro)
         batch = collate_packed(chunk, capacity, pad_id) if packing else collate_padded(chunk, pad_id)
@@ -611,7 +627,10 @@ def _save(dist, loss_mod, ckpt_root, done, model, opt, names, tc, effective, fin
         "scheduler": {"kind": tc.lr_scheduler, "step": done, "cycle_fraction": tc.cycle_fraction},
         "data_position": {"next_step": done},
     }
-    if dist.kind in ("FSDP", "DEEPSPEED"):  # sharded: gather weights; optimizer moments are not kept
+    if dist.engine is not None:  # ZeRO: fp32 master weights and AdamW moments gathered from the partitions
+        weights = dist.trainable_weights(model)
+        optim = dist.full_optimizer_tensors(opt, names)
+    elif dist.kind in ("FSDP", "DEEPSPEED"):  # sharded: gather weights; optimizer moments only for CPU FSDP2
         full = _gathered_model_state(dist, loss_mod)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {n: t.detach().cpu().contiguous() for n, t in full.items() if n in trainable}
@@ -682,7 +701,7 @@ def _print_setup(info, model_dir, preset, lr, micro, effective, total_steps, n, 
              f"{info['trainable_params']:,} trainable ({100 * info['trainable_params'] / max(1, info['total_params']):.2f} %)",
              f"dsft train: {n} examples ({enc_rep.tokens:,} tokens, {enc_rep.truncated} truncated, dropped {enc_rep.dropped}), "
              f"{total_steps} steps, lr {lr:g}, micro-batch {micro}, effective batch {effective}, {device.type} {precision}"
-             + (f", {dist.world} processes ({dist.kind})" if dist.world > 1 else "")]
+             + (f", {dist.world} processes ({dist.label})" if dist.world > 1 else "")]
     if "targets" in info:
         t = info["targets"]
         lines.append(f"dsft train: LoRA r={info['r']} alpha={info['alpha']} on {t['modules']} modules + "
