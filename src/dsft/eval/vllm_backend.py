@@ -1,8 +1,9 @@
-"""Optional vLLM generation backend (GPU): same prompts and greedy settings as the transformers predictor.
+"""Optional vLLM generation backend: same prompts and greedy settings as the transformers predictor.
 
-Not exercised by the test suite (no GPU / no vllm on the CI machine). Differences from the transformers
-path, recorded in the decoding settings: vLLM has no `no_repeat_ngram_size` (ignored), LoRA on fused MoE
-experts cannot be applied by vLLM (merge the adapter first; see docs/eval.md).
+Runs on a CUDA GPU, or on CPU with vLLM's CPU build (`make test-vllm` checks that greedy texts match the
+transformers predictor in fp32 on tiny Llama/Qwen2 models). Differences from the transformers path, recorded in
+the decoding settings: vLLM has no `no_repeat_ngram_size` (ignored), LoRA on fused MoE experts cannot be applied
+by vLLM (merge the adapter first; see docs/eval.md).
 """
 
 from __future__ import annotations
@@ -16,16 +17,29 @@ from typing import Any
 from dsft.errors import ModelError
 
 
-def vllm_available() -> bool:
-    """vllm importable and a CUDA device present."""
+def vllm_device() -> str | None:
+    """'cuda' or 'cpu' when vLLM can generate here (vLLM's CUDA build with a GPU, or its CPU build), else None."""
     if importlib.util.find_spec("vllm") is None:
-        return False
+        return None
     try:
-        import torch
+        from vllm.platforms import current_platform
+    except Exception:  # a broken install is "not usable", like a missing one
+        return None
+    if current_platform.is_cpu():
+        return "cpu"
+    if current_platform.is_cuda_alike():
+        try:
+            import torch
 
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover
-        return False
+            return "cuda" if torch.cuda.is_available() else None
+        except ImportError:  # pragma: no cover
+            return None
+    return None
+
+
+def vllm_available() -> bool:
+    """vllm importable and usable: a CUDA device, or vLLM's CPU build (its CPU platform is active)."""
+    return vllm_device() is not None
 
 
 def use_vllm(backend: str) -> bool:
@@ -34,37 +48,72 @@ def use_vllm(backend: str) -> bool:
         return False
     ok = vllm_available()
     if backend == "vllm" and not ok:
-        raise ModelError("eval.backend: vllm asked for but not usable here (needs `pip install dsft[vllm]` and a CUDA GPU); "
-                         "use eval.backend: transformers")
+        raise ModelError("eval.backend: vllm asked for but not usable here (needs `pip install dsft[vllm]` and a CUDA "
+                         "GPU, or vLLM's CPU build); use eval.backend: transformers")
     return ok
+
+
+def _vllm_dtype(dtype: str) -> str:
+    """dsft's dtype name → vLLM's, with 'auto' resolved as dsft's loader does (bf16 on a bf16 GPU, else fp32;
+    vLLM's own 'auto' would turn an fp32 checkpoint into bf16/fp16)."""
+    if dtype == "auto":
+        from dsft.model.load import torch_dtype
+
+        return str(torch_dtype("auto")).removeprefix("torch.")
+    return dtype
 
 
 def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, str]]], settings, *,
                   adapter_dir: str | Path | None = None, max_prompt_length: int | None = None,
-                  gpu_memory_utilization: float = 0.5, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Generate with vLLM from token ids rendered by our chat template → {texts, seconds, new_tokens, settings}."""
+                  gpu_memory_utilization: float = 0.5, trust_remote_code: bool = False,
+                  dtype: str = "auto", max_model_len: int | None = None) -> dict[str, Any]:
+    """Generate with vLLM from token ids rendered by our chat template → {texts, seconds, new_tokens, settings}.
+
+    On vLLM's CPU build the KV cache is sized in bytes ($VLLM_CPU_KVCACHE_SPACE GiB, else 4 GiB) instead of
+    gpu_memory_utilization (which vLLM would read as a share of all RAM)."""
+    import os
+
     from vllm import LLM, SamplingParams
 
     from dsft.eval.predict import prompt_text
+    from dsft.serve.vllm import VLLM_LORA_RANKS, _lora_rank
 
     ids = [tok(prompt_text(tok, m), add_special_tokens=False)["input_ids"] for m in prompts]
     if max_prompt_length:
         ids = [x[-max_prompt_length:] for x in ids]
-    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype="auto", enable_lora=adapter_dir is not None,
-              gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, seed=0)
-    params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature if settings.do_sample else 0.0,
-                            repetition_penalty=settings.repetition_penalty, skip_special_tokens=True)
-    lora = None
+    kw: dict[str, Any] = {}
+    if vllm_device() == "cpu":
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kw["kv_cache_memory_bytes"] = 4 << 30
+    else:
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len:
+        kw["max_model_len"] = max_model_len
     if adapter_dir is not None:
-        from vllm.lora.request import LoRARequest
+        need = _lora_rank(str(adapter_dir)) or 16
+        kw.update(enable_lora=True, max_loras=1,
+                  max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= need), need))
+    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=_vllm_dtype(dtype),
+              trust_remote_code=trust_remote_code, seed=0, **kw)
+    try:
+        params = SamplingParams(max_tokens=settings.max_new_tokens,
+                                temperature=settings.temperature if settings.do_sample else 0.0,
+                                repetition_penalty=settings.repetition_penalty, skip_special_tokens=True)
+        lora = None
+        if adapter_dir is not None:
+            from vllm.lora.request import LoRARequest
 
-        lora = LoRARequest("finetuned", 1, str(adapter_dir))
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, lora_request=lora, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+            lora = LoRARequest("finetuned", 1, str(adapter_dir))
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, lora_request=lora, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        # stop the engine-core process now (a second LLM — base, then fine-tuned — would otherwise start
+        # beside it and hold a second KV cache)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
     texts = [o.outputs[0].text.strip() for o in outs]
     new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     d = settings.as_dict()
     d.update(backend="vllm", no_repeat_ngram_size_applied=False)
-    del llm
     return {"texts": texts, "seconds": seconds, "new_tokens": new_tokens, "settings": d}

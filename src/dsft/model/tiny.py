@@ -10,7 +10,7 @@ from pathlib import Path
 from dsft.model.paths import dsft_home
 from dsft.model.tokenizer import embedded_tokenizer_dir
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"  # v2: config.json names the router (topk_method, scoring_func) as DeepSeek-V3's does
 
 # Shape: 4 layers, hidden 128, MLA (q_lora 64, kv_lora 32), layer 0 dense, layers 1-3 MoE with 4 routed
 # experts (top-2) + 1 shared expert. ≈ 3 M parameters with the 8 k demo vocabulary.
@@ -20,7 +20,13 @@ TINY_V3_KWARGS = dict(
     n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
     qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1, max_position_embeddings=2048,
     tie_word_embeddings=False, initializer_range=0.02,
+    # what transformers' DeepseekV3 router always does; DeepSeek-V3's own config.json says so, and vLLM reads these
+    # (without topk_method it builds no e_score_correction_bias and fails loading the checkpoint with a KeyError)
+    topk_method="noaux_tc", scoring_func="sigmoid",
 )
+# MLA sizes vLLM's CPU MLA kernel supports (it compiles only for DeepSeek-V3's latent 512 + rope 64 = 576):
+# build_tiny_deepseek_v3(dir, **VLLM_CPU_MLA) gives a tiny V3 that vLLM's CPU build serves.
+VLLM_CPU_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64)
 
 
 def build_tiny_deepseek_v3(out_dir: str | Path, *, seed: int = 0, tokenizer_dir: str | Path | None = None, **overrides) -> Path:

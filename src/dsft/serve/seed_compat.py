@@ -101,7 +101,14 @@ class SeedGenerateMiddleware:
             return await self._send(send, got["status"], hdrs, got["body"])
         data = json.loads(got["body"])
         choice = data["choices"][0]
-        status, hdrs, out = _json_response(200, {"text": choice["message"].get("content") or "",
+        msg = choice["message"]
+        text = msg.get("content") or ""
+        # with --reasoning-parser vLLM splits R1 output at </think>: put it back together (dsft's /generate
+        # returns the raw text); vLLM ≥0.11 calls the field `reasoning`, older ones `reasoning_content`
+        reasoning = msg.get("reasoning") or msg.get("reasoning_content")
+        if reasoning:
+            text = reasoning + ("</think>" + text if msg.get("content") is not None else "")
+        status, hdrs, out = _json_response(200, {"text": text,
                                                  "finish_reason": choice.get("finish_reason"),
                                                  "usage": data.get("usage")})
         return await self._send(send, status, hdrs, out)
