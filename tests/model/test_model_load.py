@@ -70,3 +70,16 @@ def test_remote_code_model_type_refused(tmp_path):
 
     with pytest.raises(ModelError, match="trust_remote_code"):
         load_model(tmp_path)
+
+
+def test_an_incomplete_embedded_model_folder_is_rebuilt(tmp_path, monkeypatch):
+    """A folder left without config.json (an interrupted older build) must not be returned as the model."""
+    from dsft.model.tiny import TINY_VERSION, embedded_model_dir
+
+    monkeypatch.setenv("DSFT_HOME", str(tmp_path))
+    broken = tmp_path / "models" / f"tiny-deepseek-v3-{TINY_VERSION}"
+    broken.mkdir(parents=True)
+    (broken / "tokenizer.json").write_text("{}")
+    d = embedded_model_dir()
+    assert d == broken and (d / "config.json").exists() and (d / "model.safetensors").exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [d.name]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from dsft.errors import ModelError
 from dsft.model.paths import dsft_home
 from dsft.model.tokenizer import embedded_tokenizer_dir
 
@@ -65,8 +67,16 @@ def embedded_model_dir() -> Path:
         build_tiny_deepseek_v3(tmp)
         try:
             os.replace(tmp, dest)
-        except OSError:  # built concurrently by another process
-            pass
+        except OSError:  # built concurrently by another process, or an incomplete folder is in the way
+            if not (dest / "config.json").exists():
+                broken = dest.with_name(f".{dest.name}.broken-{os.getpid()}")
+                with contextlib.suppress(OSError):
+                    os.replace(dest, broken)
+                    shutil.rmtree(broken, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not (dest / "config.json").exists():
+        raise ModelError(f"{dest}: the embedded model folder is incomplete (no config.json); delete it and retry")
     return dest
