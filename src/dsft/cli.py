@@ -54,10 +54,22 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*")
 
 
+def _pin_deepspeed_accelerator() -> None:
+    """No GPU device node: tell DeepSpeed (imported by transformers/peft when installed) it is on CPU, so it does not
+    print its 'unable to detect' warning to stdout, where it would break `--json` and export's JSON summary."""
+    if "DS_ACCELERATOR" in os.environ or os.environ.get("CUDA_VISIBLE_DEVICES", "unset") not in ("", "-1", "unset"):
+        return
+    from pathlib import Path
+
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and not Path("/dev/kfd").exists():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DSFT_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s")
+    _pin_deepspeed_accelerator()
     if not debug:
         _quiet_third_party()
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
