@@ -29,6 +29,27 @@ def _cpu_buffer(numel: int) -> torch.Tensor:
     return _BUFFER[0][:numel]
 
 
+def _softmax_and_ce_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Softmax of fp32 `logits` in place and each row's CE; returns (probs, per-row loss, rows to redo or None).
+
+    On CPU one fused softmax kernel (a read and a write per row while the row sits in cache) replaces separate
+    max / subtract / exp / sum / divide passes over a 100 k+ wide row, and CE = −log p_target. A row whose target
+    probability is below 1e-30 (fp32 −log p losing digits near underflow) is returned for an exact recompute.
+    """
+    rows = torch.arange(targets.numel(), device=targets.device)
+    if logits.device.type != "cpu":
+        target_logit = logits[rows, targets]
+        mx = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(mx).exp_()
+        sumexp = probs.sum(dim=-1, keepdim=True)
+        loss = sumexp.log().squeeze(1) + mx.squeeze(1) - target_logit
+        return probs.div_(sumexp), loss, None
+    probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place; same kernel as F.softmax
+    p_t = probs[rows, targets]
+    tiny = p_t < 1e-30
+    return probs, -torch.log(p_t), (tiny if bool(tiny.any()) else None)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Σ CE(h·Wᵀ + b, targets) in chunks, computing d/dh (and d/dW, d/db when trained) during the forward.
 
@@ -55,13 +76,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 logits = (hc @ w.t()).float()
             if bias is not None:
                 logits += bias.float()
-            # one exp pass, in place: p = exp(z - max) / Σ, loss = log Σ + max − z_target
-            target_logit = logits.gather(1, tc[:, None]).squeeze(1)
-            mx = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(mx).exp_()
-            sumexp = probs.sum(dim=-1, keepdim=True)
-            total += (sumexp.log().squeeze(1) + mx.squeeze(1) - target_logit).sum()
-            probs.div_(sumexp)
+            probs, loss_rows, redo = _softmax_and_ce_(logits, tc)
+            if redo is not None:  # exact log Σ exp − z_target from these rows' logits, computed again
+                z = (hc[redo] @ w.t()).float() + (bias.float() if bias is not None else 0.0)
+                loss_rows[redo] = torch.logsumexp(z, dim=-1) - z.gather(1, tc[redo][:, None]).squeeze(1)
+            total += loss_rows.sum()
             probs[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0
             g = probs.to(h.dtype)
             torch.mm(g, w, out=grad_h[i:i + chunk])
