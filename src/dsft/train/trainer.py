@@ -421,6 +421,12 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
                     opt.zero_grad(set_to_none=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                    if dist.world > 1:  # one rank shrinking its micro-batch alone would break the ranks' lockstep
+                        raise TrainError(f"out of memory at step {step + 1} on rank {dist.rank} of {dist.world}: the OOM "
+                                         f"ladder works in one process; lower train.per_device_train_batch_size "
+                                         f"(gradient accumulation keeps the effective batch), turn on "
+                                         f"train.gradient_checkpointing, or use strategy deepspeed / fsdp with "
+                                         f"offload: true") from None
                     rung = ladder.next_rung(model) if tc.oom_ladder else None
                     if rung is None:
                         tried = "gradient checkpointing on" + (" and offload on" if ladder.offload else "")
