@@ -33,14 +33,19 @@ def _losses(stage: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r and "event" not in r}
 
 
-def test_ddp_two_processes_match_one_and_resume_in_one(tmp_path, records16):
-    make_run(tmp_path / "ddp", records16)
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_cfg(tmp_path / "ddp")), encoding="utf-8")
+def _train_two(cfg_path: Path, cfg: dict, *extra: str) -> subprocess.CompletedProcess:
+    """`dsft train CFG --nproc 2 [extra]` in a real subprocess (accelerate launch, gloo); asserts it succeeded."""
+    cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2"], env=env,
+    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2", *extra], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_ddp_two_processes_match_one_and_resume_in_one(tmp_path, records16):
+    make_run(tmp_path / "ddp", records16)
+    _train_two(tmp_path / "ddp.yaml", _cfg(tmp_path / "ddp"))
     m2 = json.loads((tmp_path / "ddp/train/manifest.json").read_text())
     assert m2["processes"] == {"world": 2, "kind": "MULTI_CPU"} and m2["effective_batch"] == 4
     assert (tmp_path / "ddp/accelerate_multi_gpu.yaml").exists()
@@ -84,12 +89,7 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
     c = _cfg(tmp_path / "fsdp", max_steps=4, save_steps=2)
     c["train"]["strategy"] = "fsdp"
     make_run(tmp_path / "fsdp", records16)
-    cfg_path = tmp_path / "fsdp.yaml"
-    cfg_path.write_text(yaml.safe_dump(c), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = _train_two(tmp_path / "fsdp.yaml", c)
     assert "plain data parallel" not in out.stdout + out.stderr
     m2 = json.loads((tmp_path / "fsdp/train/manifest.json").read_text())
     assert m2["processes"]["world"] == 2 and m2["processes"]["kind"] == "FSDP" and m2["effective_batch"] == 4
@@ -125,11 +125,7 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     c["train"].update(strategy="deepspeed", zero_stage=stage)
     make_run(tmp_path / name, records16)
     cfg_path = tmp_path / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(c), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = _train_two(cfg_path, c)
     assert "plain data parallel" not in out.stdout + out.stderr
     assert f"DeepSpeed ZeRO-{stage} on cpu (gloo)" in out.stdout and f"2 processes (DeepSpeed ZeRO-{stage})" in out.stdout
     m2 = json.loads((tmp_path / f"{name}/train/manifest.json").read_text())
@@ -174,9 +170,6 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     c["run_dir"] = str(tmp_path / "cont")
     make_run(tmp_path / "cont", records16)
     shutil.copytree(tmp_path / f"{name}/train/checkpoints/checkpoint-2", tmp_path / "cont/train/checkpoints/checkpoint-2")
-    cfg_path.write_text(yaml.safe_dump(c), encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2", "--resume", "auto"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _train_two(cfg_path, c, "--resume", "auto")
     lc = _losses(tmp_path / "cont/train")
     assert set(lc) == {3, 4} and max(abs(lc[k] - l2[k]) for k in lc) < 1e-6
