@@ -189,9 +189,9 @@ def _with_offload(opt, ladder: Ladder, monitor, step: int):
     if not ladder.offload or isinstance(opt, HostOffloadAdamW):
         return opt
     opt = HostOffloadAdamW(opt)
-    msg = f"dsft train: offload: {opt.moved_bytes() / 2**20:.1f} MiB of optimizer state and master weights in host memory"
-    log.info(msg)
-    monitor.event(step, "offload", host_mib=round(opt.moved_bytes() / 2**20, 2))
+    mib = opt.moved_bytes() / 2**20
+    log.info("dsft train: offload: %.1f MiB of optimizer state and master weights in host memory", mib)
+    monitor.event(step, "offload", host_mib=round(mib, 2))
     return opt
 
 
@@ -240,8 +240,6 @@ def _read_split(run: RunDir, manifest: dict, key: str) -> tuple[list[dict], Path
 
 
 def _autocast(precision: str, device: torch.device):
-    import contextlib
-
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else ("fp16" if device.type == "cuda" else "fp32")
     if precision == "fp32":
