@@ -83,7 +83,7 @@ def test_the_last_rung_offloads_optimizer_state_and_activations_and_resumes(tmp_
     """
     from train_helpers import Crash, crash_at
 
-    import dsft.train.trainer as trainer_mod
+    import dsft.train.recipe as trainer_mod
 
     ref = make_run(tmp_path / "ref", records16)
     train(_cfg(tmp_path / "ref", per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=2), ref)
@@ -125,7 +125,7 @@ def test_on_cpu_the_ladder_ends_after_checkpointing_with_a_hint(tmp_path, record
 
 
 def test_train_offload_true_offloads_from_the_first_step_where_it_frees_memory(tmp_path, records16, monkeypatch, capsys):
-    import dsft.train.trainer as trainer_mod
+    import dsft.train.recipe as trainer_mod
 
     ref = make_run(tmp_path / "ref", records16)
     train(_cfg(tmp_path / "ref", per_device_train_batch_size=2), ref)

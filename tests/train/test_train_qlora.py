@@ -52,7 +52,7 @@ def test_qlora_base_is_nf4(tmp_path):
     from bitsandbytes.nn import Linear4bit
 
     from dsft.config import config_from_dict
-    from dsft.train.trainer import _load_base
+    from dsft.train.setup import load_base as _load_base
 
     cfg = config_from_dict({"run_dir": str(tmp_path), "train": {"method": "qlora"}})
     model = _load_base(cfg, resolve_model_dir("embedded:tiny-deepseek-v3"), torch.device("cpu"))

@@ -192,6 +192,13 @@ def adapted_module_names(peft_model) -> list[str]:
     return names
 
 
+def save_adapter(peft_model, out_dir: str | Path, *, state_dict: dict | None = None) -> None:
+    """Save a LoRA adapter (safetensors) with its exact target names (PEFT's MoE rewrite off, as when attached)."""
+    kw = {"state_dict": state_dict} if state_dict is not None else {}
+    with _exact_targets():
+        peft_model.save_pretrained(str(out_dir), safe_serialization=True, **kw)
+
+
 def load_adapter(base_model, adapter_dir: str | Path, *, is_trainable: bool = False):
     """Load a dsft/PEFT adapter folder (safetensors) onto `base_model` exactly on the modules it was trained on."""
     from peft import PeftModel

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsft.errors import TrainError
+
 log = logging.getLogger("dsft.train")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -181,9 +183,18 @@ def _copy_into(param, t: torch.Tensor) -> None:
         param.copy_(t)
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; one line (TrainError) when it is not one, even if its checksum matched."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError (bad header / data), OSError
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise TrainError(f"{path}: not a readable safetensors file ({msg}); resume from another checkpoint") from None
+
+
 def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, Any]:
     """Restore trainable weights, optimizer state and RNG; return state.json."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = _load_tensors(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
@@ -191,7 +202,7 @@ def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, 
     with torch.no_grad():
         for n, t in weights.items():
             _copy_into(params[n], t)
-    opt_t = load_file(str(path / "optimizer.safetensors"))
+    opt_t = _load_tensors(path / "optimizer.safetensors")
     if not opt_t:
         log.warning("dsft train: %s holds no optimizer state (sharded run): AdamW moments restart", path.name)
     by_name = {v: k for k, v in names.items()}
@@ -203,5 +214,5 @@ def load_checkpoint(path: Path, model, opt, names: dict[int, str]) -> dict[str, 
         dev = "cpu" if sk == "step" else p.device
         opt.state[p][sk] = _shard_like(p, t.to(dev)) if sk != "step" else t.to(dev)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    restore_rng(load_file(str(path / "rng.safetensors")), state.get("rng", {}))
+    restore_rng(_load_tensors(path / "rng.safetensors"), state.get("rng", {}))
     return state

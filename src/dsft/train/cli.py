@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from dsft.cli_common import config_and_run
-    from dsft.train import train
+    from dsft.train.stage import run as train
 
     cfg, run = config_and_run(args)
     nproc = args.nproc or cfg.train.nproc
