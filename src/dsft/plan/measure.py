@@ -98,104 +98,102 @@ def _lora_names(spec: Spec) -> list[str] | str:
     return names
 
 
+def dsft_config(spec: Spec):
+    """The dsft config whose `train:` / `lora:` sections describe a Spec (what `dsft train` would be given)."""
+    from dsft.config import config_from_dict
+
+    prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[spec.dtype]
+    return config_from_dict({
+        "train": {"method": spec.method, "gradient_checkpointing": spec.gc, "freeze_trainable_layers": spec.freeze_layers,
+                  "precision": prec, "packing": True, "report_to": ["none"]},
+        "lora": {"r": spec.lora_rank, "dropout": spec.lora_dropout,
+                 "target_modules": "auto" if spec.lora_targets == "all" else _lora_names(spec)}})
+
+
 def _build(spec: Spec):
+    """The model as the trainer sets it up: `dsft.train.setup` for trainer dsft; plain PEFT for trainer hf."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = spec.hf_config()
     cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    dtype = getattr(torch, spec.dtype)
     with torch.device(spec.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    n_params = sum(p.numel() for p in model.parameters())
-    if spec.trainer == "dsft":  # as dsft.train sets models up: the MoE router stays fp32 and frozen
-        for name, mod in model.named_modules():
-            if name.endswith(".mlp.gate") and type(mod).__name__.endswith("Router"):
-                mod.to(torch.float32)
-    if spec.method in ("lora", "dora"):
-        if spec.trainer == "dsft":  # dsft's adapters: exact targets incl. fused experts, modules_to_save rule
-            from dsft.config import LoraConfig as DsftLora
-            from dsft.model.adapters import attach_lora, default_modules_to_save
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, spec.dtype), attn_implementation="sdpa")
+    if spec.trainer == "dsft":
+        from dsft.train import setup
 
-            lcfg = DsftLora(r=spec.lora_rank, dropout=spec.lora_dropout, use_dora=spec.method == "dora",
-                            target_modules="auto" if spec.lora_targets == "all" else _lora_names(spec))
-            mts = default_modules_to_save(model) if n_params < 100e6 else []
-            model, _ = attach_lora(model, lcfg, modules_to_save=mts, r=spec.lora_rank, alpha=2 * spec.lora_rank)
-        else:  # plain PEFT (which remaps MLP names onto DeepSeek's fused experts)
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
-                                                     lora_dropout=spec.lora_dropout, target_modules=_lora_names(spec),
-                                                     use_dora=spec.method == "dora", task_type="CAUSAL_LM"))
-    elif spec.method == "freeze":
-        n = cfg.num_hidden_layers
-        keep = {f"layers.{i}." for i in range(n - spec.freeze_layers, n)}
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(k in name for k in keep) and not name.endswith(".mlp.gate.weight"))
-    elif spec.method == "full" and spec.trainer == "dsft":
-        for name, p in model.named_parameters():
-            p.requires_grad_(not name.endswith(".mlp.gate.weight"))
-    if spec.gc:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if spec.trainer == "dsft" and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        dcfg = dsft_config(spec)
+        hp = setup.hyperparameters(dcfg, setup.count_params(model))
+        model, _ = setup.apply_method(model, dcfg, hp)
+        if spec.gc:
+            setup.enable_checkpointing(model)
+    else:
+        model = _build_hf(spec, model, cfg.num_hidden_layers)
     model.config.use_cache = False
     model.train()
     return model
 
 
-def _dsft_loss(model, ids, targets, chunk: int = 4096, packed: bool = False):
-    """The loss `dsft train` computes: logits only where a target exists, in chunks, fp32 cross-entropy."""
-    import torch
-    import torch.nn.functional as F
+def _build_hf(spec: Spec, model, n_layers: int):
+    """A Hugging Face Trainer-style setup: plain PEFT (which remaps MLP names onto DeepSeek's fused experts)."""
+    if spec.method in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    n = ids.shape[1]
-    pos = torch.arange(n, device=ids.device)
-    if packed:
-        pos = torch.cat([pos[: n // 2], pos[: n - n // 2]])
-    pos = pos.expand_as(ids)
-    h = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-    sel = targets != -100
-    hs, tg = h[sel], targets[sel]
-    head = inner.get_output_embeddings()
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, tg.numel(), chunk):
-        logits = head(hs[i:i + chunk]).float()
-        total = total + F.cross_entropy(logits, tg[i:i + chunk], reduction="sum")
-    return total / max(1, tg.numel())
+        model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
+                                                 lora_dropout=spec.lora_dropout, target_modules=_lora_names(spec),
+                                                 use_dora=spec.method == "dora", task_type="CAUSAL_LM"))
+    elif spec.method == "freeze":
+        keep = {f"layers.{i}." for i in range(n_layers - spec.freeze_layers, n_layers)}
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(k in name for k in keep) and not name.endswith(".mlp.gate.weight"))
+    if spec.gc:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _examples(spec: Spec, g) -> list:
+    """Random token ids as `dsft train` examples: the first (1 − label_fraction) of each sample is prompt (no loss);
+    packed: two half-length samples per row (position ids restart)."""
+    import torch
+
+    from dsft.train.setup import IGNORE, Encoded
+
+    vocab = spec.hf_config()["vocab_size"]
+    n, length = (2 * spec.batch, spec.seq_len // 2) if spec.packed else (spec.batch, spec.seq_len)
+    ids = torch.randint(0, vocab, (n, length), generator=g).tolist()
+    prompt = int(round(length * (1 - spec.label_fraction)))
+    return [Encoded(row, [IGNORE] * (prompt + 1) + row[prompt + 1:]) for row in ids]
 
 
 def _steps(spec: Spec, model) -> float:
+    """`spec.steps` optimizer steps; the last step's loss."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if spec.trainer == "dsft":  # dsft.train's optimizer: foreach AdamW, no decay on 1-D params
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
-        opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
-    else:  # the HF Trainer's default: fused AdamW on CUDA, the per-tensor loop on CPU
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True if spec.device == "cuda" else None)
     g = torch.Generator().manual_seed(0)
+    if spec.trainer == "dsft":  # the trainer's own loss module, AdamW, autocast and step
+        from dsft.train import setup
+
+        dcfg = dsft_config(spec)
+        opt, _ = setup.make_optimizer(model, dcfg, setup.hyperparameters(dcfg, setup.count_params(model)))
+        loss_mod = setup.build_loss(model, dcfg.train.loss_chunk_size)
+        dist = setup.single_process(spec.device)
+        autocast = setup.autocast_for(setup.resolve_precision(dcfg.train.precision, dist.device), dist.device)
+        loss = 0.0
+        for _ in range(spec.steps):
+            exs = _examples(spec, g)
+            loss = setup.training_step(loss_mod, opt, exs, dist=dist, micro=len(exs), packing=True,
+                                       capacity=spec.seq_len, pad_id=0, max_grad_norm=dcfg.train.max_grad_norm,
+                                       autocast=autocast)
+        return float(loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the HF Trainer's default: fused AdamW on CUDA, the per-tensor loop on CPU
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if spec.device == "cuda" else None)
     vocab = spec.hf_config()["vocab_size"]
     loss = torch.tensor(0.0)
-    import contextlib
-
-    # dsft train runs 16-bit precisions under autocast (even with 16-bit weights)
-    autocast = (lambda: torch.autocast(spec.device, dtype=getattr(torch, spec.dtype))) if (
-        spec.trainer == "dsft" and spec.dtype != "float32") else contextlib.nullcontext
     for _ in range(spec.steps):
         ids = torch.randint(0, vocab, (spec.batch, spec.seq_len), generator=g).to(spec.device)
-        if spec.trainer == "dsft":
-            targets = torch.roll(ids, -1, dims=1)
-            targets[:, : int(round(spec.seq_len * (1 - spec.label_fraction)))] = -100  # the prompt part
-            targets[:, -1] = -100
-            with autocast():
-                loss = _dsft_loss(model, ids, targets, packed=spec.packed)
-        else:
-            loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
+        loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped, as Trainer does
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -207,7 +205,10 @@ def measure(spec: Spec) -> dict[str, Any]:
     """Peak bytes torch held during model build + `steps` optimizer steps of this spec."""
     import torch
 
+    from dsft.train.setup import release_buffers
+
     torch.manual_seed(0)
+    release_buffers()
     gc.collect()
     if spec.device == "cpu":
         from torch.profiler import ProfilerActivity, profile

@@ -181,10 +181,11 @@ def _full_numel(p) -> int:
 class Dist:
     """One process or one rank of many (through accelerate); the loop calls these instead of torch.distributed."""
 
-    def __init__(self, tc=None):
+    def __init__(self, tc=None, *, device: str | None = None):
+        """device: force one process on this device (the planner's measurements), whatever WORLD_SIZE says."""
         import torch
 
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = 1 if device else int(os.environ.get("WORLD_SIZE", "1"))
         self.acc = None
         self.rank = 0
         self.cpu_fsdp = False
@@ -216,7 +217,8 @@ class Dist:
             elif asked and asked != self.kind and self.is_main:
                 print(f"dsft train: {asked} needs GPUs; on CPU accelerate runs plain data parallel ({self.kind})", flush=True)
         else:
-            self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            self.device = torch.device(device) if device else (
+                torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
             self.kind = "single"
 
     @property

@@ -22,6 +22,11 @@ def unwrap(model):
 _BUFFER: list[torch.Tensor] = []
 
 
+def release_buffers() -> None:
+    """Free the reusable CPU logits buffer (memory measurements start from nothing held)."""
+    _BUFFER.clear()
+
+
 def _cpu_buffer(numel: int) -> torch.Tensor:
     """A reusable flat fp32 CPU buffer of at least numel elements."""
     if not _BUFFER or _BUFFER[0].numel() < numel:

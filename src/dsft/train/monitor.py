@@ -135,14 +135,22 @@ class Monitor:
             if med > 0 and gn > self.cfg.grad_spike_factor * med:
                 self.event(step, "grad_norm_spike", grad_norm=gn, median=med)
         if losses and not self.health_warned and step >= self.cfg.loss_health_steps:
-            first = losses[0]
-            if min(losses + [loss]) > self.cfg.loss_health_ratio * first:
-                self.health_warned = True
-                self.event(step, "loss_health", initial=first, best=min(losses + [loss]),
-                           rule=f"loss did not fall below {self.cfg.loss_health_ratio:.0%} of its initial value "
-                                f"within {self.cfg.loss_health_steps} steps: check learning rate and data")
+            self._check_loss_health(step)
         if step % self.cfg.logging_steps == 0 or step == 1:
             self._track(step, {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in rec})
+
+    def _check_loss_health(self, step: int) -> None:
+        """Seed rule on smoothed losses: warn once when the token-weighted mean loss of the last `window` steps is
+        not below loss_health_ratio × that of the first `window` steps (single noisy steps decide nothing)."""
+        recs = [h for h in self.history if "loss" in h and "event" not in h]
+        window = health_window(self.cfg.loss_health_steps)
+        initial, current = weighted_mean(recs[:window]), weighted_mean(recs[-window:])
+        if current > self.cfg.loss_health_ratio * initial:
+            self.health_warned = True
+            self.event(step, "loss_health", initial=initial, current=current, window=window,
+                       rule=f"smoothed loss (token-weighted mean of {window} steps) did not fall below "
+                            f"{self.cfg.loss_health_ratio:.0%} of its initial value within "
+                            f"{self.cfg.loss_health_steps} steps: check learning rate and data")
 
     def _track(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if self.tb is not None:
@@ -196,6 +204,17 @@ class Monitor:
             finally:
                 self.wandb.finish(exit_code=0 if status == "FINISHED" else 1)
                 self.wandb = None
+
+
+def health_window(loss_health_steps: int) -> int:
+    """Steps averaged for the loss-health rule: a tenth of its horizon, 1 to 50."""
+    return max(1, min(50, loss_health_steps // 10))
+
+
+def weighted_mean(recs: list[dict]) -> float:
+    """Token-weighted mean loss of step records (`tokens` = the step's real tokens; 1 each when absent)."""
+    w = [max(1, int(r.get("tokens") or 1)) for r in recs]
+    return sum(r["loss"] * n for r, n in zip(recs, w, strict=True)) / max(1, sum(w))
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -16,8 +16,16 @@ import torch
 
 from dsft.config import Config
 from dsft.errors import TrainError
-from dsft.train.hparams import Hyperparameters
-from dsft.train.loss import CausalLMLoss, unwrap
+from dsft.train.encode import IGNORE, Encoded
+from dsft.train.hparams import Hyperparameters, hyperparameters
+from dsft.train.loss import CausalLMLoss, release_buffers, unwrap
+from dsft.train.step import apply_update, forward_backward, unscale_and_clip
+
+__all__ = [
+    "IGNORE", "Encoded", "Hyperparameters", "apply_method", "autocast_for", "build_loss", "count_params",
+    "enable_checkpointing", "fp32_master_weights", "hyperparameters", "keep_router_fp32", "load_base",
+    "make_optimizer", "make_scaler", "release_buffers", "resolve_precision", "single_process", "training_step",
+]
 
 
 def count_params(model) -> int:
@@ -185,3 +193,23 @@ def make_optimizer(model, cfg: Config, hp: Hyperparameters) -> tuple[torch.optim
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate,
                             betas=(cfg.train.adam_beta1, hp.adam_beta2), foreach=True)
     return opt, names
+
+
+# ---------------------------------------------------------------- one step (what the planner measures)
+def single_process(device: str | torch.device):
+    """The loop's process handle (`dsft.train.dist.Dist`) for one process on `device`."""
+    from dsft.train.dist import Dist
+
+    return Dist(device=str(device))
+
+
+def training_step(loss_mod, opt, examples: list[Encoded], *, dist, micro: int, packing: bool, capacity: int,
+                  pad_id: int, max_grad_norm: float, autocast=contextlib.nullcontext, scaler=None) -> float:
+    """One optimizer step as `dsft train` runs it, without LR schedule, OOM ladder or monitor; the mean token loss."""
+    n_labels = sum(e.n_labels for e in examples)
+    loss_sum, _ = forward_backward(loss_mod, examples, micro=micro, n_labels=n_labels, packing=packing,
+                                   capacity=capacity, pad_id=pad_id, dist=dist, autocast=autocast, scaler=scaler)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    unscale_and_clip(dist, opt, scaler, params, max_grad_norm)
+    apply_update(dist, opt, scaler)
+    return loss_sum / max(1, n_labels)
