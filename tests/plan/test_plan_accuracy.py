@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dsft.plan.measure import compare, measure_in_subprocess, validation_specs
@@ -12,7 +14,7 @@ TOLERANCE_PCT = 10.0
 @pytest.fixture(scope="module")
 def rows():
     specs = validation_specs()
-    results = measure_in_subprocess(specs, timeout=300)
+    results = measure_in_subprocess(specs, timeout=900)  # 20 configurations; slow on a busy shared CPU
     assert len(results) == len(specs)
     return [compare(spec, res["measured"]) for spec, res in zip(specs, results, strict=True)]
 
@@ -47,3 +49,17 @@ def test_the_check_can_fail(rows):
         if spec.gc:
             wrong = estimate(replace(plan_request(spec), gradient_checkpointing=False)).allocated
             assert abs(wrong - row["measured"]) / row["measured"] > 0.10 * 2, row["config"]
+
+
+def test_measure_runs_the_trainers_own_setup_and_step(monkeypatch):
+    """The measured step is dsft.train.setup's (method, AdamW groups, loss module, step), not a copy that can drift."""
+    from dsft.plan.measure import Spec, measure
+    from dsft.train import setup
+
+    called: list[str] = []
+    for name in ("apply_method", "make_optimizer", "build_loss", "training_step"):
+        real = getattr(setup, name)
+        monkeypatch.setattr(setup, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
+    res = measure(Spec("llama", "lora", 32, 1, steps=2, shape={"vocab_size": 128}))
+    assert called == ["apply_method", "make_optimizer", "build_loss", "training_step", "training_step"]
+    assert res["measured"] > 0 and math.isfinite(res["loss"])
