@@ -6,6 +6,10 @@ exact number of bytes torch held at each moment, and its maximum is the CPU anal
 `torch.cuda.max_memory_allocated`. (RSS would add the Python heap, libraries and malloc slack; tracemalloc
 does not see torch at all.) On CUDA the same steps are measured with `torch.cuda.max_memory_allocated`.
 
+The `dsft` trainer's steps are the trainer's own: model method (fp32 router, LoRA targets, modules_to_save rule),
+hyperparameters, AdamW parameter groups, loss module and optimizer step all come from `dsft.train.setup`, so the
+planner cannot be validated against a copy that drifted. The `hf` trainer is a plain PEFT + `model(labels=…)` step.
+
 Run as `python -m dsft.plan.measure SPEC.json` to measure in a fresh process; it prints one JSON line per spec.
 """
 
