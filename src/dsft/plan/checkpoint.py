@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from dsft.plan.models import Arch, fmt_count
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 
 
 def fp8_matrix_bytes(d_in: int, d_out: int, block: tuple[int, int]) -> int:
@@ -61,6 +63,8 @@ def checkpoint_bytes(arch: Arch) -> int:
         p, b = fp8_layer(arch, i)
         fp8_params, fp8_bytes = fp8_params + p, fp8_bytes + b
     total = (arch.total_params() - fp8_params) * wb + fp8_bytes
+    if arch.family == "deepseek_v3":  # the router's e_score_correction_bias: a float32 buffer, not a parameter
+        total += 4 * arch.n_routed_experts * (arch.n_moe_layers + arch.mtp_layers)
     if arch.mtp_layers:
         mtp_fp8 = arch.mtp_layers * fp8_layer(arch, arch.layers - 1)[0]
         mtp_fp8_bytes = arch.mtp_layers * fp8_layer(arch, arch.layers - 1)[1]
@@ -84,9 +88,13 @@ def describe(arch: Arch) -> str:
     info = arch.extra.get("checkpoint") or {}
     if info.get("shards"):
         parts.append(f"{info['shards']} shard{'s' if info['shards'] > 1 else ''}")
-    parts.append(f"{checkpoint_bytes(arch) / GB:,.1f} GB of weights"
-                 + (f" (index: {info['total_size'] / GB:,.1f} GB)" if info.get("total_size") else ""))
+    parts.append(f"{_size(checkpoint_bytes(arch))} of weights"
+                 + (f" (stored: {_size(info['total_size'])})" if info.get("total_size") else ""))
     return ", ".join(parts)
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:,.1f} GB" if n >= GB else f"{n / 1e6:,.1f} MB"
 
 
 def to_dict(arch: Arch) -> dict[str, Any]:
@@ -95,21 +103,37 @@ def to_dict(arch: Arch) -> dict[str, Any]:
             "format": weight_format(arch), "summary": describe(arch), **(arch.extra.get("checkpoint") or {})}
 
 
+def _single_file(path: Path) -> tuple[dict[str, str], int]:
+    """Tensor names and data bytes of one safetensors file, from its header (8-byte length + JSON; no weights read)."""
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        size = path.stat().st_size - 8 - n
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable safetensors file ({err})") from err
+    return {k: path.name for k in header if k != "__metadata__"}, size
+
+
 # ---- a checkpoint folder ----------------------------------------------------------------------------------------
 def read_index(folder: Path, arch: Arch) -> dict[str, Any]:
     """What `model.safetensors.index.json` says: shards, total size, FP8 scale tensors, MTP tensors, and any
     disagreement with config.json (returned as `problems`, printed as notes)."""
     path = folder / INDEX
-    if not path.is_file():
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: not a readable JSON index ({err})") from err
+        wmap = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise ConfigError(f"{path}: expected an object with a non-empty 'weight_map' {{tensor name: shard file}}")
+        size = (raw.get("metadata") or {}).get("total_size")
+    elif (folder / SINGLE).is_file():
+        path = folder / SINGLE
+        wmap, size = _single_file(path)
+    else:
         return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: not a readable JSON index ({err})") from err
-    wmap = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(wmap, dict) or not wmap:
-        raise ConfigError(f"{path}: expected an object with a non-empty 'weight_map' {{tensor name: shard file}}")
-    size = (raw.get("metadata") or {}).get("total_size")
     mtp_prefix = re.compile(r"^model\.layers\.(\d+)\.")
     mtp_ids = {int(m.group(1)) for k in wmap if (m := mtp_prefix.match(k)) and int(m.group(1)) >= arch.layers}
     scales = sum(k.endswith("weight_scale_inv") for k in wmap)
@@ -120,16 +144,17 @@ def read_index(folder: Path, arch: Arch) -> dict[str, Any]:
                             "per_expert_tensors": experts > 0}
     problems = []
     if arch.fp8_block and not scales:
-        problems.append("config.json declares FP8 but the index has no weight_scale_inv tensors")
+        problems.append(f"config.json declares FP8 but {path.name} has no weight_scale_inv tensors")
     if scales and not arch.fp8_block:
-        problems.append(f"the index has {scales} weight_scale_inv tensors but config.json has no FP8 quantization_config")
-    if len(mtp_ids) != arch.mtp_layers:
-        problems.append(f"config.json says num_nextn_predict_layers {arch.mtp_layers}, the index stores "
-                        f"{len(mtp_ids)} layer(s) after layer {arch.layers - 1}")
+        problems.append(f"{path.name} has {scales} weight_scale_inv tensors but config.json has no FP8 quantization_config")
+    if len(mtp_ids) != arch.mtp_layers and (mtp_ids or path.name == INDEX):  # a plain transformers save: quiet
+        problems.append(f"config.json says num_nextn_predict_layers {arch.mtp_layers}, {path.name} stores "
+                        f"{len(mtp_ids)} layer(s) after layer {arch.layers - 1} (transformers drops MTP layers on "
+                        f"save); planned with {len(mtp_ids)}")
     if info["total_size"]:
-        expect = checkpoint_bytes(arch)
+        expect = checkpoint_bytes(replace(arch, mtp_layers=len(mtp_ids), extra={}))
         if abs(info["total_size"] - expect) > 0.05 * expect:
-            problems.append(f"the index's total_size {info['total_size'] / GB:,.2f} GB differs from the "
-                            f"{expect / GB:,.2f} GB the config implies")
+            problems.append(f"{path.name} holds {_size(info['total_size'])} of tensors, the config implies "
+                            f"{_size(expect)}")
     info["problems"] = problems
     return info

@@ -367,7 +367,15 @@ def resolve_arch(model: str) -> Arch:
             raise ConfigError(f"{p}: not a readable JSON config ({err})") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a JSON object")
-        return arch_from_hf_config(raw, name=p.parent.name or "local", source=str(p))
+        arch = arch_from_hf_config(raw, name=p.parent.name or "local", source=str(p))
+        from dsft.plan.checkpoint import read_index
+
+        info = read_index(p.parent, arch)  # shards, total size, FP8 scales and MTP tensors the folder stores
+        if info:
+            if info["mtp_layers_stored"] < arch.mtp_layers:  # e.g. a transformers save: MTP dropped, config kept
+                arch = replace(arch, mtp_layers=info["mtp_layers_stored"], extra={})
+            arch.extra["checkpoint"] = info
+        return arch
     if key.startswith("embedded:"):
         from dsft.model.load import resolve_model_dir
 

@@ -300,7 +300,8 @@ def make_plan(req: PlanRequest, *, examples: int | None = None, avg_tokens: floa
             seed = guidance.seed_row(rec, est + f", micro-batch {on_seed_gpu['micro_batch']}")
         else:
             seed = guidance.seed_row(rec, None)
-    return Plan(req, e, mmb, smallest, alternatives, rec, examples, avg_tokens, tflops, seed_row=seed)
+    problems = list((req.arch.extra.get("checkpoint") or {}).get("problems") or [])
+    return Plan(req, e, mmb, smallest, alternatives, rec, examples, avg_tokens, tflops, notes=problems, seed_row=seed)
 
 
 def plan_json(plan: Plan) -> str:
