@@ -15,6 +15,8 @@ from dsft.plan.request import (
 
 
 # ---- activations -----------------------------------------------------------------------------------------------
+# One long function on purpose (~115 lines): it walks one decoder layer's forward in order, one line per tensor
+# autograd saves; split into pieces, the order that makes each line checkable against the HF code would be lost.
 def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -> tuple[float, float, float]:
     """Bytes per token of layer i: (saved for backward, transient in its backward) and bytes per layer that do
     not scale with tokens (PEFT's W+ΔW of fused experts, kept for backward).
