@@ -25,3 +25,5 @@ class PlanConfig(Section):
     """Per-device effective batch kept by `per_device_train_batch_size: auto` (default: the seed matrix's)."""
     label_fraction: float = Field(1.0, gt=0, le=1)
     """Share of tokens with a loss target (assistant tokens): dsft computes logits only there; 1.0 is the safe bound."""
+    interconnect: str | None = None
+    """Link between the GPUs for the multi-GPU time: nvlink, pcie, network or a rate like 50GB/s; None: by GPU type."""

@@ -8,6 +8,9 @@ EXAMPLE = """examples:
   dsft plan --model deepseek-llm-7b --method lora --seq-len 512 --batch 16 --gpu A100-40GB
   dsft plan --model deepseek-v3 --method qlora --seq-len 4096 --gpu H200 --gpus 8 --zero 3
   dsft plan --model r1-distill-qwen-7b --method full --precision amp-bf16 --gpu 24GB --json
+  dsft plan --model DeepSeek-13B --method full --gpu A100-40GB     # the guide's size classes: DeepSeek-7B/13B/34B
+  dsft plan --model deepseek-llm-7b --method full --gpus 2 --zero 3 --gpu A100-80GB --interconnect pcie
+  dsft plan /models/DeepSeek-V3 --method lora   # a downloaded checkpoint: config.json, FP8 blocks, index, MTP
   dsft plan examples/demo.yaml                 # the setup of a dsft config (as `dsft train` runs it)
   dsft plan --model ./my-model/config.json --examples 20000 --avg-tokens 300 --mfu 0.4
 """
@@ -20,11 +23,13 @@ def register(sub) -> None:
                     "state, activations, logits/loss, overhead), say whether it fits, the largest micro-batch that "
                     "fits, the smallest 'N × GPU' that fits, recommended hyperparameters and time per epoch.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", metavar="CONFIG", help="a dsft config file (flags below override it)")
+    p.add_argument("config", nargs="?", metavar="CONFIG|MODEL_DIR",
+                   help="a dsft config file (flags below override it), or a downloaded model folder (its config.json, "
+                        "quantization_config, model.safetensors.index.json and dtype are read)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (with CONFIG), e.g. --set train.method=full")
-    p.add_argument("--model", help="built-in name (deepseek-llm-7b, deepseek-v3, r1-distill-qwen-7b …), a model "
-                                   "folder or a config.json path")
+    p.add_argument("--model", help="built-in name (deepseek-llm-7b, DeepSeek-13B, deepseek-v3, deepseek-r1, "
+                                   "r1-distill-qwen-7b …), a model folder or a config.json path")
     p.add_argument("--method", help="lora | qlora | dora | full | freeze (default lora)")
     p.add_argument("--seq-len", type=int, help="sequence length in tokens (default 512)")
     p.add_argument("--batch", "--micro-batch", dest="batch", type=int, help="micro-batch per GPU (default 1)")
@@ -40,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--gpu", help="A100-40GB, A100-80GB, H100, H200, L40S, 4090, 3090 or a memory size like 24GB "
                                  "(default A100-80GB; with CONFIG: plan.gpu or this machine)")
     p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
+    p.add_argument("--interconnect", help="link between the GPUs for multi-GPU time: nvlink | pcie | network | a rate "
+                                          "such as 50GB/s or 200Gbps (default: NVLink for A100/H100/H200, else PCIe)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default: the seed matrix for the model size)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1)")
     p.add_argument("--lora-targets", help="all (default: every linear PEFT targets by name) | attention | a "
@@ -57,79 +64,9 @@ def register(sub) -> None:
     p.set_defaults(func=_run)
 
 
-def build_request(args: argparse.Namespace):
-    """The PlanRequest (and Plan options) described by the command line."""
-    from dataclasses import replace
+def _run(args: argparse.Namespace) -> int:
+    from dsft.plan.api import plan_from_options, plan_json
 
-    from dsft.cli_common import parse_overrides
-    from dsft.config import load_config
-    from dsft.errors import ConfigError
-    from dsft.plan.estimate import PlanRequest
-    from dsft.plan.hardware import parse_gpu
-    from dsft.plan.models import resolve_arch
-    from dsft.plan.plan import request_from_config
-
-    def positive(name: str, value, kind=int):
-        if value is not None and (not isinstance(value, int | float) or value <= 0):
-            raise ConfigError(f"--{name} {value}: expected a positive {'integer' if kind is int else 'number'}")
-        return value
-
-    for name in ("seq_len", "batch", "grad_accum", "gpus", "lora_rank", "freeze_layers", "examples"):
-        positive(name.replace("_", "-"), getattr(args, name))
-    for name in ("avg_tokens", "tflops", "label_fraction", "mfu"):
-        positive(name.replace("_", "-"), getattr(args, name), float)
-    if args.zero is not None and args.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"--zero {args.zero}: expected a ZeRO stage 0, 1, 2 or 3")
-
-    gpu = parse_gpu(args.gpu) if args.gpu else None
-    tflops = args.tflops
-    if args.config:
-        cfg = load_config(args.config, parse_overrides(args.overrides))
-        if args.model:
-            cfg.model.name_or_path = args.model
-        req = request_from_config(cfg, gpu=gpu)
-        if cfg.train.per_device_train_batch_size == "auto" and args.batch is None:
-            from dsft.plan.plan import auto_micro_batch
-
-            micro, accum = auto_micro_batch(cfg, gpu=gpu)
-            req = replace(req, micro_batch=micro, grad_accum=accum)
-        tflops = tflops or cfg.plan.tflops
-        if args.examples is None:
-            from dsft.plan.plan import dataset_tokens
-
-            ds = dataset_tokens(cfg)
-            if ds:
-                args.examples, args.avg_tokens = ds[0], args.avg_tokens or ds[1]
-    else:
-        if not args.model:
-            raise ConfigError("dsft plan: give --model (a built-in name, a model folder or config.json) or a CONFIG file")
-        req = PlanRequest(arch=resolve_arch(args.model), gpu=gpu or parse_gpu("A100-80GB"))
-    changes = {}
-    for attr, key in (("method", "method"), ("seq_len", "seq_len"), ("batch", "micro_batch"), ("grad_accum", "grad_accum"),
-                      ("precision", "precision"), ("optimizer", "optimizer"), ("gc", "gradient_checkpointing"),
-                      ("packing", "packing"), ("gpus", "num_gpus"), ("lora_rank", "lora_rank"),
-                      ("lora_dropout", "lora_dropout"), ("lora_targets", "lora_targets"), ("freeze_layers", "freeze_layers"),
-                      ("attn", "attn"), ("mfu", "mfu"), ("trainer", "trainer"), ("label_fraction", "label_fraction")):
-        v = getattr(args, attr)
-        if v is not None:
-            changes[key] = v.strip().lower() if isinstance(v, str) and key != "attn" else v
-    if args.zero is not None:
-        changes["sharding"] = "none" if args.zero == 0 else f"zero{args.zero}"
-    if args.fsdp:
-        changes["sharding"] = "fsdp"
-    if args.offload:
-        changes["cpu_offload"] = True
-    if changes.get("precision") == "amp":
-        changes["precision"] = "amp-bf16"
-    req = replace(req, **changes).validate()
-    return req, {"examples": args.examples, "avg_tokens": args.avg_tokens or (float(req.seq_len) if args.examples else None),
-                 "tflops": tflops}
-
-
-def _run(args) -> int:
-    from dsft.plan.plan import make_plan, plan_json
-
-    req, opts = build_request(args)
-    plan = make_plan(req, **opts)
+    plan = plan_from_options(vars(args))
     print(plan_json(plan) if args.json else plan.table())
     return 0

@@ -55,8 +55,21 @@ class Arch:
     moe_intermediate: int = 0
     first_k_dense: int = 0
     moe_layer_freq: int = 1
+    # the checkpoint as stored: dtype, FP8 block quantization (DeepSeek-V3/R1/V3.1 ship float8_e4m3fn linears with a
+    # float32 weight_scale_inv per block), multi-token-prediction layers stored after the decoder layers
+    dtype: str = "bfloat16"
+    fp8_block: tuple[int, int] | None = None
+    mtp_layers: int = 0
     source: str = "builtin"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+    """Derived shapes and counts (the planner asks for them thousands of times per plan; the fields are frozen)."""
+
+    def cached(self, key: Any, compute: Any) -> Any:
+        """compute() once per Arch and key (the fields are frozen, so derived values never go stale)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     # ---- shape helpers ---------------------------------------------------------------------------------------
     @property
@@ -133,15 +146,19 @@ class Arch:
         h = self.hidden
         return [Linear("gate_proj", h, width, group), Linear("up_proj", h, width, group), Linear("down_proj", width, h, group)]
 
-    def layer_linears(self, i: int) -> list[Linear]:
+    def layer_linears(self, i: int) -> tuple[Linear, ...]:
         """Linear modules of layer i that PEFT can target (routed experts are fused 3-D params, not targets)."""
-        lin = self.attn_linears()
-        if self.is_moe_layer(i):
-            if self.n_shared_experts:
-                lin += self.mlp_linears(self.moe_intermediate * self.n_shared_experts, "shared")
-        else:
-            lin += self.mlp_linears(self.intermediate, "mlp")
-        return lin
+        moe = self.is_moe_layer(i)
+        return self.cached(("linears", moe), lambda: _kind_linears(self, moe))
+
+    def linear_names(self) -> frozenset[str]:
+        """Names of the targetable linears over all layers (dense and MoE)."""
+        return self.cached("names", lambda: frozenset(
+            lin.name for moe in {self.is_moe_layer(i) for i in range(self.layers)} for lin in _kind_linears(self, moe)))
+
+    def largest_linear(self) -> int:
+        """Parameters of the largest targetable linear in any layer."""
+        return self.cached("largest", lambda: max(lin.params for i in range(self.layers) for lin in self.layer_linears(i)))
 
     # ---- parameter counts ------------------------------------------------------------------------------------
     def expert_params(self) -> int:
@@ -149,12 +166,16 @@ class Arch:
         return 3 * self.hidden * self.moe_intermediate
 
     def layer_params(self, i: int, *, active: bool = False) -> int:
-        n = 2 * self.hidden + self.attn_norm_params() + sum(lin.params for lin in self.layer_linears(i))
-        if self.is_moe_layer(i):
-            n += self.n_routed_experts * self.hidden  # router
-            k = self.experts_per_token if active else self.n_routed_experts
-            n += k * self.expert_params()
-        return n
+        moe = self.is_moe_layer(i)
+        return self.cached(("params", moe, active), lambda: _kind_params(self, moe, active))
+
+    def mtp_params(self) -> int:
+        """Parameters of the multi-token-prediction layers (DeepSeek-V3: enorm, hnorm, eh_proj, one MoE decoder
+        layer, shared_head norm + head, and its own copy of embed_tokens), stored after the decoder layers."""
+        h = self.hidden
+        last = self.layers - 1
+        one = 3 * h + 2 * h * h + self.layer_params(last) + 2 * self.vocab * h
+        return self.mtp_layers * one
 
     @property
     def embed_params(self) -> int:
@@ -165,18 +186,40 @@ class Arch:
         return 0 if self.tie_embeddings else self.vocab * self.hidden
 
     def total_params(self) -> int:
-        return self.embed_params + self.head_params + self.hidden + sum(self.layer_params(i) for i in range(self.layers))
+        return self.cached("total", lambda: self.embed_params + self.head_params + self.hidden
+                           + sum(self.layer_params(i) for i in range(self.layers)))
 
     def active_params(self) -> int:
         """Parameters used per token in matmuls: no input embedding, only the routed experts a token visits."""
         head = self.vocab * self.hidden
-        return head + self.hidden + sum(self.layer_params(i, active=True) for i in range(self.layers))
+        return self.cached("active", lambda: head + self.hidden
+                           + sum(self.layer_params(i, active=True) for i in range(self.layers)))
 
     def summary(self) -> str:
         kind = "MLA" if self.mla else ("GQA" if self.kv_heads != self.heads else "MHA")
         moe = f", MoE {self.n_routed_experts}×{self.experts_per_token} routed + {self.n_shared_experts} shared" if self.moe else ""
         return (f"{self.name}: {self.family}, {self.layers} layers, hidden {self.hidden}, {kind}{moe}, vocab {self.vocab}; "
                 f"{fmt_count(self.total_params())} params ({fmt_count(self.active_params())} active)")
+
+
+def _kind_linears(arch: Arch, moe: bool) -> tuple[Linear, ...]:
+    """The linears of a dense or an MoE layer."""
+    lin = arch.attn_linears()
+    if moe:
+        if arch.n_shared_experts:
+            lin += arch.mlp_linears(arch.moe_intermediate * arch.n_shared_experts, "shared")
+    else:
+        lin += arch.mlp_linears(arch.intermediate, "mlp")
+    return tuple(lin)
+
+
+def _kind_params(arch: Arch, moe: bool, active: bool) -> int:
+    n = 2 * arch.hidden + arch.attn_norm_params() + sum(lin.params for lin in _kind_linears(arch, moe))
+    if moe:
+        n += arch.n_routed_experts * arch.hidden  # router
+        k = arch.experts_per_token if active else arch.n_routed_experts
+        n += k * arch.expert_params()
+    return n
 
 
 def fmt_count(n: float) -> str:
@@ -196,6 +239,9 @@ BUILTIN: dict[str, Arch] = {
     a.name: a for a in [
         _llama("deepseek-llm-7b", 102400, 4096, 30, 32, 32, 11008, 4096),
         _llama("deepseek-llm-67b", 102400, 8192, 95, 64, 8, 22016, 4096),
+        # the seed's "13B" class: DeepSeek published no 13B model, so a Llama-shape DeepSeek-LLM at Llama-2-13B's
+        # dims (hidden 5120, 40 layers, 40 heads, MLP 13824) with DeepSeek-LLM's 102,400-token vocabulary: 13.7B
+        _llama("deepseek-13b", 102400, 5120, 40, 40, 40, 13824, 4096),
         _llama("deepseek-coder-1.3b", 32256, 2048, 24, 16, 16, 5504, 16384),
         _llama("deepseek-coder-6.7b", 32256, 4096, 32, 32, 32, 11008, 16384),
         _llama("deepseek-coder-33b", 32256, 7168, 62, 56, 8, 19200, 16384),
@@ -210,7 +256,12 @@ BUILTIN: dict[str, Arch] = {
         Arch(name="deepseek-v3", family="deepseek_v3", vocab=129280, hidden=7168, layers=61, heads=128, kv_heads=128,
              intermediate=18432, max_position=163840, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
              qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1, experts_per_token=8,
-             moe_intermediate=2048, first_k_dense=3),
+             moe_intermediate=2048, first_k_dense=3, fp8_block=(128, 128), mtp_layers=1),
+        # what DeepSeek's fp8_cast_bf16.py makes of the shipped checkpoint (MTP layer still there)
+        Arch(name="deepseek-v3-bf16", family="deepseek_v3", vocab=129280, hidden=7168, layers=61, heads=128,
+             kv_heads=128, intermediate=18432, max_position=163840, q_lora_rank=1536, kv_lora_rank=512,
+             qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
+             experts_per_token=8, moe_intermediate=2048, first_k_dense=3, mtp_layers=1),
         _llama("r1-distill-qwen-1.5b", 151936, 1536, 28, 12, 2, 8960, 131072, family="qwen2", bias=True),
         _llama("r1-distill-qwen-7b", 152064, 3584, 28, 28, 4, 18944, 131072, family="qwen2", bias=True),
         _llama("r1-distill-qwen-14b", 152064, 5120, 48, 40, 8, 13824, 131072, family="qwen2", bias=True),
@@ -226,7 +277,10 @@ ALIASES = {
     "deepseek-coder-6.7b-base": "deepseek-coder-6.7b", "deepseek-coder-6.7b-instruct": "deepseek-coder-6.7b",
     "deepseek-coder-33b-base": "deepseek-coder-33b", "deepseek-coder-33b-instruct": "deepseek-coder-33b",
     "deepseek-v2-lite-chat": "deepseek-v2-lite", "deepseek-v2-chat": "deepseek-v2", "deepseek-v3-base": "deepseek-v3",
-    "deepseek-r1": "deepseek-v3",
+    "deepseek-r1": "deepseek-v3", "deepseek-r1-0528": "deepseek-v3", "deepseek-v3-0324": "deepseek-v3",
+    "deepseek-v3.1": "deepseek-v3", "deepseek-v3.1-base": "deepseek-v3", "deepseek-v3.1-terminus": "deepseek-v3",
+    # the seed's size classes (its hardware table: 7B → 1 × A100-40GB, 13B → 2 ×, 34B → 4 ×)
+    "deepseek-7b": "deepseek-llm-7b", "deepseek-34b": "deepseek-coder-33b",
     "deepseek-r1-distill-qwen-1.5b": "r1-distill-qwen-1.5b", "deepseek-r1-distill-qwen-7b": "r1-distill-qwen-7b",
     "deepseek-r1-distill-qwen-14b": "r1-distill-qwen-14b", "deepseek-r1-distill-qwen-32b": "r1-distill-qwen-32b",
     "deepseek-r1-distill-llama-8b": "r1-distill-llama-8b", "deepseek-r1-distill-llama-70b": "r1-distill-llama-70b",
@@ -242,6 +296,21 @@ def _get(cfg: dict, *keys: str, default: Any = None) -> Any:
         if cfg.get(k) is not None:
             return cfg[k]
     return default
+
+
+def _fp8_block(quant: Any, source: str) -> tuple[int, int] | None:
+    """(rows, cols) of the FP8 scale blocks from config.json's quantization_config (None: not FP8-quantized)."""
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: quantization_config: expected an object, got {type(quant).__name__}")
+    if str(quant.get("quant_method", "")).lower() != "fp8":
+        return None
+    block = quant.get("weight_block_size") or [128, 128]
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"{source}: quantization_config.weight_block_size {block!r}: expected two positive integers "
+                          f"such as [128, 128]")
+    return int(block[0]), int(block[1])
 
 
 def arch_from_hf_config(cfg: dict, name: str = "local", source: str = "config.json") -> Arch:
@@ -265,6 +334,9 @@ def arch_from_hf_config(cfg: dict, name: str = "local", source: str = "config.js
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", False)) or mtype == "qwen2",
         max_position=int(cfg.get("max_position_embeddings") or 4096), source=source,
+        dtype=str(_get(cfg, "torch_dtype", "dtype", default="bfloat16")).replace("torch.", ""),
+        fp8_block=_fp8_block(cfg.get("quantization_config"), source),
+        mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
     )
     if family.startswith("deepseek"):
         kw.update(
@@ -295,7 +367,15 @@ def resolve_arch(model: str) -> Arch:
             raise ConfigError(f"{p}: not a readable JSON config ({err})") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a JSON object")
-        return arch_from_hf_config(raw, name=p.parent.name or "local", source=str(p))
+        arch = arch_from_hf_config(raw, name=p.parent.name or "local", source=str(p))
+        from dsft.plan.checkpoint import read_index
+
+        info = read_index(p.parent, arch)  # shards, total size, FP8 scales and MTP tensors the folder stores
+        if info:
+            if info["mtp_layers_stored"] < arch.mtp_layers:  # e.g. a transformers save: MTP dropped, config kept
+                arch = replace(arch, mtp_layers=info["mtp_layers_stored"], extra={})
+            arch.extra["checkpoint"] = info
+        return arch
     if key.startswith("embedded:"):
         from dsft.model.load import resolve_model_dir
 

@@ -1,0 +1,206 @@
+"""Activation bytes of one training step: what autograd saves per layer, and the logits/loss tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsft.plan.request import (
+    PlanRequest,
+    act_bytes,
+    freeze_first,
+    fused_expert_lora,
+    packed_mask,
+    targets,
+)
+
+
+# ---- activations -----------------------------------------------------------------------------------------------
+# One long function on purpose (~115 lines): it walks one decoder layer's forward in order, one line per tensor
+# autograd saves; split into pieces, the order that makes each line checkable against the HF code would be lost.
+def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -> tuple[float, float, float]:
+    """Bytes per token of layer i: (saved for backward, transient in its backward) and bytes per layer that do
+    not scale with tokens (PEFT's W+ΔW of fused experts, kept for backward).
+
+    mode: "full" (weights train), "lora" (frozen base + adapters), "frozen-input" is expressed by input_grad=False:
+    the layer input does not require grad (first layer under LoRA / freeze, fed by a frozen embedding), so the
+    first norm and the first dropouts save nothing.
+    """
+    a = req.arch
+    h = a.hidden
+    ab = act_bytes(req)
+    f32 = 4.0
+    # CUDA's fused dropout keeps a bool mask (1 byte); the CPU path keeps a full-precision noise tensor
+    mask = 1.0 if req.gpu.cuda else f32  # (LoRA inputs are fp32: PEFT's adapters are fp32)
+    full = mode == "full"
+    lora = mode == "lora"
+    norm_w = full or (lora and req.mts)  # the norms' weights train (full, or LoRA with modules_to_save)
+    p = req.lora_dropout if lora else 0.0
+    tset = {lin.name for lin in targets(req, i)} if lora else set()
+    r = req.rank if lora else 0
+    fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
+
+    # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
+    # base computes in 16-bit); dropout then copies it again and keeps a mask. Under autocast (dsft train in
+    # 16-bit) the adapter matmuls run in 16-bit, so what lora_A keeps is a 16-bit cast of that copy.
+    cast = ab != f32
+    li = ab if (cast and req.trainer == "dsft") else f32
+
+    def lin_in(name: str, width: int, already_saved: bool, grad_in: bool = True) -> float:
+        """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
+        if full:
+            return 0.0 if already_saved else width * ab
+        if name in tset:
+            if p > 0:
+                return width * li + (width * mask if grad_in else 0.0) + r * li
+            return r * li + (width * li if cast else (0.0 if already_saved else width * ab))
+        return 0.0
+
+    def lin_group(names: list[str], width: int, grad_in: bool = True) -> float:
+        """Several linears reading the same input (q/k/v, gate/up)."""
+        if full:
+            return width * ab
+        ts = [n for n in names if n in tset]
+        if not ts:
+            return 0.0
+        if p > 0:
+            return len(ts) * (width * li + (width * mask if grad_in else 0.0) + r * li)
+        if cast:
+            return len(ts) * (width * li + r * li)
+        return width * ab + len(ts) * r * f32
+
+    def norm(width: int, grad_in: bool) -> float:
+        """RMSNorm upcasts to fp32 and keeps that input and rsqrt (when the input needs grad), and the normalized
+        value cast back (when the weight trains)."""
+        return (width * f32 + f32 if grad_in else 0.0) + (width * ab if norm_w else 0.0)
+
+    s = norm(h, input_grad)
+    if a.mla:
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        qa = a.q_lora_rank or 0
+        first = ["q_a_proj", "kv_a_proj_with_mqa"] if qa else ["q_proj", "kv_a_proj_with_mqa"]
+        s += lin_group(first, h, input_grad)
+        if qa:
+            s += norm(qa, True) + lin_in("q_b_proj", qa, False)  # q_a out kept by q_a_layernorm
+        kvr = a.kv_lora_rank + a.qk_rope_head_dim
+        # kv_a out (its split view is upcast for kv_a_layernorm; in fp32 the view keeps all of kv_a out alive)
+        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if norm_w else 0.0)
+        s += lin_in("kv_b_proj", a.kv_lora_rank, False)
+        s += 2 * a.heads * qk * ab  # query_states (cat) and key_states (new_empty + copy) kept by attention
+        s += a.heads * (a.qk_nope_head_dim + a.v_head_dim) * ab  # kv_b out, alive through the value view
+        s += a.o_dim * ab + a.heads * f32  # attention output + logsumexp
+        s += lin_in("o_proj", a.o_dim, False)  # the (B,H,S,D) output is copied to (B,S,H·D) for o_proj
+    else:
+        s += lin_group(["q_proj", "k_proj", "v_proj"], h, input_grad)
+        packed = req.attn == "dsft_packed"  # dsft's CPU packed path: SDPA per sample, outputs concatenated
+        gqa_repeat = a.kv_heads != a.heads and req.attn in ("eager", "dsft_packed")
+        kv = a.q_dim if gqa_repeat else a.kv_heads * a.hd
+        s += (a.q_dim + 2 * kv) * ab  # rotated q, k and v kept by attention
+        s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
+        s += lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
+    if req.attn == "eager":
+        s += a.heads * req.seq_len * 2 * ab  # softmax probabilities (+ the scores they came from)
+    if packed_mask(req):
+        s += req.seq_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
+    s += norm(h, True)  # residual after attention, kept by the second norm
+    per_layer = 0.0
+    if a.is_moe_layer(i):
+        k = a.experts_per_token
+        mi = a.moe_intermediate
+        w = mi * a.n_shared_experts
+        if w:
+            s += lin_group(["gate_proj", "up_proj"], h)
+            s += 3 * w * ab + lin_in("down_proj", w, False)  # gate (silu input), silu out, up; product for down
+        if full:
+            s += 0.0 if w else h * ab  # the router's fp32 input when nothing else keeps the normed input
+        # router (fp32): sigmoid scores, group/top-k indices, normalised weights
+        s += a.n_routed_experts * (f32 + 1) + k * (8 + 2 * f32) + 8 * 2 + f32
+        s += k * 3 * 8  # sort permutation, gather index, inverse permutation (int64)
+        experts_train = full or fused
+        s += k * (2 * mi + mi + h) * ab + k * f32  # gate_up out, silu out, down out (kept to apply routing weights)
+        if experts_train:
+            s += k * (h + mi) * ab  # gathered inputs and products, kept for the expert weights' gradients
+        if fused:
+            per_layer = a.n_routed_experts * a.expert_params() * ab  # PEFT's W + ΔW, kept for backward
+        bwd = (2 * h + 2 * k * mi + 2 * w) * ab
+    else:
+        it = a.intermediate
+        s += lin_group(["gate_proj", "up_proj"], h)
+        s += 3 * it * ab + lin_in("down_proj", it, False)
+        bwd = (2 * h + 2 * it) * ab  # gradients of the MLP's inputs while its saved tensors are released
+    if lora and req.method == "dora":
+        # DoRA rescales the base output and the LoRA output by the magnitude: both (fp32) are kept for backward
+        s += sum(2 * lin.d_out * f32 for lin in targets(req, i))
+    return s, bwd, per_layer
+
+
+def layer_mode(req: PlanRequest, i: int) -> str:
+    if req.method == "full":
+        return "full"
+    if req.method == "freeze":
+        return "full" if i >= freeze_first(req) else "none"
+    return "lora"
+
+
+@dataclass
+class Activations:
+    saved: list[float]  # bytes per layer kept through the forward pass
+    recompute: list[float]  # bytes of one layer's saved tensors when recomputed (checkpointing)
+    bwd_temp: list[float]
+    final: float  # final norm (+ lm_head input)
+
+
+def activations(req: PlanRequest) -> Activations:
+    a = req.arch
+    ab = act_bytes(req)
+    tok = req.tokens
+    saved, rec, bwd = [], [], []
+    for i in range(a.layers):
+        mode = layer_mode(req, i)
+        if mode == "none":
+            saved.append(0.0)
+            rec.append(0.0)
+            bwd.append(0.0)
+            continue
+        # dsft's checkpointing makes the embedding output require grad (enable_input_require_grads)
+        emb_grad = req.mts or (req.gradient_checkpointing and req.adapter and req.trainer == "dsft")
+        first_trainable = (i == 0 and req.method != "full" and not emb_grad) or (
+            req.method == "freeze" and i == freeze_first(req))
+        per_tok, tmp, per_layer = layer_bytes(req, i, mode, input_grad=not first_trainable)
+        full_layer = per_tok * tok + per_layer
+        if req.gradient_checkpointing:
+            saved.append(a.hidden * tok * ab + (tok * req.seq_len if packed_mask(req) and i == 0 else 0.0))
+            rec.append(full_layer)
+        else:
+            saved.append(full_layer)
+            rec.append(0.0)
+        bwd.append(tmp * tok)
+    head_trains = req.method == "full" or req.mts
+    trains_any = req.method != "freeze" or req.freeze_layers > 0
+    # final norm: fp32 input + rsqrt (+ normalized when it trains, + its output kept by a training head (hf))
+    final = a.hidden * 4 + 4
+    if head_trains:
+        final += a.hidden * ab + (a.hidden * ab if req.trainer == "hf" else 0.0)
+    final = final * tok if trains_any else 0.0
+    return Activations(saved, rec, bwd, final)
+
+
+def logits_phases(req: PlanRequest) -> tuple[float, float]:
+    """(forward peak, backward peak) bytes of logits + loss: lm_head out, fp32 log-softmax, their gradients."""
+    a = req.arch
+    ab = act_bytes(req)
+    if req.trainer == "dsft":
+        # dsft: hidden states of labelled tokens gathered, logits in chunks, each chunk's fp32 log-softmax kept
+        sel = req.tokens * req.label_fraction
+        c = min(req.loss_chunk, sel)
+        gathered = sel * a.hidden * ab
+        fwd = gathered + sel * a.vocab * 4 + c * a.vocab * (ab + (4 if ab != 4 else 0))
+        bwd = gathered + sel * a.vocab * 4 + 2 * c * a.vocab * 4
+        return fwd, bwd
+    n = req.tokens * a.vocab
+    logits = n * ab
+    upcast = n * 4 if ab != 4 else 0
+    fwd = logits + upcast + n * 4  # logits, fp32 copy, log-softmax output
+    held = logits if req.hold_logits else 0.0
+    bwd = held + 3 * n * 4  # log-probs, nll grad, softmax grad (the cast back to 16-bit comes after they go)
+    return fwd, bwd
+

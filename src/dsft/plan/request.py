@@ -1,0 +1,258 @@
+"""One training setup as the planner sees it (PlanRequest), and what it trains: targets, parameters, bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsft.errors import ConfigError
+from dsft.plan.hardware import GiB, Gpu, cpu_device
+from dsft.plan.models import Arch
+
+METHODS = ("lora", "qlora", "dora", "full", "freeze")
+PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd")
+SHARDING = ("none", "zero1", "zero2", "zero3", "fsdp")
+
+CUDA_CONTEXT = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
+FRAGMENTATION = 0.05  # caching-allocator slack on top of max_memory_allocated
+QLORA_BYTES = 0.5 + 0.127 / 8  # NF4 + double-quantized absmax, bytes per quantized weight
+
+
+@dataclass
+class PlanRequest:
+    """Everything the planner needs about one training setup."""
+
+    arch: Arch
+    method: str = "lora"
+    seq_len: int = 512
+    micro_batch: int = 1
+    grad_accum: int = 1
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    packing: bool = True
+    sharding: str = "none"
+    cpu_offload: bool = False
+    num_gpus: int = 1
+    gpu: Gpu = field(default_factory=cpu_device)
+    lora_rank: int | None = None
+    lora_dropout: float = 0.1
+    lora_targets: str | list[str] = "all"
+    freeze_layers: int = 2
+    attn: str = "sdpa"
+    mfu: float = 0.35
+    hold_logits: bool = False
+    """True when the training loop keeps the model output (logits) alive through backward (hf trainer)."""
+    trainer: str = "dsft"
+    """dsft: `dsft train` (logits only on labelled tokens in chunks, foreach AdamW, dsft's LoRA targets);
+    hf: a Hugging Face Trainer-style step (logits for every token, fused AdamW on CUDA, PEFT's own targets)."""
+    label_fraction: float = 1.0
+    """Share of tokens that carry a loss target (dsft trainer: assistant tokens); 1.0 is the safe bound."""
+    loss_chunk: int = 4096
+    interconnect: str | None = None
+    """nvlink | pcie | network | a rate like 50GB/s; None: NVLink for A100/H100/H200, else PCIe (multi-GPU time)."""
+    modules_to_save: bool | None = None
+    """Embeddings, LM head and norms trained fully next to LoRA; None: dsft's rule (tiny models < 100 M)."""
+
+    def validate(self) -> PlanRequest:
+        def bad(key: str, value: Any, accepted: str) -> ConfigError:
+            return ConfigError(f"{key} {value!r}: expected {accepted}")
+
+        if self.method not in METHODS:
+            raise bad("method", self.method, "one of " + ", ".join(METHODS))
+        if self.precision not in PRECISIONS:
+            raise bad("precision", self.precision, "one of " + ", ".join(PRECISIONS))
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", self.optimizer, "one of " + ", ".join(OPTIMIZERS))
+        if self.sharding not in SHARDING:
+            raise bad("sharding", self.sharding, "one of " + ", ".join(SHARDING))
+        for key in ("seq_len", "micro_batch", "grad_accum", "num_gpus", "freeze_layers"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v <= 0:
+                raise bad(key.replace("_", "-"), v, "a positive integer")
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise bad("lora-rank", self.lora_rank, "a positive integer")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora-dropout", self.lora_dropout, "a number in [0, 1)")
+        if not 0 < self.mfu <= 1:
+            raise bad("mfu", self.mfu, "a fraction in (0, 1]")
+        if not (isinstance(self.lora_targets, str) and self.lora_targets in ("all", "auto", "all-linear", "attention", "attn")):
+            known = self.arch.linear_names()
+            unknown = sorted(target_names(self) - known)
+            if unknown or not target_names(self):
+                raise bad("lora-targets", ",".join(unknown) or self.lora_targets,
+                          "all, attention, or names among " + ", ".join(sorted(known)))
+        if self.trainer not in ("dsft", "hf"):
+            raise bad("trainer", self.trainer, "dsft or hf")
+        if not 0 < self.label_fraction <= 1:
+            raise bad("label-fraction", self.label_fraction, "a fraction in (0, 1]")
+        if self.attn not in ("sdpa", "eager", "flash_attention_2", "dsft_packed"):
+            raise bad("attn", self.attn, "sdpa, eager, flash_attention_2 or dsft_packed")
+        if self.interconnect is not None:
+            from dsft.plan.scaling import link
+
+            link(self.interconnect, self.gpu)  # raises a one-line ConfigError naming what is accepted
+        return self
+
+    @property
+    def rank(self) -> int:
+        if self.lora_rank:
+            return self.lora_rank
+        from dsft.plan.recommend import recommend
+
+        return recommend(self.arch).lora_rank
+
+    @property
+    def adapter(self) -> bool:
+        return self.method in ("lora", "qlora", "dora")
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def mts(self) -> bool:
+        """Whether embeddings, LM head and norms train fully next to the adapter (dsft: tiny models)."""
+        if not self.adapter:
+            return False
+        if self.modules_to_save is not None:
+            return self.modules_to_save
+        return self.trainer == "dsft" and self.arch.total_params() < 100e6
+
+
+
+# ---- bytes per element -----------------------------------------------------------------------------------------
+def act_bytes(req: PlanRequest) -> int:
+    return 4 if req.precision == "fp32" else 2
+
+
+def weight_bytes(req: PlanRequest) -> int:
+    """Bytes per stored base weight (fp32 master weights under AMP)."""
+    return 4 if req.precision in ("fp32", "amp-bf16", "amp-fp16") else 2
+
+
+def shard_divisors(req: PlanRequest) -> tuple[int, int, int]:
+    """Divisors for (optimizer state, gradients, parameters) per GPU under ZeRO / FSDP."""
+    n = req.num_gpus
+    s = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}[req.sharding]
+    return (n if s >= 1 else 1, n if s >= 2 else 1, n if s >= 3 else 1)
+
+
+# ---- parameters ------------------------------------------------------------------------------------------------
+MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj"})
+
+
+def target_names(req: PlanRequest) -> set[str]:
+    names = set(req.arch.linear_names())
+    t = req.lora_targets
+    if t in ("all", "auto", "all-linear"):
+        return names
+    if t in ("attention", "attn"):
+        return names - MLP_NAMES
+    if isinstance(t, str):
+        t = [x.strip() for x in t.split(",") if x.strip()]
+    return {n.rsplit(".", 1)[-1] for n in t}
+
+
+def fused_expert_lora(req: PlanRequest) -> bool:
+    """Whether the fused 3-D routed-expert parameters of a DeepSeek-V2/V3 model (transformers 5) carry LoRA.
+
+    dsft: its adapters module targets them explicitly next to every nn.Linear (not with DoRA).
+    hf: PEFT itself remaps the MLP target names onto them, and the dense MLPs / shared experts get no LoRA.
+    """
+    if not (req.adapter and req.arch.moe and req.arch.family.startswith("deepseek")):
+        return False
+    if not target_names(req) & MLP_NAMES:
+        return False
+    return not (req.trainer == "dsft" and req.method == "dora")
+
+
+def targets(req: PlanRequest, i: int) -> list:
+    names = target_names(req)
+    peft_remap = fused_expert_lora(req) and req.trainer == "hf"
+    return [lin for lin in req.arch.layer_linears(i)
+            if lin.lora and lin.name in names and not (peft_remap and lin.group in ("mlp", "shared"))]
+
+
+def fused_expert_adapter(req: PlanRequest) -> int:
+    """LoRA params of one MoE layer's fused experts, rank r per expert (PEFT's remap doubles gate_up's rank)."""
+    a, r, e = req.arch, req.rank, req.arch.n_routed_experts
+    gate_up = (2 if req.trainer == "hf" else 1) * r * e * (a.hidden + 2 * a.moe_intermediate)
+    return gate_up + r * e * (a.moe_intermediate + a.hidden)
+
+
+def mts_params(req: PlanRequest) -> int:
+    """Parameters of the modules trained fully next to LoRA (embeddings, LM head, norms)."""
+    a = req.arch
+    norms = a.hidden * (2 * a.layers + 1) + a.layers * a.attn_norm_params()
+    return a.embed_params + a.head_params + norms
+
+
+def layer_adapter(req: PlanRequest, i: int) -> int:
+    r = req.rank
+    n = sum(r * (lin.d_in + lin.d_out) + (lin.d_out if req.method == "dora" else 0) for lin in targets(req, i))
+    if fused_expert_lora(req) and req.arch.is_moe_layer(i):
+        n += fused_expert_adapter(req)
+    return n
+
+
+def adapter_params(req: PlanRequest) -> int:
+    return sum(layer_adapter(req, i) for i in range(req.arch.layers)) + (mts_params(req) if req.mts else 0)
+
+
+def packed_mask(req: PlanRequest) -> bool:
+    """Packed rows through transformers' SDPA path get a (B,1,S,S) block-diagonal mask, which every layer's
+    attention converts to a float bias and saves for backward (flash_attention_2 / dsft's CPU path avoid it)."""
+    return req.packing and req.attn == "sdpa"
+
+
+def freeze_first(req: PlanRequest) -> int:
+    """Index of the first trainable layer under `freeze` (the last N layers train)."""
+    return max(req.arch.layers - req.freeze_layers, 0)
+
+
+def trainable_params(req: PlanRequest) -> int:
+    a = req.arch
+    if req.adapter:
+        return adapter_params(req)
+    if req.method == "freeze":
+        return sum(a.layer_params(i) for i in range(freeze_first(req), a.layers))
+    return a.total_params()
+
+
+def fp8_base(req: PlanRequest) -> bool:
+    """Whether frozen base weights stay in the checkpoint's FP8 blocks (adapters, or the frozen layers of freeze);
+    full fine-tuning and QLoRA dequantize the checkpoint on load."""
+    return bool(req.arch.fp8_block) and req.method in ("lora", "dora", "freeze")
+
+
+def fp8_frozen_layers(req: PlanRequest) -> range:
+    return range(req.arch.layers) if req.adapter else range(freeze_first(req))
+
+
+def base_weight_bytes(req: PlanRequest) -> float:
+    a = req.arch
+    wb = weight_bytes(req)
+    if fp8_base(req):
+        from dsft.plan.checkpoint import fp8_layer
+
+        kept = [fp8_layer(a, i) for i in fp8_frozen_layers(req)]
+        # FP8 linears: 1 byte/param + float32 block scales; embeddings, head, norms, router in the weights' dtype
+        return sum(b for _, b in kept) + (a.total_params() - sum(p for p, _ in kept)) * wb
+    if req.method == "qlora":
+        lin = sum(lin.params for i in range(a.layers) for lin in a.layer_linears(i))
+        experts = sum(a.n_routed_experts * a.expert_params() for i in range(a.layers) if a.is_moe_layer(i))
+        rest = a.total_params() - lin - experts
+        # prepare_model_for_kbit_training upcasts what is not quantized (embeddings, LM head, norms) to fp32
+        return (lin + experts) * QLORA_BYTES + rest * 4
+    return a.total_params() * wb
+
+
+def gathered_bytes_per_param(req: PlanRequest) -> float:
+    """Bytes per parameter that ZeRO-3 / FSDP gather (16-bit working copies; the FP8 base as stored)."""
+    if fp8_base(req) and req.adapter:
+        b = req.arch.fp8_block or (128, 128)
+        return 1 + 4 / (b[0] * b[1])
+    wb = weight_bytes(req)
+    return 2 if wb == 4 else (wb if req.method != "qlora" else QLORA_BYTES)
