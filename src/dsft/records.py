@@ -59,3 +59,35 @@ def _first_user(record: dict[str, Any]) -> str:
         if m["role"] == "user":
             return m["content"]
     return ""
+
+
+def read_records_file(path) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """Records from a JSONL of dsft records (`messages`) or seed rows (question/answer[/context][/domain]), and
+    their label set (None with fewer than two labels). Bad lines raise DataError naming file and line."""
+    import json
+    from pathlib import Path
+
+    from dsft.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--eval-data {path}: file not found")
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+        if isinstance(row, dict) and row.get("messages"):
+            records.append(row)
+        elif isinstance(row, dict) and row.get("question") and row.get("answer"):
+            fields = {k: row.get(k) for k in ("question", "context", "answer") if row.get(k)}
+            records.append({"messages": qa_messages(fields), "fields": fields, "label": row.get("label") or row.get("domain")})
+        else:
+            raise DataError(f"{path}:{i}: expected a record with 'messages' or 'question' + 'answer'")
+    if not records:
+        raise DataError(f"--eval-data {path}: no records")
+    labels = sorted({str(r["label"]) for r in records if r.get("label") is not None})
+    return records, labels if len(labels) >= 2 else None

@@ -16,7 +16,8 @@ from typing import Any
 
 from dsft.errors import ConfigError
 from dsft.plan.hardware import GiB, Gpu, cpu_device
-from dsft.plan.models import Arch, fmt_count
+from dsft.plan.models import Arch
+from dsft.report.numbers import fmt_count
 
 METHODS = ("lora", "qlora", "dora", "full", "freeze")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import ConfigError
+from dsft.report.numbers import fmt_count
 
 
 @dataclass(frozen=True)
@@ -177,13 +178,6 @@ class Arch:
         moe = f", MoE {self.n_routed_experts}×{self.experts_per_token} routed + {self.n_shared_experts} shared" if self.moe else ""
         return (f"{self.name}: {self.family}, {self.layers} layers, hidden {self.hidden}, {kind}{moe}, vocab {self.vocab}; "
                 f"{fmt_count(self.total_params())} params ({fmt_count(self.active_params())} active)")
-
-
-def fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
-    return str(int(n))
 
 
 # ---- built-in architectures (values from each model's public config.json) --------------------------------------
