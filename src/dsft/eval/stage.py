@@ -12,7 +12,14 @@ from typing import Any
 from dsft.config import Config
 from dsft.errors import ConfigError, DataError, DsftError, ModelError
 from dsft.eval import metrics as M
-from dsft.eval.scoring import SUMMARY_KEYS, evaluate_model, headline, select_records, summary
+from dsft.eval.scoring import (
+    SUMMARY_KEYS,
+    evaluate_model,
+    generation_settings,
+    headline,
+    select_records,
+    summary,
+)
 from dsft.records import prompt_and_reference
 from dsft.run import RunDir, atomic_write_json, read_jsonl, write_jsonl
 
@@ -137,7 +144,7 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     result = {
         "n": len(inp["records"]), "lang": inp["lang"], "labels": inp["labels"], "label_field": inp["data_m"].get("label_field"),
         "test": str(inp["test_path"]), "base_model": str(inp["base_dir"]), "record_ids": [r.get("id") for r in inp["records"]],
-        "decoding": {**_decoding(cfg), "backend": "vllm" if vllm else "transformers"},
+        "decoding": {**generation_settings(cfg).as_dict(), "backend": "vllm" if vllm else "transformers"},
         "label_scoring": cfg.eval.label_scoring, "finetuned_adapter_merged": merged,
         "metric_notes": _metric_notes(inp["lang"]), "models": models, "contamination": contamination,
     }
@@ -147,13 +154,8 @@ def evaluate(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]:
     return _write_outputs(cfg, run, out, result, rows, inp["train_m"])
 
 
-def _decoding(cfg: Config) -> dict[str, Any]:
-    from dsft.eval.scoring import generation_settings
-
-    return generation_settings(cfg).as_dict()
-
-
 def _metric_notes(lang: str) -> dict[str, str]:
+    """How each metric in eval.json was computed (for this language)."""
     return {"bleu": "sacrebleu corpus BLEU / 100, tokenize=" + ("zh" if lang == "zh" else "13a"),
             "rouge": "rouge-score F-measure, mean over items; " + ("character-level (CJK chars, ASCII words)" if lang == "zh" else "rouge-score tokenizer"),
             "f1_em": "CMRC 2018 (character-level)" if lang == "zh" else "SQuAD v1.1",

@@ -195,6 +195,12 @@ def adapted_module_names(peft_model) -> list[str]:
     return names
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a folder holding a PEFT adapter (adapter_config.json) rather than a model (no config.json)."""
+    p = Path(path).expanduser()
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
 def check_adapter_dir(adapter_dir: str | Path, *, name: str | None = None) -> Path:
     """The folder, checked to be a PEFT adapter in safetensors; one-line ModelError otherwise (`name`: serving's label)."""
     adapter_dir = Path(adapter_dir)
