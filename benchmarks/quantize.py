@@ -1,13 +1,13 @@
 """Quantization benchmark: every export variant vs fp32 PyTorch (the peer), demo model and a ≈150 M model.
 
-Usage: python benchmarks/quantize.py [--samples 8] [--new-tokens 16] [--threads 1] [--clock cpu|wall] [--skip-large] [--no-gguf]
+Usage: python benchmarks/quantize.py [--samples 8] [--new-tokens 16] [--threads 1] [--clock cpu|wall] [--skip-large] [--no-gguf] [--half]
 
 Speeds are timed by this process's CPU time at 1 thread by default: on a shared machine (here 2 cores, 7 busy
 processes) wall time swings several-fold between variants measured a minute apart; CPU time does not. Use
 `--clock wall --threads N` on an idle machine.
 
-For each model it runs the real export (merged fp32 + int8 + int4 [+ GGUF f16/q8_0/Q4_K_M when the `gguf` extra is
-installed]) and the quantization report on held-out medical QA records (the packaged GB18030 subset), then prints
+For each model it runs the real export (merged fp32 [+ fp16 + bf16 with --half] + int8 + int4 [+ GGUF f16/q8_0/Q4_K_M
+when the `gguf` extra is installed]) and the eval stage's quantization report on held-out medical QA records (the packaged GB18030 subset), then prints
 the report table. Both models are random-init DeepSeek-V3 shapes (MLA + MoE) with the demo tokenizer: the "demo"
 one is the embedded default (≈ 3 M parameters), the "large" one ≈ 150 M parameters (hidden 1024, 8 layers,
 8 routed experts top-2 + 1 shared). The last line is JSON with the large model's int8 numbers:
@@ -53,8 +53,10 @@ def records(n: int) -> tuple[list[dict], list[str]]:
 
 def run_model(label: str, overrides: dict, work: Path, formats: list[str], args) -> dict:
     from dsft.config import config_from_dict
-    from dsft.export import export_model
+    from dsft.eval.variants import measure_export
+    from dsft.export.stage import export_model
     from dsft.model.tiny import build_tiny_deepseek_v3
+    from dsft.run import atomic_write_json
 
     t0 = time.perf_counter()
     base = build_tiny_deepseek_v3(work / f"{label}-base", seed=0, **overrides)
@@ -62,11 +64,14 @@ def run_model(label: str, overrides: dict, work: Path, formats: list[str], args)
                                        "report_new_tokens": args.new_tokens, "report_threads": args.threads,
                                        "report_clock": args.clock}})
     recs, labels = records(args.samples)
-    m = export_model(base, work / f"{label}-out", cfg, records=recs, labels=labels, force=True)
+    out = work / f"{label}-out"
+    m = export_model(base, out, cfg, conversations=[r["messages"] for r in recs[:8]], force=True)
+    atomic_write_json(out / "manifest.json", {"stage": "export", **m})
+    rep = measure_export(cfg, out, records=recs, labels=labels)  # the eval stage's quantization report
     params = m["params"]
     print(f"\n## {label} model: {params / 1e6:.1f} M parameters (export + report {time.perf_counter() - t0:.0f} s)\n")
-    print((work / f"{label}-out" / "quant_report.md").read_text(encoding="utf-8"))
-    return {"params": params, "rows": {r["variant"]: r for r in m["quant_report"]["rows"]}}
+    print((out / "quant_report.md").read_text(encoding="utf-8"))
+    return {"params": params, "rows": {r["variant"]: r for r in rep["rows"]}}
 
 
 def summary(res: dict) -> dict:
@@ -94,6 +99,8 @@ def main() -> int:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="time speeds by process CPU time or wall time")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--no-gguf", action="store_true")
+    ap.add_argument("--half", action="store_true", help="also fp16 and bf16 copies of the merged model (slow on CPUs "
+                                                          "without native half-precision matmuls)")
     ap.add_argument("--work", help="keep the models and exports here (default: a temp dir)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -102,7 +109,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from dsft.export.gguf import gguf_unavailable_reason
 
-    formats = ["merged", "int8", "int4"]
+    formats = ["merged", "fp16", "bf16", "int8", "int4"] if args.half else ["merged", "int8", "int4"]
     why = gguf_unavailable_reason()
     if not args.no_gguf and why is None:
         formats += ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]

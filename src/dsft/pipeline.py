@@ -28,13 +28,13 @@ def _stage_fn(stage: str) -> Callable[..., dict]:
 
         return train
     if stage == "eval":
-        from dsft.eval import evaluate
+        from dsft.eval.stage import run as run_eval
 
-        return evaluate
+        return run_eval
     if stage == "export":
-        from dsft.export import export
+        from dsft.export.stage import run as run_export
 
-        return export
+        return run_export
     if stage == "serve":
         return serve_check
     raise ValueError(stage)
@@ -114,12 +114,13 @@ def run_pipeline(cfg: Config, run: RunDir, *, stages: tuple[str, ...] = PIPELINE
         manifest = _stage_fn(stage)(cfg, run, force=force)
         timings[stage] = round(time.perf_counter() - t0, 2)
         results[stage] = manifest
-        if stage == "export" and cfg.eval.variants and "eval" in results:
-            # quantized variants scored on the same held-out records: the seed's "latency −Z %" headline
-            from dsft.eval import add_variants
+        if stage == "export" and (cfg.eval.variants or cfg.export.report) and "eval" in results:
+            # the eval stage measures the variants: the quantization report and, for eval.variants, the same
+            # held-out records (the seed's "latency −Z %" headline)
+            from dsft.eval.stage import run_variants
 
             t1 = time.perf_counter()
-            results["eval"] = add_variants(cfg, run)
+            results["eval"] = run_variants(cfg, run, every=False)
             timings["eval"] = round(timings.get("eval", 0) + time.perf_counter() - t1, 2)
         if on_stage:
             on_stage(stage, manifest, timings[stage])
@@ -153,7 +154,7 @@ def build_report(cfg: Config, results: dict[str, Any]) -> dict[str, Any]:
         "eval": {"before": before, "after": after, "headline": ev.get("headline"),
                  "report_html": f"eval/{ev['report_html']}" if ev.get("report_html") else None},
         "export": {"max_abs_diff": exp.get("max_abs_diff"), "dtype": exp.get("dtype"), "variants": exp.get("variants"),
-                   "quant_report": exp.get("quant_report")},
+                   "quant_report": ev.get("quant_report")},
         "serve": {"ok": srv.get("ok"), "status": srv.get("status"), "text": srv.get("text"),
                   "bad_request_status": srv.get("bad_request_status"), "openai_chat_status": srv.get("openai_chat_status")},
         "timings": timings,

@@ -59,3 +59,52 @@ def _first_user(record: dict[str, Any]) -> str:
         if m["role"] == "user":
             return m["content"]
     return ""
+
+
+def read_json_lines(path, what: str = "file") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line of a UTF-8 JSONL file; one-line DataError naming the file and
+    line otherwise (`what` names the file in the not-found and empty messages)."""
+    import json
+    from pathlib import Path
+
+    from dsft.errors import DataError
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: {what} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p}: not UTF-8 ({err.reason} at byte {err.start})") from err
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((n, obj))
+    if not rows:
+        raise DataError(f"{p}: no records (empty {what})")
+    return rows
+
+
+def read_records_file(path) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """Records from a JSONL of dsft records (`messages`) or seed rows (question/answer[/context][/domain]), and
+    their label set (None with fewer than two labels). Bad lines raise DataError naming file and line."""
+    from dsft.errors import DataError
+
+    records = []
+    for i, row in read_json_lines(path, "--eval-data file"):
+        if row.get("messages"):
+            records.append(row)
+        elif row.get("question") and row.get("answer"):
+            fields = {k: row.get(k) for k in ("question", "context", "answer") if row.get(k)}
+            records.append({"messages": qa_messages(fields), "fields": fields, "label": row.get("label") or row.get("domain")})
+        else:
+            raise DataError(f"{path}:{i}: expected a record with 'messages' or 'question' + 'answer'")
+    labels = sorted({str(r["label"]) for r in records if r.get("label") is not None})
+    return records, labels if len(labels) >= 2 else None

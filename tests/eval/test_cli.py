@@ -111,7 +111,7 @@ def test_unknown_eval_metric_is_config_error(tmp_path, tiny_model_dir, tiny_adap
 
 def test_labels_from_test_split_when_manifest_has_none(tmp_path, tiny_model_dir, tiny_adapter_dir):
     from dsft.config import config_from_dict
-    from dsft.eval import evaluate
+    from dsft.eval.stage import evaluate
 
     run = make_run(tmp_path / "run", tiny_model_dir, tiny_adapter_dir, real_records(4, per_label=1))
     dm = json.loads((run.root / "data" / "manifest.json").read_text())

@@ -10,7 +10,7 @@ from eval_helpers import make_run, real_records
 
 from dsft.config import config_from_dict
 from dsft.errors import OverwriteError
-from dsft.eval import evaluate
+from dsft.eval.stage import evaluate
 from dsft.run import read_jsonl
 
 
@@ -177,7 +177,7 @@ def test_merged_in_memory_equals_unmerged_adapter(finished_run, tmp_path, tiny_m
 
 
 def test_label_in_text():
-    from dsft.eval.stage import label_in_text
+    from dsft.eval.scoring import label_in_text
 
     labels = ["内科", "普通内科", "消化科"]
     assert label_in_text("建议挂普通内科。", labels) == "普通内科"  # earliest, then longest

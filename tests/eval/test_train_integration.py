@@ -8,8 +8,8 @@ import pytest
 from eval_helpers import real_records
 
 from dsft.config import config_from_dict
-from dsft.eval import evaluate
 from dsft.eval.during_training import make_eval_fn
+from dsft.eval.stage import evaluate
 from dsft.model.load import resolve_model_dir
 from dsft.model.tokenizer import load_tokenizer
 from dsft.run import RunDir, read_jsonl, write_jsonl

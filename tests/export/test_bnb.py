@@ -10,7 +10,8 @@ from export_helpers import make_run, read_json
 
 from dsft.config import config_from_dict
 from dsft.errors import ExportError
-from dsft.export import export
+from dsft.export.stage import run as export
+from dsft.run import read_jsonl
 
 TEXT = "<｜begin▁of▁sentence｜><｜User｜>头痛怎么办？<｜Assistant｜>多休息，多喝水。<｜end▁of▁sentence｜>"
 SKIP = "bitsandbytes variants need bitsandbytes (pip install 'dsft[qlora]')"
@@ -57,11 +58,14 @@ def test_bnb_variant_exports_reloads_and_generates(tmp_path, tiny_base, tiny_ada
 
 def test_report_measures_bnb_variants(tmp_path, tiny_base, tiny_adapter):
     pytest.importorskip("bitsandbytes", reason=SKIP)
+    from dsft.eval.variants import measure_export
+
     run = make_run(tmp_path / "run", tiny_base, tiny_adapter)
     cfg = config_from_dict({"run_dir": str(run.root), "export": {
         "formats": ["merged", "nf4", "bnb-int8"], "report": True, "report_samples": 2, "report_new_tokens": 4}})
     export(cfg, run)
     d = run.root / "export"
+    measure_export(cfg, d, records=read_jsonl(run.root / "data" / "test.jsonl"), labels=["消化科", "神经科"])
     rows = {r["variant"]: r for r in read_json(d / "quant_report.json")["rows"]}
     assert set(rows) == {"merged", "nf4", "bnb-int8"}
     for name in ("nf4", "bnb-int8"):
@@ -74,14 +78,16 @@ def test_report_measures_bnb_variants(tmp_path, tiny_base, tiny_adapter):
     assert "| nf4 |" in md and "| bnb-int8 |" in md
 
 
-def test_eval_loads_a_bnb_variant(tmp_path, tiny_base, tiny_adapter):
+def test_model_loads_a_bnb_variant_by_its_files(tmp_path, tiny_base, tiny_adapter):
     pytest.importorskip("bitsandbytes", reason=SKIP)
-    from dsft.eval.stage import _load_variant
+    from dsft.model.artefacts import artefact_kind, load_torch_artefact
 
     run = make_run(tmp_path / "run", tiny_base, tiny_adapter)
     cfg = config_from_dict({"run_dir": str(run.root), "export": {"formats": ["merged", "nf4"]}})
     m = export(cfg, run)
-    model = _load_variant(m["variants"][1], run, cfg)
+    path = run.root / "export" / m["variants"][1]["path"]
+    assert artefact_kind(path) == "bitsandbytes"
+    model = load_torch_artefact(path)
     assert any(type(mod).__name__ == "Linear4bit" for mod in model.modules())
 
 

@@ -8,8 +8,9 @@ import pytest
 from export_helpers import make_run
 
 from dsft.config import config_from_dict
-from dsft.export import export
 from dsft.export.gguf import gguf_unavailable_reason, modelfile
+from dsft.export.stage import run as export
+from dsft.run import read_jsonl
 
 _WHY = gguf_unavailable_reason()
 needs_gguf = pytest.mark.skipif(_WHY is not None, reason=f"GGUF extra absent: {_WHY}")
@@ -43,6 +44,9 @@ def test_gguf_variants_reload_and_match_the_source(tmp_path, tiny_base, tiny_ada
     assert v["gguf-q4_k_m"]["size_bytes"] < v["gguf-q8_0"]["size_bytes"] < v["gguf-f16"]["size_bytes"]
     assert (d / "gguf" / "Modelfile").read_text().startswith("FROM ./model-q4_k_m.gguf")
     assert not (d / "gguf" / ".tmp-f16.gguf").exists()
+    from dsft.eval.variants import measure_export
+
+    measure_export(cfg, d, records=read_jsonl(run.root / "data" / "test.jsonl"), labels=["消化科", "神经科"])
     rows = {r["variant"]: r for r in json.loads((d / "quant_report.json").read_text())["rows"]}
     assert rows["gguf-f16"]["engine"].startswith("llama.cpp")
     # f16 GGUF ≈ the fp32 source: perplexity within 1 %, measured by llama.cpp on the same tokens

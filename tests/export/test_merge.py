@@ -12,8 +12,8 @@ import pytest
 from export_helpers import make_lora_adapter, make_run, read_json
 
 from dsft.config import config_from_dict
-from dsft.errors import ExportError, OverwriteError
-from dsft.export import export
+from dsft.errors import ModelError, OverwriteError
+from dsft.export.stage import run as export
 
 TEXT = "<｜begin▁of▁sentence｜><｜User｜>头痛怎么办？<｜Assistant｜>多休息。<｜end▁of▁sentence｜>"
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -136,7 +136,7 @@ def test_missing_train_manifest_and_bad_adapter_are_one_line(tmp_path, tiny_base
     bad = tmp_path / "bad_adapter"
     bad.mkdir()
     run = make_run(tmp_path / "run", tiny_base, bad)
-    with pytest.raises(ExportError, match="adapter_config.json"):
+    with pytest.raises(ModelError, match="adapter_config.json"):  # dsft.model.adapters.check_adapter_dir
         export(_cfg(run.root), run)
 
 
@@ -166,7 +166,7 @@ def test_cli_config_mode(tmp_path, tiny_base, tiny_adapter):
     assert m["dtype"] == "float16" and m["stage"] == "export" and (run.root / "export" / "merged" / "config.json").exists()
 
 
-def test_cli_direct_mode_with_eval_data_and_report(tmp_path, tiny_base, tiny_adapter):
+def test_cli_direct_mode_with_eval_data_then_eval_quant(tmp_path, tiny_base, tiny_adapter):
     data = tmp_path / "held_out.jsonl"
     rows = [{"question": "胃痛怎么办？", "answer": "少食多餐，必要时就医。", "domain": "消化科"},
             {"question": "失眠怎么调理？", "answer": "规律作息。", "domain": "神经科"}]
@@ -174,8 +174,12 @@ def test_cli_direct_mode_with_eval_data_and_report(tmp_path, tiny_base, tiny_ada
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dsft", "export", "--model", str(tiny_base), "--adapter", str(tiny_adapter), "-o", str(out),
-           "--eval-data", str(data), "--formats", "merged,int8", "--report", "--set", "export.report_new_tokens=4"]
+           "--eval-data", str(data), "--formats", "merged,int8"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (out / "quant_report.json").exists()  # export writes; eval measures
+    r = subprocess.run([sys.executable, "-m", "dsft", "eval", "quant", str(out), "--eval-data", str(data),
+                        "--set", "export.report_new_tokens=4"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = read_json(out / "quant_report.json")
     assert rep["samples"] == 2 and rep["classified"] == 2 and [x["variant"] for x in rep["rows"]] == ["merged", "int8"]
@@ -183,3 +187,5 @@ def test_cli_direct_mode_with_eval_data_and_report(tmp_path, tiny_base, tiny_ada
     r = subprocess.run(cmd[:8] + ["-o", str(tmp_path / "o2"), "--eval-data", str(tmp_path / "bad.jsonl")],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "bad.jsonl:1: expected a record" in r.stderr
+    r = subprocess.run(cmd[:8] + ["-o", str(tmp_path / "o3"), "--report"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "dsft eval CONFIG --variants" in r.stderr and "Traceback" not in r.stderr

@@ -1,4 +1,5 @@
-"""CPU int8 / int4 variants (incl. fused MoE experts), reload, refusals, fp16 overflow check, the report (bnb: test_bnb.py)."""
+"""CPU int8 / int4 and fp16 / bf16 variants (incl. fused MoE experts), reload, refusals, fp16 overflow check (bnb: test_bnb.py;
+the quantization report that measures them: tests/eval/test_quant_report.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 from export_helpers import make_run
 
 from dsft.config import config_from_dict
-from dsft.errors import ExportError
-from dsft.export import export, load_quantized
-from dsft.export.quant import pack_int4, quantize_and_save, quantize_model, split_experts, unpack_int4
+from dsft.errors import ExportError, ModelError
+from dsft.export.quant import quantize_and_save, quantize_model, split_experts
+from dsft.export.stage import run as export
+from dsft.model.quantized import load_quantized, pack_int4, unpack_int4
 
 TEXT = "<｜begin▁of▁sentence｜><｜User｜>头痛怎么办？<｜Assistant｜>多休息，多喝水。<｜end▁of▁sentence｜>"
 
@@ -83,7 +85,7 @@ def test_int4_packing_roundtrip():
 
 
 def test_load_quantized_refuses_plain_folder(tiny_base):
-    with pytest.raises(ExportError, match="dsft_quant.json"):
+    with pytest.raises(ModelError, match="dsft_quant.json"):
         load_quantized(tiny_base)
 
 
@@ -121,26 +123,27 @@ def test_fp16_overflow_is_caught_on_the_eval_set(tmp_path, tiny_base):
         export(config_from_dict({"run_dir": str(run.root), "export": {"dtype": "float16"}}), run)
     m = export(config_from_dict({"run_dir": str(run.root), "export": {"dtype": "bfloat16"}}), run, force=True)
     assert m["dtype"] == "bfloat16"
+    with pytest.raises(ExportError, match="exceeds the fp16 maximum.*the bf16 format"):  # the fp16 variant too
+        export(config_from_dict({"run_dir": str(run.root), "export": {"formats": ["merged", "fp16"]}}), run, force=True)
 
 
-def test_report_measures_every_variant(tmp_path, tiny_base, tiny_adapter):
+def test_half_variants_are_16_bit_copies_of_merged(tmp_path, tiny_base, tiny_adapter):
+    from dsft.model.artefacts import artefact_kind, load_torch_artefact
+
     run = make_run(tmp_path / "run", tiny_base, tiny_adapter)
-    cfg = config_from_dict({"run_dir": str(run.root), "export": {
-        "formats": ["merged", "int8", "int4"], "report": True, "report_samples": 2, "report_new_tokens": 4}})
-    m = export(cfg, run)
-    assert [v["name"] for v in m["variants"]] == ["merged", "int8", "int4"]
-    for v in m["variants"]:
-        assert (run.root / "export" / v["path"]).is_dir() and v["size_bytes"] > 0
+    m = export(config_from_dict({"run_dir": str(run.root), "export": {"formats": ["merged", "fp16", "bf16", "int8"]}}), run)
+    rows = {v["name"]: v for v in m["variants"]}
+    assert [v["name"] for v in m["variants"]] == ["merged", "fp16", "bf16", "int8"]
+    assert rows["int8"]["load"] == "dsft.model.quantized.load_quantized('int8')"
     d = run.root / "export"
-    rep = json.loads((d / "quant_report.json").read_text())
-    rows = {r["variant"]: r for r in rep["rows"]}
-    assert set(rows) == {"merged", "int8", "int4"} and rep["samples"] == 2 and rep["classified"] == 2
-    assert rows["merged"]["perplexity_delta_pct"] == 0 and rows["merged"]["greedy_match"] == 1
-    assert rows["int8"]["size_ratio"] < 0.35 and rows["int4"]["size_ratio"] < rows["int8"]["size_ratio"]
-    for r in rows.values():
-        assert r["perplexity"] > 1 and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["hardware"]
-        assert 0 <= r["rouge_l"] <= 1 and r["engine"] and r["accuracy"] in (0.0, 0.5, 1.0)
-    assert rows["int8"]["perplexity"] != rows["merged"]["perplexity"]  # really measured, not copied
-    md = (d / "quant_report.md").read_text()
-    assert md.count("\n| int") == 2 and "decode tok/s" in md
-    assert (d / "quant_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    merged = load_torch_artefact(d / "merged", dtype="float32")
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        assert rows[name]["format"] == "safetensors" and rows[name]["dtype"] == str(dtype).removeprefix("torch.")
+        assert rows[name]["size_bytes"] == pytest.approx(rows["merged"]["size_bytes"] / 2, rel=0.02)
+        assert artefact_kind(d / name) == "safetensors"
+        half = load_torch_artefact(d / name, dtype=rows[name]["dtype"])
+        assert next(half.parameters()).dtype == dtype
+        for (k, a), b in zip(merged.state_dict().items(), half.state_dict().values(), strict=True):
+            assert torch.equal(a.to(dtype), b), k  # exactly the merged weights, rounded once
+    assert "fp16_max_activation" in rows["fp16"] and "fp16_max_activation" not in rows["bf16"]
+    assert artefact_kind(d / "int8") == "dsft-quant"

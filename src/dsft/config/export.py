@@ -11,12 +11,13 @@ from dsft.config.base import Section
 
 class ExportConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    formats: list[Literal["merged", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]] = Field(
-        default_factory=lambda: ["merged"])
-    """Variants to produce: merged, int8, int4 (dsft CPU kernels), nf4, bnb-int8 (bitsandbytes, extra `qlora`: on the
+    formats: list[Literal["merged", "fp16", "bf16", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0",
+                          "gguf-q4_k_m"]] = Field(default_factory=lambda: ["merged"])
+    """Variants to produce: merged, fp16, bf16 (the merged model in 16 bits), int8, int4 (dsft CPU kernels), nf4, bnb-int8 (bitsandbytes, extra `qlora`: on the
     GPU, or its CPU backend without CUDA), gguf-f16, gguf-q8_0, gguf-q4_k_m (optional extra `gguf`)."""
     report: bool = False
-    """Measure every variant (size, perplexity, task metric, prefill/decode tokens/s) → quant_report.json/.md/.png."""
+    """After export, the eval stage measures every variant (size, perplexity, task metric, prefill/decode tokens/s)
+    → <run_dir>/eval/quant_report.json/.md/.png."""
     report_samples: int = Field(16, gt=0)
     """Held-out records the report measures perplexity and the task metric on."""
     report_new_tokens: int = Field(32, gt=0)

@@ -2,51 +2,20 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 from pathlib import Path
 from typing import Any
 
+from dsft.report.plots import cjk_font, pyplot
+
 log = logging.getLogger("dsft.data")
-_CJK_FONT: list[str | None] = []
-CJK_FONT_GLOBS = ["/usr/share/fonts/**/NotoSansCJK-Regular.ttc", "/usr/share/fonts/**/*SansCJK*Regular*.tt[cf]",
-                  "/usr/share/fonts/**/*CJK*.tt[cf]", "/usr/share/fonts/**/wqy*.tt[cf]", "/usr/share/fonts/**/*Hei*.tt[cf]",
-                  "/System/Library/Fonts/PingFang.ttc", "C:/Windows/Fonts/msyh.tt[cf]"]
-
-
-def cjk_font() -> str | None:
-    """Register a CJK font with matplotlib if the system has one; None when there is none (labels are then indexed)."""
-    if _CJK_FONT:
-        return _CJK_FONT[0]
-    from matplotlib import font_manager as fm
-
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    name = None
-    for pat in CJK_FONT_GLOBS:
-        for path in sorted(glob.glob(pat, recursive=True)):
-            try:
-                fm.fontManager.addfont(path)
-                name = fm.FontProperties(fname=path).get_name()
-                break
-            except Exception:  # a broken font file must not break the report
-                continue
-        if name:
-            break
-    _CJK_FONT.append(name)
-    return name
-
-
 def _ascii(s: str) -> bool:
     return all(ord(c) < 128 for c in s)
 
 
 def plot_histograms(by_unit: dict[str, dict[str, list[int]]], path: Path, title: str) -> Path | None:
     """Histograms of lengths: one row per unit (chars, tokens), one panel per field."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [(unit, [k for k, v in d.items() if v]) for unit, d in by_unit.items()]
     rows = [(u, f) for u, f in rows if f]
     if not rows:
@@ -72,11 +41,9 @@ def plot_histograms(by_unit: dict[str, dict[str, list[int]]], path: Path, title:
 def plot_labels(dists: dict[str, dict[str, int]], path: Path, title: str) -> tuple[Path | None, dict[str, str]]:
     """Grouped bars of label counts per stage (before/after/...). Without a CJK font labels become L1, L2 …
     and the returned legend maps them back to the names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     labels = sorted({k for d in dists.values() for k in d if k != "None"}, key=lambda k: -max(d.get(k, 0) for d in dists.values()))
     if not labels:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 from typing import Any
 
+from dsft.report.markup import html_page, img_figure, md_table, one_line
+from dsft.report.numbers import fmt_metric
 from dsft.run import atomic_write_text
 
 ROWS = (("loss", "loss", "lower"), ("perplexity", "perplexity", "lower"), ("rouge_1", "ROUGE-1", "higher"),
@@ -15,14 +16,6 @@ ROWS = (("loss", "loss", "lower"), ("perplexity", "perplexity", "lower"), ("roug
         ("macro_f1", "Macro-F1", "higher"), ("auc", "AUC (OvR)", "higher"),
         ("gen_accuracy", "accuracy, free-text answer", "higher"),
         ("latency_ms_per_sample", "latency ms/sample", "lower"), ("ms_per_new_token", "ms per generated token", "lower"))
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.4f}" if abs(x) < 1000 else f"{x:.1f}"
-    return str(x)
 
 
 def _delta(key: str, better: str, b: Any, a: Any) -> str:
@@ -43,7 +36,7 @@ def _table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         vals = [result["models"][n].get(key) for n in names]
         if all(v is None for v in vals):
             continue
-        row = [f"{label} ({better} is better)", *[_fmt(v) for v in vals]]
+        row = [f"{label} ({better} is better)", *[fmt_metric(v) for v in vals]]
         if with_delta:
             row.append(_delta(key, better, result["models"]["base"].get(key), result["models"]["finetuned"].get(key)))
         body.append(row)
@@ -65,8 +58,8 @@ def _breakdown_tables(result: dict[str, Any]) -> dict[str, tuple[list[str], list
         rows = []
         for g in groups:
             cells = [(result["models"][n].get("breakdown") or {}).get(f, {}).get(g, {}) for n in names]
-            rows.append([g, str(next((c["n"] for c in cells if c), "")), *[_fmt(c.get("rouge_l")) for c in cells],
-                         *[_fmt(c.get("accuracy")) for c in cells]])
+            rows.append([g, str(next((c["n"] for c in cells if c), "")), *[fmt_metric(c.get("rouge_l")) for c in cells],
+                         *[fmt_metric(c.get("accuracy")) for c in cells]])
         out[f] = (header, rows)
     return out
 
@@ -88,13 +81,11 @@ def _samples(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 def render_md(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[str, str], k: int) -> str:
     names, body = _table_rows(result)
     lines = ["# dsft eval report", "", f"**{result['headline']}** (held-out test split, {result['n']} records, lang `{result['lang']}`)", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
+             *md_table(["metric", *names], body)]
     lines += ["", "Metric definitions: " + "; ".join(f"{k}: {v}" for k, v in result.get("metric_notes", {}).items()), ""]
     lines += ["Decoding: " + ", ".join(f"{k}={v}" for k, v in result.get("decoding", {}).items()), ""]
     for field, (header, brows) in _breakdown_tables(result).items():
-        lines += [f"## By {field}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in brows]
+        lines += [f"## By {field}", "", *md_table(header, brows)]
         lines.append("")
     if result.get("contamination"):
         c = result["contamination"]
@@ -112,15 +103,10 @@ def render_md(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[str
     if samples:
         lines += ["## Sample generations", ""]
         for s in samples:
-            lines += [f"### {s['id']}", "", f"- **prompt**: {_one_line(s['prompt'])}", f"- **reference**: {_one_line(s['reference'])}"]
-            lines += [f"- **{n}**: {_one_line(t)}" for n, t in s["outputs"].items()]
+            lines += [f"### {s['id']}", "", f"- **prompt**: {one_line(s['prompt'])}", f"- **reference**: {one_line(s['reference'])}"]
+            lines += [f"- **{n}**: {one_line(t)}" for n, t in s["outputs"].items()]
             lines.append("")
     return "\n".join(lines)
-
-
-def _one_line(s: str, limit: int = 300) -> str:
-    s = " ".join(str(s).split())
-    return s if len(s) <= limit else s[:limit] + " …"
 
 
 _CSS = """body{font-family:'Noto Sans CJK SC','PingFang SC','Microsoft YaHei',sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -131,16 +117,10 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}.better{colo
 .plots{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.plots figure{margin:0;max-width:48%}"""
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
-
-
 def render_html(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[str, str], out_dir: Path, k: int) -> str:
     e = html.escape
     names, body = _table_rows(result)
-    parts = [f"<!DOCTYPE html><html lang='zh'><head><meta charset='utf-8'><title>dsft eval report</title><style>{_CSS}</style></head><body>",
-             "<h1>dsft eval report</h1>", f"<p class='headline' id='headline'>{e(result['headline'])}</p>",
+    parts = ["<h1>dsft eval report</h1>", f"<p class='headline' id='headline'>{e(result['headline'])}</p>",
              f"<p>Held-out test split: {result['n']} records, language <code>{e(result['lang'])}</code>.</p>",
              "<h2>Before / after</h2><table id='metrics'><tr><th>metric</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"]
     for r in body:
@@ -148,7 +128,7 @@ def render_html(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[s
     parts.append("</table>")
     parts.append("<p><small>" + "<br>".join(f"<b>{e(k)}</b>: {e(v)}" for k, v in result.get("metric_notes", {}).items()) + "</small></p>")
     parts.append("<p><small>Decoding: " + e(", ".join(f"{k}={v}" for k, v in result.get("decoding", {}).items())) + "</small></p>")
-    figs = [_img(out_dir / p, key.replace("_", " ")) for key, p in pngs.items() if (out_dir / p).exists()]
+    figs = [img_figure(out_dir / p, key.replace("_", " ")) for key, p in pngs.items() if (out_dir / p).exists()]
     if figs:
         parts.append("<h2>Plots</h2><div class='plots'>" + "".join(figs) + "</div>")
     if result.get("labels"):
@@ -172,11 +152,10 @@ def render_html(result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[s
         parts.append("<h2>Sample generations</h2><table class='samples' id='samples'><tr><th>prompt</th><th>reference</th>"
                      + "".join(f"<th>{e(n)}</th>" for n in models) + "</tr>")
         for s in samples:
-            parts.append("<tr>" + f"<td>{e(_one_line(s['prompt']))}</td><td>{e(_one_line(s['reference']))}</td>"
-                         + "".join(f"<td>{e(_one_line(s['outputs'].get(n, '')))}</td>" for n in models) + "</tr>")
+            parts.append("<tr>" + f"<td>{e(one_line(s['prompt']))}</td><td>{e(one_line(s['reference']))}</td>"
+                         + "".join(f"<td>{e(one_line(s['outputs'].get(n, '')))}</td>" for n in models) + "</tr>")
         parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return html_page("dsft eval report", parts, _CSS)
 
 
 def write_reports(out_dir: Path, result: dict[str, Any], rows: list[dict[str, Any]], pngs: dict[str, str], cfg) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,9 @@ def parse_metrics(spec: str | None) -> list[str]:
 
 def read_predictions(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line; one-line DataError naming file and line otherwise."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: predictions file not found")
-    rows = []
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{p}: not UTF-8 ({err.reason} at byte {err.start})") from err
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{p}:{n}: not valid JSON ({err.msg})") from err
-        if not isinstance(obj, dict):
-            raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((n, obj))
-    if not rows:
-        raise DataError(f"{p}: no predictions (empty file)")
-    return rows
+    from dsft.records import read_json_lines
+
+    return read_json_lines(path, "predictions file")
 
 
 def _kind(obj: dict[str, Any]) -> str:

@@ -79,9 +79,9 @@ def install_converter(src: str | Path) -> Path:
 
 def gguf_unavailable_reason() -> str | None:
     """None when GGUF export can run here, else one line saying what is missing and what to install."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    from dsft.model.gguf import llama_cpp_missing_reason
+
+    if llama_cpp_missing_reason():
         return f"llama-cpp-python is not installed; {INSTALL_HINT}"
     if find_converter() is None:
         return f"llama.cpp's convert_hf_to_gguf.py not found; {INSTALL_HINT}"
@@ -140,38 +140,6 @@ def quantize(src: Path, dst: Path, ftype: int = FTYPE_Q4_K_M) -> Path:
     if rc != 0 or not dst.exists():
         raise ExportError(f"GGUF quantization {src.name} → {dst.name} failed (llama_model_quantize returned {rc})")
     return dst
-
-
-def load_gguf(path: Path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None):
-    import llama_cpp
-
-    threads = n_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1))
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, seed=0)
-
-
-def last_logits(llm):
-    """Logits of the last evaluated position (works with and without logits_all)."""
-    import numpy as np
-
-    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-
-
-def greedy_gguf(llm, ids: list[int], n: int) -> list[int]:
-    """Greedy continuation of ids (token ids) with llama.cpp; stops at EOS."""
-    import numpy as np
-
-    llm.reset()
-    llm.eval(ids)
-    out: list[int] = []
-    eos = llm.token_eos()
-    for _ in range(n):
-        nxt = int(np.argmax(last_logits(llm)))
-        out.append(nxt)
-        if nxt == eos:
-            break
-        llm.eval([nxt])
-    return out
 
 
 def modelfile(gguf_name: str, chat_template: str | None) -> str:
@@ -239,19 +207,22 @@ def make_gguf(merged_dir: Path, dest: Path, kind: str, *, tok=None, verify_token
 def verify_gguf(path: Path, merged_dir: Path, tok, *, n: int = 8) -> dict[str, Any]:
     """Reload the GGUF; check its tokenizer matches transformers' and compare greedy tokens with the source model."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from dsft.model.load import load_model
 
     text = "头痛、发烧三天，应该怎么办？ Headache for 3 days."
     msgs = [{"role": "user", "content": text}]
     prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     hf_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    from dsft.model.gguf import greedy_tokens, load_gguf
+
     llm = load_gguf(path, n_ctx=256)
     gg_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    model = load_model(merged_dir, dtype="float32").eval()
     with torch.no_grad():
         ref = model.generate(torch.tensor([hf_ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
                              pad_token_id=tok.pad_token_id)[0, len(hf_ids):].tolist()
-    got = greedy_gguf(llm, hf_ids, n)
+    got = greedy_tokens(llm, hf_ids, n)
     same = sum(1 for a, b in zip(ref, got, strict=False) if a == b)
     first_diff = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), None)
     return {"tokenizer_matches": list(gg_ids) == list(hf_ids), "greedy_match": same / max(1, len(ref)),

@@ -2,45 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from dsft.errors import ExportError
+from dsft.model.probes import PROBE_CONVERSATIONS
 from dsft.run import atomic_dir
 
 log = logging.getLogger(__name__)
-
-# Fixed probe conversations used when the run has no held-out data (Chinese + English, DeepSeek template).
-FALLBACK_PROBES: list[list[dict[str, str]]] = [
-    [{"role": "user", "content": "头痛、发烧三天，应该怎么办？"},
-     {"role": "assistant", "content": "建议多喝水、休息，体温超过38.5℃时可服用退烧药，症状持续请就医。"}],
-    [{"role": "user", "content": "What should I do about a persistent cough?"},
-     {"role": "assistant", "content": "Rest, drink fluids, and see a doctor if it lasts more than 3 weeks."}],
-    [{"role": "user", "content": "高血压患者饮食要注意什么？"},
-     {"role": "assistant", "content": "少盐少油，多吃蔬菜水果，戒烟限酒，规律运动。"}],
-]
 
 # |merged − unmerged| must stay below TOL_REL · max|logit| + TOL_ABS for the fp32 merge itself.
 MERGE_TOL_REL = 1e-4
 MERGE_TOL_ABS = 1e-4
 # Expected relative error of a saved dtype (its epsilon-ish scale); reported, warned when exceeded.
 DTYPE_TOL_REL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
-
-
-def check_adapter_dir(adapter_dir: Path) -> Path:
-    """One-line errors for an adapter folder that is missing or not a PEFT safetensors adapter."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise ExportError(f"adapter folder {adapter_dir} not found")
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise ExportError(f"{adapter_dir}: no adapter_config.json — expected a PEFT adapter folder")
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        if (adapter_dir / "adapter_model.bin").exists():
-            raise ExportError(f"{adapter_dir}: only adapter_model.bin (pickle) found; dsft loads safetensors only")
-        raise ExportError(f"{adapter_dir}: no adapter_model.safetensors")
-    return adapter_dir
 
 
 def probe_batches(tok, conversations: list[list[dict[str, str]]], max_len: int = 128) -> list[Any]:
@@ -118,6 +94,26 @@ def _generation_config(model, tok):
     return gc
 
 
+def fp16_check(model, batches: list[Any], hint: str = "export.dtype: bfloat16 (fp32 range) or float32") -> dict[str, Any]:
+    """The largest activation on the probes; one-line ExportError when float16 cannot hold it."""
+    peak, where = activation_peak(model, batches)
+    if not peak < FP16_MAX:
+        raise ExportError(f"float16 export: activation {peak:.4g} at '{where}' exceeds the fp16 maximum {FP16_MAX:g} "
+                          f"on the eval set; use {hint}")
+    return {"fp16_max_activation": peak, "fp16_max_activation_at": where}
+
+
+def save_half(merged_dir: Path, dest: Path, dtype: str, *, tok, conversations=None) -> dict[str, Any]:
+    """The merged folder re-saved in float16/bfloat16 (fp16: refused when an activation on the probes overflows)."""
+    from dsft.model.load import load_model
+
+    model = load_model(merged_dir, dtype="float32", attn_implementation="eager")
+    info = fp16_check(model, probe_batches(tok, conversations or PROBE_CONVERSATIONS), "the bf16 format (fp32 range)") \
+        if dtype == "float16" else {}
+    save_plain(model, tok, dest, dtype)
+    return info
+
+
 def save_plain(model, tok, out_dir: Path, dtype: str) -> Path:
     """Save model (cast to dtype) + tokenizer + chat template + generation_config atomically to out_dir."""
     from dsft.model.load import torch_dtype
@@ -152,16 +148,16 @@ def merge_and_save(
     from dsft.model.load import load_model
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    batches = probe_batches(tok, conversations or FALLBACK_PROBES)
+    batches = probe_batches(tok, conversations or PROBE_CONVERSATIONS)
     # Always merge into a full-precision base (never into a quantized one): reload it in fp32.
     base = load_model(base_dir, dtype="float32", trust_remote_code=trust_remote_code, attn_implementation="eager")
     adapter_type = None
     if adapter_dir is not None:
-        adapter_dir = check_adapter_dir(Path(adapter_dir))
+        from dsft.model.adapters import adapter_type as read_adapter_type
         from dsft.model.adapters import load_adapter
 
         peft_model = load_adapter(base, adapter_dir)
-        adapter_type = _adapter_type(adapter_dir)
+        adapter_type = read_adapter_type(adapter_dir)
         ref = logits_of(peft_model, batches)
         merged = peft_model.merge_and_unload()  # returns a new model: assign it
     else:
@@ -175,13 +171,7 @@ def merge_and_save(
         raise ExportError(f"{adapter_dir}: merged model differs from base+adapter by {merge_diff:.3g} "
                           f"(> {merge_tol:.3g}) in fp32 logits; the adapter cannot be merged faithfully")
     n_params = sum(p.numel() for p in merged.parameters())
-    fp16 = {}
-    if dtype == "float16":
-        peak, where = activation_peak(merged, batches)
-        fp16 = {"fp16_max_activation": peak, "fp16_max_activation_at": where}
-        if not peak < FP16_MAX:
-            raise ExportError(f"float16 export: activation {peak:.4g} at '{where}' exceeds the fp16 maximum {FP16_MAX:g} "
-                              f"on the eval set; use export.dtype: bfloat16 (fp32 range) or float32")
+    fp16 = fp16_check(merged, batches) if dtype == "float16" else {}
     save_plain(merged, tok, out_dir, dtype)
     del merged, base
     reloaded = load_model(out_dir, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="eager")
@@ -199,9 +189,3 @@ def merge_and_save(
         "logit_scale": scale, "tolerance": tol, "within_tolerance": diff <= tol, "adapter_type": adapter_type,
         "params": n_params, "probe_sequences": len(batches), **fp16,
     }
-
-
-def _adapter_type(adapter_dir: Path) -> str:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    kind = str(cfg.get("peft_type", "LORA")).lower()
-    return "dora" if cfg.get("use_dora") else kind

@@ -1,4 +1,4 @@
-"""Produce one export variant (int8, int4, nf4, bnb-int8, gguf-*) from the merged folder; check what can run here."""
+"""Produce one export variant (fp16, bf16, int8, int4, nf4, bnb-int8, gguf-*) from the merged folder; check what can run here."""
 
 from __future__ import annotations
 
@@ -8,15 +8,22 @@ from typing import Any
 
 from dsft.errors import ExportError
 
+HALF_FORMATS = {"fp16": "float16", "bf16": "bfloat16"}
 CPU_FORMATS = {"int8": "int8", "int4": "int4"}
 BNB_FORMATS = {"nf4": "4-bit NF4 (QLoRA format)", "bnb-int8": "LLM.int8()"}
 GGUF_FORMATS = {"gguf-f16": "f16", "gguf-q8_0": "q8_0", "gguf-q4_k_m": "q4_k_m"}
+KNOWN_FORMATS = ("merged", *HALF_FORMATS, *CPU_FORMATS, *BNB_FORMATS, *GGUF_FORMATS)
 
 
-def _dir_size(p: Path, weights_only: bool = False) -> int:
-    from dsft.export import dir_size
-
-    return dir_size(p, weights_only=weights_only)
+def dir_size(path: str | Path, *, weights_only: bool = False) -> int:
+    """Bytes of every file under path (a file's own size when path is a file); weights_only: *.safetensors/*.gguf."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    files = [f for f in p.rglob("*") if f.is_file()]
+    if weights_only:
+        files = [f for f in files if f.suffix in (".safetensors", ".gguf")]
+    return sum(f.stat().st_size for f in files)
 
 
 def check_formats_runnable(formats: list[str]) -> None:
@@ -40,16 +47,19 @@ def _check_bnb(fmt: str) -> None:
         raise ExportError(f"export format '{fmt}' ({BNB_FORMATS[fmt]}) {why}")
 
 
-def make_variant(fmt: str, merged_dir: Path, out_dir: Path, *, tok=None) -> dict[str, Any]:
-    """Build variant `fmt` under out_dir from merged_dir; return its manifest row (path relative to out_dir)."""
+def make_variant(fmt: str, merged_dir: Path, out_dir: Path, *, tok=None, conversations=None) -> dict[str, Any]:
+    """Build variant `fmt` under out_dir from merged_dir; return its manifest row (path relative to out_dir).
+    `conversations`: probes of the fp16 overflow check (default: built-in ones)."""
     t0 = time.perf_counter()
-    if fmt in CPU_FORMATS:
+    if fmt in HALF_FORMATS:
+        row = _half_variant(fmt, merged_dir, out_dir / fmt, tok, conversations)
+    elif fmt in CPU_FORMATS:
         from dsft.export.quant import quantize_and_save
 
         dest = out_dir / fmt
         info = quantize_and_save(merged_dir, dest, CPU_FORMATS[fmt], tok=tok)
         row = {"name": fmt, "format": "dsft-quant", "path": fmt, "engine": "torch (dynamic int8 kernels)",
-               "load": f"dsft.export.load_quantized('{fmt}')",
+               "load": f"dsft.model.quantized.load_quantized('{fmt}')",
                "experts": f"{info['experts_split']} fused MoE expert blocks split per expert and quantized",
                "quantized_linear": info["quantized_linear"]}
     elif fmt in BNB_FORMATS:
@@ -63,10 +73,19 @@ def make_variant(fmt: str, merged_dir: Path, out_dir: Path, *, tok=None) -> dict
         row.update(name=fmt, path=str(Path("gguf") / row.pop("file")))
     else:
         raise ExportError(f"export format {fmt!r} is not known")
-    row["size_bytes"] = _dir_size(out_dir / row["path"], weights_only=True)
-    row["dir_bytes"] = _dir_size(out_dir / row["path"])
+    row["size_bytes"] = dir_size(out_dir / row["path"], weights_only=True)
+    row["dir_bytes"] = dir_size(out_dir / row["path"])
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+def _half_variant(fmt: str, merged_dir: Path, dest: Path, tok, conversations) -> dict[str, Any]:
+    """The merged model saved in float16 / bfloat16 (plain transformers folder; fp16 refused on activation overflow)."""
+    from dsft.export.merge import save_half
+
+    dtype = HALF_FORMATS[fmt]
+    info = save_half(merged_dir, dest, dtype, tok=tok, conversations=conversations)
+    return {"name": fmt, "format": "safetensors", "dtype": dtype, "path": fmt, "engine": "transformers", **info}
 
 
 def _bnb_variant(fmt: str, merged_dir: Path, dest: Path, tok) -> dict[str, Any]:

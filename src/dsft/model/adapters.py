@@ -128,7 +128,7 @@ def default_modules_to_save(model) -> list[str]:
 
 
 @contextlib.contextmanager
-def _exact_targets() -> Iterator[None]:
+def exact_targets() -> Iterator[None]:
     """Switch off PEFT's v4→v5 MoE target rewrite while dsft passes exact names (see module docstring)."""
     try:
         import peft.utils.transformers_weight_conversion as conv
@@ -141,6 +141,8 @@ def _exact_targets() -> Iterator[None]:
         yield
     finally:
         conv.convert_peft_config_for_transformers = orig
+
+
 
 
 def attach_lora(model, cfg, *, targets: AdapterTargets | None = None, modules_to_save: list[str] | None = None,
@@ -172,7 +174,7 @@ def attach_lora(model, cfg, *, targets: AdapterTargets | None = None, modules_to
         target_parameters=list(targets.parameters) or None, use_dora=use_dora, use_rslora=use_rslora,
         modules_to_save=modules_to_save or None, bias="none", task_type="CAUSAL_LM",
     )
-    with _exact_targets():
+    with exact_targets():
         pm = get_peft_model(model, peft_cfg)
     if dropout > 0:
         for mod in pm.modules():
@@ -195,21 +197,45 @@ def adapted_module_names(peft_model) -> list[str]:
 def save_adapter(peft_model, out_dir: str | Path, *, state_dict: dict | None = None) -> None:
     """Save a LoRA adapter (safetensors) with its exact target names (PEFT's MoE rewrite off, as when attached)."""
     kw = {"state_dict": state_dict} if state_dict is not None else {}
-    with _exact_targets():
+    with exact_targets():
         peft_model.save_pretrained(str(out_dir), safe_serialization=True, **kw)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a folder holding a PEFT adapter (adapter_config.json) rather than a model (no config.json)."""
+    p = Path(path).expanduser()
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def check_adapter_dir(adapter_dir: str | Path, *, name: str | None = None) -> Path:
+    """The folder, checked to be a PEFT adapter in safetensors; one-line ModelError otherwise (`name`: serving's label)."""
+    adapter_dir = Path(adapter_dir)
+    what = f"LoRA adapter '{name}': {adapter_dir}" if name else str(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ModelError(f"LoRA adapter '{name}': folder {adapter_dir} not found" if name
+                         else f"adapter folder {adapter_dir} not found")
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"{what}: no adapter_config.json — expected a LoRA adapter folder (PEFT, e.g. from `dsft train`)")
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise ModelError(f"{what}: only adapter_model.bin (pickle) found; dsft loads safetensors only")
+        raise ModelError(f"{what}: no adapter_model.safetensors (dsft reads safetensors only)")
+    return adapter_dir
+
+
+def adapter_type(adapter_dir: str | Path) -> str:
+    """'lora', 'dora', … of an adapter folder (its adapter_config.json)."""
+    cfg = read_adapter_config(adapter_dir)
+    return "dora" if cfg.get("use_dora") else str(cfg.get("peft_type", "LORA")).lower()
 
 
 def load_adapter(base_model, adapter_dir: str | Path, *, is_trainable: bool = False):
     """Load a dsft/PEFT adapter folder (safetensors) onto `base_model` exactly on the modules it was trained on."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise ModelError(f"{adapter_dir}: no adapter_config.json — expected a LoRA adapter folder written by `dsft train`")
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (dsft reads safetensors only)")
+    adapter_dir = check_adapter_dir(adapter_dir)
     try:
-        with _exact_targets():
+        with exact_targets():
             return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
     except Exception as err:
         raise ModelError(f"{adapter_dir}: cannot load the adapter ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
@@ -217,16 +243,13 @@ def load_adapter(base_model, adapter_dir: str | Path, *, is_trainable: bool = Fa
 
 def load_named_adapters(base_model, adapters: dict[str, str | Path]):
     """Load several adapter folders onto one base, each under its name (serving: chosen per request)."""
-    items = list(adapters.items())
+    items = [(name, check_adapter_dir(path, name=name)) for name, path in adapters.items()]
     if not items:
         return base_model
-    for name, path in items:
-        if not (Path(path) / "adapter_config.json").exists():
-            raise ModelError(f"LoRA adapter '{name}': {path} has no adapter_config.json — expected a LoRA adapter folder")
     from peft import PeftModel
 
     try:
-        with _exact_targets():
+        with exact_targets():
             model = PeftModel.from_pretrained(base_model, str(items[0][1]), adapter_name=items[0][0])
             for name, path in items[1:]:
                 model.load_adapter(str(path), adapter_name=name)
@@ -241,4 +264,5 @@ def merge_adapter(peft_model):
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter folder's adapter_config.json as a dict."""
     return json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))

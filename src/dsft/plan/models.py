@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import ConfigError
+from dsft.report.numbers import fmt_count  # noqa: F401  (re-exported for plan modules)
 
 
 @dataclass(frozen=True)
@@ -220,13 +221,6 @@ def _kind_params(arch: Arch, moe: bool, active: bool) -> int:
         k = arch.experts_per_token if active else arch.n_routed_experts
         n += k * arch.expert_params()
     return n
-
-
-def fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
-    return str(int(n))
 
 
 # ---- built-in architectures (values from each model's public config.json) --------------------------------------

@@ -219,11 +219,9 @@ def weighted_mean(recs: list[dict]) -> float:
 
 def plot_losses(history: list[dict], path: Path) -> None:
     """loss.png: training loss per step (and eval loss when present)."""
-    import matplotlib
+    from dsft.report.plots import pyplot
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tr = [(h["step"], h["loss"]) for h in history if "loss" in h and "event" not in h]
     ev = [(h["step"], h["eval_loss"]) for h in history if h.get("event") == "eval" and "eval_loss" in h]
