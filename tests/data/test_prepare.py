@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from dsft.config import config_from_dict, load_config
-from dsft.data import prepare
+from dsft.data.stage import run as prepare
 from dsft.errors import OverwriteError
 from dsft.run import RunDir, read_jsonl
 
