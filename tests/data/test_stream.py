@@ -49,7 +49,7 @@ def test_both_drivers_write_the_same_bytes_with_every_step_on(tmp_path):
                              ensure_ascii=False) + "\n", encoding="utf-8")
     data = {"max_samples": 1500, "eval_size": 0.1, "batch_size": 64, "near_dedup": {"threshold": 0.7},
             "quality": {"pii": "mask", "max_tokens": {"conversation": 400}, "decontaminate": [str(ev)], "decontam_ngram": 8},
-            "balance": {"method": "cap_floor", "cap": 300, "floor": 60}, "augment": {"methods": ["synonym"], "ratio": 0.2}}
+            "balance": {"method": "cap_floor", "cap": 150, "floor": 60}, "augment": {"methods": ["synonym"], "ratio": 0.2}}
     m1, mem, rep1 = _run(tmp_path, "mem", **data)
     m2, stream, rep2 = _run(tmp_path, "stream", streaming=True, **data)
     for f in OUTPUTS:
