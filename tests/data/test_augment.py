@@ -9,7 +9,6 @@ import textwrap
 import pytest
 
 from dsft.config import config_from_dict
-from dsft.data import prepare
 from dsft.data.augment import (
     augment_records,
     back_translate,
@@ -20,6 +19,7 @@ from dsft.data.augment import (
     synonym_replace,
     template_records,
 )
+from dsft.data.stage import run as prepare
 from dsft.errors import ConfigError
 from dsft.model.tokenizer import embedded_tokenizer_dir
 from dsft.run import RunDir, read_jsonl

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dsft.data.dedup import exact_dedup
 from dsft.data.minhash import (
     ShingleBatch,
     concat_shingles,
@@ -22,7 +23,6 @@ from dsft.data.minhash import (
     optimal_bands,
     shingle,
 )
-from dsft.data.prepare import exact_dedup
 from dsft.data.text import normalize
 
 ROOT = Path(__file__).resolve().parents[2]

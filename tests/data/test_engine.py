@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from dsft.config import config_from_dict
-from dsft.data import prepare
 from dsft.data.engine import LocalEngine
 from dsft.data.minhash import ShingleBatch, concat_shingles, shingle
 from dsft.data.quality import QualityFilter
+from dsft.data.stage import run as prepare
 from dsft.run import RunDir
 
 OUTPUTS = ("train.jsonl", "test.jsonl", "eval.jsonl", "rejected.jsonl", "duplicates.jsonl")

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from dsft.config import config_from_dict, load_config
-from dsft.data import prepare
+from dsft.data.stage import run as prepare
 from dsft.errors import OverwriteError
 from dsft.run import RunDir, read_jsonl
 
@@ -110,3 +110,39 @@ def test_alpaca_and_sharegpt_together(tmp_path, alpaca_json, sharegpt_json):
     tool = [r for r in recs if r["tools"]]
     assert tool and any(msg["role"] == "tool" for r in tool for msg in r["messages"])
     assert all(isinstance(msg["content"], str) for r in recs for msg in r["messages"])
+
+
+def test_eval_split_is_stratified_deterministic_and_reported(tmp_path):
+    cfg = _cfg(tmp_path, eval_size=0.1, report_plots=False)
+    m = prepare(cfg, RunDir(cfg.run_dir))
+    d = RunDir(cfg.run_dir).root / "data"
+    c = m["counts"]
+    train = [r for r in read_jsonl(d / "train.jsonl") if r["provenance"] == "original"]
+    test, ev = read_jsonl(d / "test.jsonl"), read_jsonl(d / "eval.jsonl")
+    assert abs(c["eval"] / c["kept"] - 0.1) < 0.02 and c["eval"] == len(ev) and c["kept"] == len(train) + len(test) + len(ev)
+    assert not {r["id"] for r in ev} & ({r["id"] for r in train} | {r["id"] for r in test})
+    per_label = Counter(r["label"] for r in train + test + ev)
+    got = Counter(r["label"] for r in ev)
+    for lab, n in per_label.items():  # every class gives its own share: round(n × 0.1), ≥ 1 from 4 records
+        n_test = max(round(n * 0.1), 1 if n >= 3 else 0)
+        assert got[lab] == min(max(round(n * 0.1), 1 if n >= 4 else 0), max(0, n - n_test - 1)), (lab, n, got[lab])
+    rep = json.loads((d / "data_report.json").read_text(encoding="utf-8"))
+    assert rep["eval_split"] == {"records": c["eval"], "eval_size": 0.1, "seed": 42, "stratified_by": "domain"}
+    assert f"Eval split: {c['eval']} records (data.eval_size 0.1, stratified by `domain`, seed 42)" in \
+        (d / "data_report.md").read_text(encoding="utf-8")
+    first = (d / "eval.jsonl").read_bytes()
+    prepare(cfg, RunDir(cfg.run_dir), force=True)
+    assert (d / "eval.jsonl").read_bytes() == first  # deterministic by data.seed
+    other = _cfg(tmp_path / "o", eval_size=0.1, seed=7, report_plots=False)
+    prepare(other, RunDir(other.run_dir))
+    assert (RunDir(other.run_dir).root / "data" / "eval.jsonl").read_bytes() != first
+
+
+def test_eval_split_without_a_label_field(tmp_path, alpaca_json):
+    cfg = _cfg(tmp_path, path=str(alpaca_json), label_field=None, eval_size=0.2, report_plots=False)
+    m = prepare(cfg, RunDir(cfg.run_dir))
+    d = RunDir(cfg.run_dir).root / "data"
+    assert m["counts"]["eval"] == round(m["counts"]["kept"] * 0.2)
+    rep = json.loads((d / "data_report.json").read_text(encoding="utf-8"))
+    assert rep["eval_split"]["stratified_by"] is None
+    assert "not stratified (no label field)" in (d / "data_report.md").read_text(encoding="utf-8")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from dsft.config import config_from_dict
-from dsft.data import prepare
 from dsft.data.balance import balance, target_counts
 from dsft.data.quality import QualityFilter, char_repetition_ratio, mask_pii, special_char_ratio
 from dsft.data.split import shuffle_buffer, stratified_split, stream_split, stream_split_file
+from dsft.data.stage import run as prepare
 from dsft.run import RunDir, read_jsonl
 
 Q = {"min_chars": {"answer": 2}, "max_chars": {}, "min_tokens": {}, "max_tokens": {}, "min_answer_question_ratio": None,

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dsft.config import DataConfig, config_from_dict
-from dsft.data import prepare
-from dsft.data.prepare import load_records
+from dsft.data.load import load_records
 from dsft.data.readers import decode_bytes
+from dsft.data.stage import run as prepare
 from dsft.errors import DataError
 from dsft.run import RunDir, read_jsonl
 

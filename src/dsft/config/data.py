@@ -130,8 +130,9 @@ class DataConfig(Section):
     workers: int = Field(2, ge=1)
     """Local engine: processes for the batch steps on large inputs (small inputs run in-process)."""
     streaming: bool = False
-    """Split with a shuffle buffer instead of in memory (for inputs larger than memory)."""
+    """Keep the records in work files instead of memory (inputs larger than memory); the outputs are the same bytes."""
     shuffle_buffer: int = Field(10_000, ge=1)
+    """Unused: `dsft data prepare` splits exactly, streaming or not (a warning says so); see `dsft data split --buffer`."""
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     balance: BalanceConfig = Field(default_factory=BalanceConfig)

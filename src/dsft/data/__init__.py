@@ -1,5 +1,7 @@
-"""Stage 'data' of dsft: read any SFT format, clean, dedup, split; `prepare(cfg, run, force)` is the entry point."""
+"""Stage 'data' of dsft: read any SFT format, clean, dedup, split. `dsft.data.stage.run(cfg, run_dir, force=)`."""
 
-from dsft.data.prepare import prepare
+from dsft.data.stage import run
 
-__all__ = ["prepare"]
+prepare = run  # the name dsft.pipeline imports until it calls dsft.data.stage.run
+
+__all__ = ["run", "prepare"]

@@ -259,34 +259,47 @@ def back_translate(records: list[dict], translator: Translator, pivot: str = "en
     return out
 
 
+def augment_picks(n_originals: int, ratio: float, method: str, seed: int) -> list[int]:
+    """Which original training records (by position, ascending) one augmentation method rewrites."""
+    n = min(n_originals, round(n_originals * ratio)) if ratio <= 1 else n_originals
+    if n >= n_originals:
+        return list(range(n_originals))
+    return sorted(random.Random(f"{seed}:augment:{method}").sample(range(n_originals), n))
+
+
+def augmenter(method: str, acfg, *, seed: int, engine=None, batch_size: int = 500,
+              translator: Translator | None = None) -> Callable[[list[dict]], list[dict]]:
+    """records → their augmented variants for one method (records it cannot vary are skipped)."""
+    if method == "synonym":
+        fn = SynonymBatch(seed, acfg.synonym_prob, acfg.synonyms_file,
+                          load_protected(acfg.protected_terms, acfg.protected_terms_file))
+
+        def synonyms(sample: list[dict]) -> list[dict]:
+            parts = engine.map_batches(fn, sample, batch_size) if engine is not None else [fn(sample)]
+            return [r for part in parts for r in part if r is not None]
+        return synonyms
+    if method == "template":
+        if not acfg.templates:
+            raise ConfigError("data.augment.methods has 'template' but data.augment.templates is empty")
+        return lambda sample: template_records(sample, list(acfg.templates))
+    if method == "back_translation":
+        if translator is None:
+            if not acfg.translator:
+                raise ConfigError("data.augment.methods has 'back_translation' but data.augment.translator is not set")
+            translator = load_translator(acfg.translator)
+        return lambda sample: back_translate(sample, translator, acfg.pivot)
+    raise ConfigError(f"data.augment.methods: unknown method {method!r}")  # pragma: no cover - the schema restricts it
+
+
 def augment_records(train: list[dict], acfg, *, seed: int, engine=None, batch_size: int = 500,
                     translator: Translator | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Augmented variants of a sample of the original training records (the ratio per method); test/eval untouched."""
     originals = [r for r in train if r.get("provenance") == "original"]
-    n = min(len(originals), round(len(originals) * acfg.ratio)) if acfg.ratio <= 1 else len(originals)
     info: dict[str, Any] = {"methods": list(acfg.methods), "ratio": acfg.ratio, "made": {}}
     new: list[dict] = []
     for method in acfg.methods:
-        rng = random.Random(f"{seed}:augment:{method}")
-        pick = sorted(rng.sample(range(len(originals)), n)) if n < len(originals) else list(range(len(originals)))
-        sample = [originals[i] for i in pick]
-        if method == "synonym":
-            fn: Callable = SynonymBatch(seed, acfg.synonym_prob, acfg.synonyms_file,
-                                        load_protected(acfg.protected_terms, acfg.protected_terms_file))
-            parts = engine.map_batches(fn, sample, batch_size) if engine is not None else [fn(sample)]
-            made = [r for part in parts for r in part if r is not None]
-        elif method == "template":
-            if not acfg.templates:
-                raise ConfigError("data.augment.methods has 'template' but data.augment.templates is empty")
-            made = template_records(sample, list(acfg.templates))
-        elif method == "back_translation":
-            if translator is None:
-                if not acfg.translator:
-                    raise ConfigError("data.augment.methods has 'back_translation' but data.augment.translator is not set")
-                translator = load_translator(acfg.translator)
-            made = back_translate(sample, translator, acfg.pivot)
-        else:  # pragma: no cover - the config schema restricts methods
-            raise ConfigError(f"data.augment.methods: unknown method {method!r}")
+        fn = augmenter(method, acfg, seed=seed, engine=engine, batch_size=batch_size, translator=translator)
+        made = fn([originals[i] for i in augment_picks(len(originals), acfg.ratio, method, seed)])
         info["made"][method] = len(made)
         new += made
     return new, info

@@ -1,4 +1,4 @@
-"""CLI of the data stage: `dsft data prepare CONFIG`, `dsft data stats INPUT`."""
+"""CLI of the data stage (arguments and printing only): `dsft data prepare|stats|dedup|split`."""
 
 from __future__ import annotations
 
@@ -66,19 +66,19 @@ def register(sub) -> None:
 
 
 def _prepare(args) -> int:
-    from dsft.data import prepare
+    from dsft.data.stage import run
 
     if args.strict:
         args.overrides.append("data.strict=true")
     if args.engine:
         args.overrides.append(f"data.engine={args.engine}")
-    cfg, run = config_and_run(args)
-    m = prepare(cfg, run, force=args.force)
+    cfg, run_dir = config_and_run(args)
+    m = run(cfg, run_dir, force=args.force)
     c = m["counts"]
     print(f"data: {c['input']} in → {c['kept']} kept; dropped {json.dumps(c['dropped'], ensure_ascii=False)}")
     print(f"split: train {c['train']} (+{c['derived']} derived), test {c['test']}, eval {c['eval']}; "
           f"{len(m['labels'])} labels")
-    print(f"→ {run.root / 'data'}  (report: {run.root / 'data' / 'data_report.md'})")
+    print(f"→ {run_dir.root / 'data'}  (report: {run_dir.root / 'data' / 'data_report.md'})")
     return 0
 
 
@@ -92,57 +92,28 @@ def _stats(args) -> int:
 
 
 def _dedup(args) -> int:
-    import time
     from pathlib import Path
 
-    from dsft.config import DataConfig
-    from dsft.data.minhash import near_dedup
-    from dsft.data.prepare import load_records
-    from dsft.data.schema import record_text
-    from dsft.errors import DataError, OverwriteError
-    from dsft.run import write_jsonl
+    from dsft.data.dedup import dedup_files
 
-    out = Path(args.output)
-    dup_path = Path(args.duplicates) if args.duplicates else out.with_name(out.stem + ".duplicates.jsonl")
-    for p in (out, dup_path):
-        if p.exists() and not args.force:
-            raise OverwriteError(f"{p} exists; pass --force to overwrite it")
-    if not 0 < args.threshold < 1:
-        raise DataError(f"--threshold {args.threshold}: expected a Jaccard similarity between 0 and 1")
-    t0 = time.perf_counter()
-    records, rejected, _ = load_records(DataConfig(path=list(args.input), encoding=args.encoding, label_field=None))
-    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    texts = [record_text(r, fields) for r in records]
-    try:
-        res = near_dedup(texts, threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, word_ngram=args.word_ngram,
-                         bands=args.bands, rows=(args.num_perm // args.bands) if args.bands else None, verify=args.verify)
-    except ValueError as err:
-        raise DataError(str(err)) from err
-    kept = [r for r, k in zip(records, res.keep.tolist(), strict=True) if k]
-    dups = [{**d, "id": records[d["index"]]["id"], "duplicate_of_id": records[d["duplicate_of"]]["id"],
-             **({"matched_id": records[d["matched"]]["id"]} if "matched" in d else {})} for d in res.duplicates]
-    write_jsonl(out, kept)
-    write_jsonl(dup_path, dups)
-    st = res.stats
-    print(f"{len(records)} records ({len(rejected)} invalid skipped) → {len(kept)} kept, {len(dups)} near-duplicates removed "
-          f"in {time.perf_counter() - t0:.2f} s ({st['bands']}×{st['rows']} bands, {st.get('candidate_pairs', 0)} candidate pairs)")
-    print(f"→ {out}\n→ {dup_path}")
+    r = dedup_files(args.input, Path(args.output), Path(args.duplicates) if args.duplicates else None,
+                    threshold=args.threshold, fields=[f.strip() for f in args.fields.split(",") if f.strip()],
+                    ngram=args.ngram, word_ngram=args.word_ngram, num_perm=args.num_perm, bands=args.bands,
+                    verify=args.verify, encoding=args.encoding, force=args.force)
+    st = r["stats"]
+    print(f"{r['records']} records ({r['invalid']} invalid skipped) → {r['kept']} kept, {r['removed']} near-duplicates "
+          f"removed in {r['seconds']:.2f} s ({st['bands']}×{st['rows']} bands, {st.get('candidate_pairs', 0)} candidate pairs)")
+    print(f"→ {r['output']}\n→ {r['duplicates']}")
     return 0
 
 
 def _split(args) -> int:
     from pathlib import Path
 
-    from dsft.data.split import stream_split_file
-    from dsft.errors import DataError, OverwriteError
+    from dsft.data.split import split_jsonl
 
-    src, out = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise DataError(f"{src}: file not found")
-    if not (0 < args.test_size < 1 and 0 <= args.eval_size < 1 and args.test_size + args.eval_size < 1):
-        raise DataError(f"--test-size {args.test_size} / --eval-size {args.eval_size}: expected shares that sum below 1")
-    if any((out / f"{s}.jsonl").exists() for s in ("train", "test", "eval")) and not args.force:
-        raise OverwriteError(f"{out} already holds split files; pass --force to overwrite them")
-    counts = stream_split_file(src, out, args.test_size, args.eval_size, args.seed, args.buffer)
+    out = Path(args.output)
+    counts = split_jsonl(Path(args.input), out, test_size=args.test_size, eval_size=args.eval_size, seed=args.seed,
+                         buffer=args.buffer, force=args.force)
     print(f"train {counts['train']}, test {counts['test']}, eval {counts['eval']} → {out}")
     return 0

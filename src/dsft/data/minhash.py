@@ -232,6 +232,17 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.25, fn_w
     return best
 
 
+def resolve_bands(threshold: float, num_perm: int, bands: int | None, rows: int | None) -> tuple[int, int]:
+    """(bands, rows): derived from the threshold when neither is given, else completed from num_perm (ValueError
+    when bands × rows exceeds num_perm)."""
+    if bands is None and rows is None:
+        return optimal_bands(threshold, num_perm)
+    bands, rows = bands or num_perm // rows, rows or num_perm // bands
+    if bands * rows > num_perm:
+        raise ValueError(f"bands×rows = {bands}×{rows} exceeds num_perm {num_perm}")
+    return bands, rows
+
+
 @dataclass
 class NearDupResult:
     """What near-dedup found: keep mask over the input, one row per removed doc, and how it got there."""
@@ -282,7 +293,7 @@ def _band_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return pairs_from_band_hashes(band_hashes(sig, bands, rows))
 
 
-def _digest(tok: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
+def signatures(tok: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
     """rensa MinHash signatures of many docs at once from one flat buffer of shingle hashes.
 
     rensa's Rayon pool starts with one thread unless RAYON_NUM_THREADS says otherwise: on a busy 2-core machine its
@@ -320,7 +331,7 @@ def unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s[flag], inv
 
 
-def _exact_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def exact_jaccard(tokens: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Jaccard of the shingle sets of each pair, vectorised with single-key int64 sorts.
 
     Shingles are compared by the top 32 bits of their 64-bit hash (a collision inside one pair's ~300 shingles has
@@ -362,11 +373,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     import rensa
 
     n = len(texts)
-    if bands is None or rows is None:
-        bands, rows = optimal_bands(threshold, num_perm) if bands is None and rows is None else (
-            bands or num_perm // rows, rows or num_perm // bands)
-    if bands * rows > num_perm:
-        raise ValueError(f"bands×rows = {bands}×{rows} exceeds num_perm {num_perm}")
+    bands, rows = resolve_bands(threshold, num_perm, bands, rows)
     tok, counts = shingles if shingles is not None else shingle(texts, ngram, word_ngram, mode=mode)
     docs = np.flatnonzero(counts > 0)  # empty texts never match anything
     keep = np.ones(n, dtype=bool)
@@ -375,7 +382,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     if docs.size < 2:
         return NearDupResult(keep, [], {**stats, "candidates": 0, "pairs": 0})
     offsets = np.concatenate([[0], np.cumsum(counts[docs])]).astype(np.uint64)
-    matrix = _digest(tok, offsets, num_perm, seed)
+    matrix = signatures(tok, offsets, num_perm, seed)
     # rensa flags every row that shares a band with another (fast, in Rust); only those need their signature
     lsh = rensa.RMinHashLSH(threshold, num_perm, bands)
     flags = np.asarray(lsh.insert_matrix_and_query_duplicate_flags(matrix), dtype=bool) if rows * bands == num_perm else None
@@ -390,7 +397,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
         sub_start = offsets[:-1].astype(np.int64)[cand_docs]
         gather = np.repeat(sub_start - np.concatenate([[0], np.cumsum(sub_counts)[:-1]]), sub_counts) + np.arange(int(sub_counts.sum()))
         sub_off = np.concatenate([[0], np.cumsum(sub_counts)]).astype(np.uint64)
-        sub = _digest(tok[gather], sub_off, num_perm, seed)
+        sub = signatures(tok[gather], sub_off, num_perm, seed)
         sig = np.asarray(sub.to_rows(), dtype=np.uint32)
     pairs = _band_pairs(sig, bands, rows)
     stats["candidates"] = int(cand_docs.size)
@@ -398,7 +405,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
     full_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     gpairs = docs[cand_docs[pairs]] if len(pairs) else np.zeros((0, 2), dtype=np.int64)
     if verify == "exact":
-        jac = _exact_jaccard(tok, full_off, gpairs) if len(gpairs) else np.zeros(0)
+        jac = exact_jaccard(tok, full_off, gpairs) if len(gpairs) else np.zeros(0)
     elif verify == "minhash":
         jac = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.zeros(0)
     elif verify == "none":
@@ -411,7 +418,7 @@ def near_dedup(texts: list[str], *, threshold: float = 0.8, num_perm: int = 128,
 
     def jaccard_of(pairs_: np.ndarray) -> list[float]:
         if verify == "exact":
-            return _exact_jaccard(tok, full_off, pairs_).tolist()
+            return exact_jaccard(tok, full_off, pairs_).tolist()
         pos = {int(d): k for k, d in enumerate(docs[cand_docs].tolist())}
         return [float((sig[pos[a]] == sig[pos[b]]).mean()) for a, b in pairs_.tolist()]
 
@@ -467,3 +474,59 @@ def cluster(edges: np.ndarray, edge_jac: np.ndarray, jaccard_of) -> list[dict[st
             row.update(matched=bp, matched_jaccard=round(float(bj), 4))
         dups.append(row)
     return dups
+
+
+class BandHashBatch:
+    """Picklable batch step: texts → (LSH band hashes, n × bands uint64; shingle count per text). The rows of texts
+    without shingles are 0: the caller gives them unique values (an empty text is never a candidate)."""
+
+    def __init__(self, ngram: int, word_ngram: int, num_perm: int, seed: int, bands: int, rows: int):
+        self.ngram, self.word_ngram, self.num_perm, self.seed = ngram, word_ngram, num_perm, seed
+        self.bands, self.rows = bands, rows
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        tok, counts = shingle(texts, self.ngram, self.word_ngram)
+        bh = np.zeros((len(texts), self.bands), dtype=np.uint64)
+        nz = np.flatnonzero(counts > 0)
+        if nz.size:
+            off = np.concatenate([[0], np.cumsum(counts[nz])]).astype(np.uint64)
+            sig = np.asarray(signatures(tok, off, self.num_perm, self.seed).to_rows(), dtype=np.uint32)
+            bh[nz] = band_hashes(sig, self.bands, self.rows)
+        return bh, counts
+
+
+def cluster_candidates(pairs: np.ndarray, texts_of, *, threshold: float, verify: str, ngram: int, word_ngram: int,
+                       num_perm: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Verify LSH candidate pairs (global indices, i < j) and cluster the confirmed ones (see `cluster`).
+
+    texts_of(indices) returns the texts of the candidate records only, so the caller never holds every text.
+    Returns (duplicate rows in global indices, {candidates, candidate_pairs, pairs})."""
+    stats = {"candidates": 0, "candidate_pairs": int(len(pairs)), "pairs": 0}
+    if not len(pairs):
+        return [], stats
+    cand = sorted_unique(pairs.ravel())
+    tok, counts = shingle(texts_of(cand.tolist()), ngram, word_ngram)
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    lp = np.searchsorted(cand, pairs)
+    if verify == "exact":
+        jac = exact_jaccard(tok, off, lp)
+
+        def jaccard_of(p: np.ndarray) -> list[float]:
+            return exact_jaccard(tok, off, p).tolist()
+    elif verify in ("minhash", "none"):
+        sig = np.asarray(signatures(tok, off.astype(np.uint64), num_perm, seed).to_rows(), dtype=np.uint32)
+        jac = (sig[lp[:, 0]] == sig[lp[:, 1]]).mean(axis=1) if verify == "minhash" else np.ones(len(lp))
+
+        def jaccard_of(p: np.ndarray) -> list[float]:
+            return [float((sig[a] == sig[b]).mean()) for a, b in p.tolist()]
+    else:
+        raise ValueError(f"verify must be exact, minhash or none, got {verify!r}")
+    ok = jac >= threshold if verify != "none" else np.ones(len(lp), dtype=bool)
+    stats.update(candidates=int(cand.size), pairs=int(ok.sum()))
+    rows = []
+    for x in cluster(lp[ok], jac[ok], jaccard_of):
+        row = {**x, "index": int(cand[x["index"]]), "duplicate_of": int(cand[x["duplicate_of"]])}
+        if "matched" in x:
+            row["matched"] = int(cand[x["matched"]])
+        rows.append(row)
+    return rows, stats

@@ -7,6 +7,7 @@ import unicodedata
 from collections import Counter
 from typing import Any
 
+from dsft.data.text import clip
 from dsft.errors import ConfigError
 
 PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
@@ -137,7 +138,7 @@ class QualityFilter:
         for kind, pat in self.refusal:
             mt = pat.search(answer)
             if mt:
-                return None, kind, f"matches {mt.group(0)!r}", dict(pii)
+                return None, kind, f"matches {clip(repr(mt.group(0)))}", dict(pii)
         return rec, None, None, dict(pii)
 
 

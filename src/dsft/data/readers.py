@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dsft.data.text import clip
 from dsft.errors import DataError
 
 EMBEDDED = {"embedded:medical": ("assets/data", "medical_qa_subset.gb18030.csv")}
@@ -37,10 +38,10 @@ def resolve_path(path: str) -> Path:
         folder, name = EMBEDDED[path]
         return Path(str(resources.files("dsft") / folder / name))
     if path.startswith("embedded:"):
-        raise DataError(f"{path}: unknown embedded dataset (known: {', '.join(EMBEDDED)})")
+        raise DataError(f"{clip(path)}: unknown embedded dataset (known: {', '.join(EMBEDDED)})")
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: data file not found")
+        raise DataError(f"{clip(str(p))}: data file not found")
     if p.is_dir():
         raise DataError(f"{p}: is a folder; name the data file(s) in data.path")
     return p
@@ -66,7 +67,7 @@ def decode_bytes(raw: bytes, name: str, encoding: str = "auto") -> tuple[str, st
         try:
             codecs.lookup(enc)
         except LookupError as err:
-            raise DataError(f"{name}: unknown encoding '{encoding}' (data.encoding)") from err
+            raise DataError(f"{name}: unknown encoding {clip(repr(encoding))} (data.encoding)") from err
         if enc in ("utf-8", "utf8") and raw.startswith(codecs.BOM_UTF8):
             enc = "utf-8-sig"
         try:
@@ -107,7 +108,7 @@ def _iter_csv(text: str | Iterable[str], name: str, delimiter: str) -> Iterator[
         raise DataError(f"{name}:1: empty CSV header")
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
-        raise DataError(f"{name}:1: duplicate column name(s) {dup} in the header")
+        raise DataError(f"{name}:1: duplicate column name(s) {clip(dup)} in the header")
     prev = reader.line_num
     while True:
         start = prev + 1
@@ -201,7 +202,7 @@ def _iter_parquet(path: Path, name: str) -> Iterator[RawRow]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a broken file
-        raise DataError(f"{name}: not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise DataError(f"{name}: not a readable Parquet file ({type(err).__name__}: {clip(str(err).splitlines()[0])})") from err
     row = 0
     for batch in pf.iter_batches(batch_size=4096):
         for obj in batch.to_pylist():
@@ -252,7 +253,7 @@ def check_encoding(path: Path, name: str, encoding: str = "auto", chunk: int = 1
         try:
             codecs.lookup(enc)
         except LookupError as err:
-            raise DataError(f"{name}: unknown encoding '{encoding}' (data.encoding)") from err
+            raise DataError(f"{name}: unknown encoding {clip(repr(encoding))} (data.encoding)") from err
         candidates = ["utf-8-sig" if enc in ("utf-8", "utf8") and head.startswith(codecs.BOM_UTF8) else enc]
     errors = []
     for enc in candidates:
@@ -293,7 +294,7 @@ def iter_rows(path: Path, encoding: str = "auto", display: str | None = None) ->
         try:
             info["header"] = list(pq.read_schema(path).names)
         except Exception as err:  # pyarrow raises several types for a broken file
-            raise DataError(f"{name}: not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+            raise DataError(f"{name}: not a readable Parquet file ({type(err).__name__}: {clip(str(err).splitlines()[0])})") from err
         return _iter_parquet(path, name), info
     enc = check_encoding(path, name, encoding)
     info["encoding"] = enc

@@ -70,6 +70,72 @@ def plot_labels(dists: dict[str, dict[str, int]], path: Path, title: str) -> tup
     return path, legend
 
 
+def build_report(ctx, summary) -> dict[str, Any]:
+    """data_report.json (without lengths and timings): accounting, inputs, label distributions, the steps' sections.
+    ctx: the stage's StageContext; summary: the SplitSummary of the written splits (None when nothing was kept)."""
+    d = ctx.d
+    s = summary
+    kept = s.kept if s else 0
+    counts = {"input": ctx.n_input, "kept": kept, "dropped": dict(sorted(ctx.dropped.items())),
+              "train": s.n_train if s else 0, "test": s.sizes["test"] if s else 0, "eval": s.sizes["eval"] if s else 0,
+              "derived": s.derived if s else 0}
+    empty: dict[str, int] = {}
+    report: dict[str, Any] = {
+        "counts": counts,
+        "accounting_holds": ctx.n_input == kept + sum(ctx.dropped.values()),
+        "engine": ctx.engine.name,
+        **({"streaming": True} if ctx.streaming else {}),
+        "files": ctx.infos,
+        "label_field": d.label_field,
+        "train_composition": dict(sorted(s.composition.items())) if s else empty,
+        "labels": {"before": dict(sorted(ctx.labels_before.items())),
+                   "after": dict(sorted(s.labels_after.items())) if s else empty,
+                   **{k: dict(sorted(s.labels[k].items())) if s else empty for k in ("train", "test", "eval")}},
+        "eval_split": {"records": counts["eval"], "eval_size": d.eval_size, "seed": d.seed,
+                       "stratified_by": d.label_field},
+        "pii": dict(sorted(ctx.pii.items())),
+    }
+    extra = dict(ctx.extra)
+    if "near_dedup" in extra:
+        extra["near_dedup"] = dict(extra["near_dedup"])
+        report["near_dup_examples"] = extra["near_dedup"].pop("examples")
+    report.update(extra)
+    return report
+
+
+def lengths_and_plots(report: dict, cfg, out_dir: Path, chars: dict[str, list[int]],
+                      tokens: dict[str, list[int]] | None, token_error: str | None) -> None:
+    """Length statistics of the kept records (characters, and tokens when they could be counted) and the PNG plots."""
+    from dsft.data.stats import length_stats
+    from dsft.data.tokens import tokenizer_for
+
+    report["lengths_chars"] = {k: length_stats(v) for k, v in chars.items()}
+    if token_error is None:
+        report["tokenizer"] = tokenizer_for(cfg)
+    else:
+        report["tokenizer"] = None
+        report["tokenizer_error"] = token_error
+        tokens = {}
+    report["lengths_tokens"] = {k: length_stats(v) for k, v in (tokens or {}).items()}
+    if not cfg.data.report_plots:
+        return
+    try:
+        plots = {}
+        if plot_histograms({"chars": chars, "tokens": tokens or {}}, out_dir / "lengths.png", "lengths of the kept records"):
+            plots["lengths (characters and tokens)"] = "lengths.png"
+        lab = report["labels"]
+        p, legend = plot_labels({"before": lab["before"], "after cleaning": lab["after"], "train": lab["train"]},
+                                out_dir / "labels.png", f"labels ({report['label_field']}) before/after")
+        if p:
+            plots["labels before/after"] = "labels.png"
+            if legend:
+                report["plot_label_legend"] = legend
+        report["plots"] = plots
+    except Exception as err:  # no matplotlib backend / font problems: the report still gets written
+        report["plots"] = {}
+        report["plot_error"] = f"{type(err).__name__}: {err}"
+
+
 def render_md(rep: dict[str, Any]) -> str:
     """data_report.md: accounting, inputs, drops by reason, dedup, label skew before → after, lengths, timings, plots."""
     c = rep["counts"]
@@ -79,6 +145,10 @@ def render_md(rep: dict[str, Any]) -> str:
              f"(accounting holds: {rep['accounting_holds']})", "",
              f"Split: train {c['train']} (+{c['derived']} derived classification records), test {c['test']}, eval {c['eval']}."
              f" Engine: {rep.get('engine', 'local')}.", ""]
+    ev = rep.get("eval_split")
+    if ev:
+        how = f"stratified by `{ev['stratified_by']}`" if ev["stratified_by"] else "not stratified (no label field)"
+        lines += [f"Eval split: {ev['records']} records (data.eval_size {ev['eval_size']}, {how}, seed {ev['seed']}).", ""]
     extra = rep.get("train_composition") or {}
     if extra:
         lines += ["Train records by provenance: " + ", ".join(f"{k} {v}" for k, v in extra.items()), ""]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.data.readers import RawRow
+from dsft.data.text import clip
 from dsft.errors import DataError
 from dsft.records import qa_messages
 
@@ -55,7 +56,7 @@ def detect_schema(rows: list[RawRow], columns: dict[str, str], name: str, header
         return "seed"
     if "text" in keys or "text" in columns:
         return "text"
-    raise DataError(f"{name}: cannot tell the schema from the keys {sorted(keys)[:12]}; expected seed "
+    raise DataError(f"{name}: cannot tell the schema from the keys {clip(sorted(keys)[:12])}; expected seed "
                     "{context, question, answer}, alpaca {instruction, output}, sharegpt {conversations}, openai {messages} "
                     "or text {text} — or map your columns with data.columns")
 
@@ -79,7 +80,8 @@ def check_mapping(columns: dict[str, str], keys: list[str] | set[str], name: str
     keys = set(keys)
     for canon, src in columns.items():
         if src not in keys:
-            raise DataError(f"{name}:1: column '{src}' (data.columns.{canon}) not found; the file has: {', '.join(sorted(keys))}")
+            raise DataError(f"{name}:1: column {clip(repr(src))} (data.columns.{clip(canon)}) not found; "
+                            f"the file has: {clip(', '.join(sorted(keys)))}")
 
 
 def _text(value: Any, field: str) -> str:
@@ -225,7 +227,7 @@ def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: st
             who = turn.get("from", turn.get("role"))
             role = SHAREGPT_ROLES.get(str(who))
             if role is None:
-                raise Invalid("bad_role", f"conversations[{k}].from = {who!r} (expected {', '.join(SHAREGPT_ROLES)})")
+                raise Invalid("bad_role", f"conversations[{k}].from = {clip(repr(who))} (expected {', '.join(SHAREGPT_ROLES)})")
             msgs.append({"role": role, "content": _text(turn.get("value", turn.get("content")), f"conversations[{k}].value")})
         return _finish(msgs, _qa_view(msgs), meta, row, label_field, tools=d.get("tools"), tools_in_system=tools_in_system)
     if schema == "openai":
@@ -240,7 +242,7 @@ def to_record(row: RawRow, schema: str, mapping: dict[str, str], label_field: st
                 raise Invalid("bad_turn", f"messages[{k}] is not an object")
             role = OPENAI_ROLES.get(str(m.get("role")))
             if role is None:
-                raise Invalid("bad_role", f"messages[{k}].role = {m.get('role')!r} (expected {', '.join(OPENAI_ROLES)})")
+                raise Invalid("bad_role", f"messages[{k}].role = {clip(repr(m.get('role')))} (expected {', '.join(OPENAI_ROLES)})")
             content = _content(m.get("content"), f"messages[{k}]")
             if m.get("tool_calls"):
                 calls = _tool_calls_text(m["tool_calls"])

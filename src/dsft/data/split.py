@@ -21,22 +21,29 @@ def _sizes(n: int, test_size: float, eval_size: float) -> tuple[int, int]:
     return n_test, min(n_eval, max(0, n - n_test - 1))
 
 
-def stratified_split(records: list[dict], test_size: float, eval_size: float, seed: int
-                     ) -> tuple[list[dict], list[dict], list[dict]]:
-    """In memory: each class contributes round(n·size) (≥ 1 when it has ≥ 3) to test and eval; input order kept."""
+def assign_splits(labels: list[str | None], test_size: float, eval_size: float, seed: int) -> list[str]:
+    """The split ("train", "test" or "eval") of each record from its label alone: each class contributes
+    round(n·test_size) to test (≥ 1 when it has ≥ 3) and round(n·eval_size) to eval (≥ 1 when it has ≥ 4),
+    chosen by a shuffle seeded with (seed, label). Records without a label form one class."""
     groups: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(str(r.get("label")), []).append(i)
-    where: dict[int, str] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(str(lab), []).append(i)
+    where = ["train"] * len(labels)
     for label in sorted(groups):
         idx = list(groups[label])
         random.Random(f"{seed}:{label}").shuffle(idx)
         n_test, n_eval = _sizes(len(idx), test_size, eval_size)
         for k, i in enumerate(idx):
             where[i] = "test" if k < n_test else ("eval" if k < n_test + n_eval else "train")
+    return where
+
+
+def stratified_split(records: list[dict], test_size: float, eval_size: float, seed: int
+                     ) -> tuple[list[dict], list[dict], list[dict]]:
+    """In memory: `assign_splits` by each record's label; input order kept within each split."""
     out: dict[str, list[dict]] = {"train": [], "test": [], "eval": []}
-    for i, r in enumerate(records):
-        out[where[i]].append(r)
+    for r, split in zip(records, assign_splits([r.get("label") for r in records], test_size, eval_size, seed), strict=True):
+        out[split].append(r)
     return out["train"], out["test"], out["eval"]
 
 
@@ -108,3 +115,17 @@ def stream_split_file(src: Path, out_dir: Path, test_size: float, eval_size: flo
         for h in handles.values():
             h.close()
     return counts
+
+
+def split_jsonl(src: Path, out: Path, *, test_size: float = 0.1, eval_size: float = 0.0, seed: int = 42,
+                buffer: int = 10_000, force: bool = False) -> dict[str, int]:
+    """`dsft data split`: check the arguments, then `stream_split_file`."""
+    from dsft.errors import OverwriteError
+
+    if not src.exists():
+        raise DataError(f"{src}: file not found")
+    if not (0 < test_size < 1 and 0 <= eval_size < 1 and test_size + eval_size < 1):
+        raise DataError(f"--test-size {test_size} / --eval-size {eval_size}: expected shares that sum below 1")
+    if any((out / f"{s}.jsonl").exists() for s in ("train", "test", "eval")) and not force:
+        raise OverwriteError(f"{out} already holds split files; pass --force to overwrite them")
+    return stream_split_file(src, out, test_size, eval_size, seed, buffer)

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from dsft.config import DataConfig
-from dsft.data.prepare import exact_dedup, load_records
+from dsft.data.dedup import exact_dedup
+from dsft.data.load import load_records, require_records
 
 
 def length_stats(values: list[int]) -> dict[str, float]:
@@ -64,6 +65,7 @@ def stats_for_paths(paths: list[str], *, encoding: str = "auto", fmt: str = "aut
                     columns: dict[str, str] | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     cfg = DataConfig(path=list(paths), encoding=encoding, format=fmt, label_field=label_field, columns=columns or {})
     records, rejected, infos = load_records(cfg)
+    require_records(len(records) + len(rejected), infos)
     return summarize(records, rejected, infos, list(cfg.dedup_fields), tokenizer)
 
 

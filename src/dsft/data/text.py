@@ -1,4 +1,4 @@
-"""Text normalisation shared by exact dedup and word shingles (NFKC, case, whitespace and punctuation)."""
+"""Text helpers: normalisation for exact dedup and word shingles (NFKC, case, punctuation); clipped values for errors."""
 
 from __future__ import annotations
 
@@ -17,3 +17,12 @@ def normalize(text: str) -> str:
 def normalize_words(text: str) -> list[str]:
     """NFKC + lowercase, split on anything that is not a word character (for space-separated text)."""
     return [w for w in _NON_WORD.split(unicodedata.normalize("NFKC", text or "").lower()) if w]
+
+
+CLIP = 200
+
+
+def clip(value: object, limit: int = CLIP) -> str:
+    """A value as it may appear in an error line: its text (repr for non-strings), at most `limit` characters."""
+    s = value if isinstance(value, str) else repr(value)
+    return s if len(s) <= limit else f"{s[:limit]}… ({len(s):,} characters)"

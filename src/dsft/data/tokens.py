@@ -37,3 +37,16 @@ def count_tokens(name_or_path: str, texts: list[str]) -> list[int]:
     tok = load_fast(name_or_path)
     enc = getattr(tok, "encode_batch_fast", tok.encode_batch)
     return [len(e.ids) for e in enc(texts, add_special_tokens=False)]
+
+
+def record_token_lengths(cfg, records: list[dict]) -> dict[str, list[int]]:
+    """Token lengths per field (question, answer, the whole conversation) with the model's fast tokenizer
+    (raises when there is none)."""
+    name = tokenizer_for(cfg)
+    tokens: dict[str, list[int]] = {}
+    for k in ("question", "answer"):
+        texts = [t for t in ((r.get("fields") or {}).get(k) for r in records) if t]
+        if texts:
+            tokens[k] = count_tokens(name, texts)
+    tokens["conversation"] = count_tokens(name, ["\n".join(m["content"] for m in r["messages"]) for r in records])
+    return tokens
