@@ -6,7 +6,7 @@ import json
 import logging
 
 from dsft.config import ServeConfig
-from dsft.serve.vllm import vllm_args
+from dsft.serve.vllm_args import vllm_args
 
 
 def _model(tmp_path, *, think_tokens: bool, template_file: bool):

@@ -62,12 +62,14 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
     import uvicorn
 
     from dsft.serve.app import create_app
+    from dsft.serve.settings import check_adapters
 
     cfg = serve_cfg or ServeConfig()
     if cfg.engine == "vllm":
         raise ServeError("serve_in_background runs the transformers or llamacpp engine (serve.engine='vllm' is a "
                          "separate process: `dsft serve --engine vllm`)")
     model_dir = check_model(str(model_dir), cfg.engine)  # a missing folder or weights: one line, before any thread
+    check_adapters(cfg.lora_modules)
     host = cfg.host
     sock = bind_socket(host, cfg.port)
     port = sock.getsockname()[1]
