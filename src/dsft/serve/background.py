@@ -80,6 +80,7 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dsft-uvicorn", daemon=True)
     thread.start()
     url = _url(host, port)
+    auth = {"Authorization": f"Bearer {state.api_key}"} if state.api_key else {}  # /health may need it (auth_all)
     try:
         deadline = time.monotonic() + cfg.startup_timeout_s
         while True:
@@ -91,7 +92,7 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
                 raise ServeError(f"server for {model_dir} not healthy after {cfg.startup_timeout_s:.0f} s")
             if server.started and state.engine is not None:
                 try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    if httpx.get(f"{url}/health", headers=auth, timeout=5).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

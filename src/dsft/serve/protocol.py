@@ -23,9 +23,10 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRING
 
 
 class _Body(BaseModel):
-    # Unknown fields are ignored (as vLLM and OpenAI do), wrong types and ranges are rejected; NaN and ±inf
+    # Unknown fields are ignored (as vLLM and OpenAI do); wrong types and ranges are rejected. Strict: what the
+    # published schema says is what is accepted (no `true` for an integer, no "5" for a number); NaN and ±inf
     # (which Python's JSON reader would accept) are not numbers here.
-    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False, strict=True)
 
 
 def _stops(v: Any) -> list[str]:
