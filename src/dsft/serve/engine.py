@@ -90,6 +90,15 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return keep
 
 
+def encode(tok, text: str, *, add_special_tokens: bool) -> list[int]:
+    """tok(text)'s token ids, from any thread: a fast tokenizer's batch call releases the GIL while it works
+    (measured: the wrapper's call held it 0.65 s on 1.5 M characters, the batch call 0.04 s)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # what tok(text) runs, minus the wrapper's per-token Python work
+        return list(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+    return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
 def max_token_chars(tok) -> int:
     """The most characters one token of `tok` can stand for (0 when unknown).
 
@@ -205,11 +214,7 @@ class Engine:
             self._thread.join(timeout)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """Token ids of text (callable from any thread: a fast tokenizer releases the GIL while it works)."""
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is not None:  # what tok(text) runs, minus the wrapper's per-token Python work
-            return list(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
-        return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return encode(self.tok, text, add_special_tokens=add_special_tokens)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
