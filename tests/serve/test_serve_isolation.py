@@ -3,15 +3,20 @@ only the request that caused it (HTTP level on a live server, and inside the eng
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import json
 import threading
 import time
 
 import httpx
 import pytest
 import torch
-from serve_helpers import NEAR_TIE, assert_greedy_matches, greedy_reference
+from serve_helpers import (
+    NEAR_TIE,
+    STREAM_PROMPTS,
+    assert_greedy_matches,
+    assert_streams_complete,
+    bad_requests_during_three_streams,
+    greedy_reference,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsft.serve.engine import Engine, SamplingParams, Sequence
@@ -53,40 +58,6 @@ def test_malformed_bodies_are_400(server, raw):
                    timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == 400
-
-
-def _stream(url: str, prompt: str) -> list[str]:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        return [line for line in r.iter_lines() if line]
-
-
-def bad_requests_during_three_streams(url: str) -> tuple[list[int], list[list[str]]]:
-    """Three greedy chat streams, and the requests of BAD sent over and over while they run."""
-    with cf.ThreadPoolExecutor(3) as ex:
-        streams = [ex.submit(_stream, url, p) for p in STREAM_PROMPTS]
-        bad = []
-        for _ in range(50):
-            for path, body, _ in BAD[:5]:
-                bad.append(httpx.post(f"{url}{path}", json=body, timeout=60).status_code)
-            if any(f.done() for f in streams):
-                break
-        return bad, [f.result() for f in streams]
-
-
-def assert_streams_complete(lines: list[list[str]]) -> list[str]:
-    """Each stream ends with a finish_reason and [DONE] and carries no error; returns the streamed texts."""
-    texts = []
-    for got in lines:
-        assert got[-1] == "data: [DONE]" and not any('"error"' in x for x in got), got[-3:]
-        chunks = [json.loads(x.removeprefix("data: ")) for x in got[:-1]]
-        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-        texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks))
-    return texts
-
-
-STREAM_PROMPTS = ["头痛怎么办", "发烧三天了", "胃疼，恶心"]
 
 
 def test_bad_requests_while_three_streams_run_leave_them_complete(server, tiny_model_dir):
