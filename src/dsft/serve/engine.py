@@ -234,10 +234,8 @@ class Engine:
                     if self._stopping and not self._pending and not self._rows:
                         return
                     new = self._take(self.max_batch_size - len(self._rows))
-                for s in new:
-                    if s.cancelled:
-                        s.done = True
-                new = [s for s in new if not s.done]
+                # (no loop variable here: this frame lives as long as the engine and must not keep a request alive)
+                new = self._live(new)
                 try:
                     if new:
                         self._admit(new)
@@ -245,9 +243,9 @@ class Engine:
                         self._decode()
                 except Exception as err:  # noqa: BLE001 - last resort (the steps isolate failures themselves)
                     log.exception("generation step failed")
-                    for s in self._rows + new:
-                        self._fail(s, err)
+                    self._fail_all(self._rows + new, err)
                     self._reset_batch()
+                new = []
 
     def _take(self, free: int) -> list[Sequence]:
         """Waiting requests to admit now (FIFO; per-adapter batches when adapters cannot be mixed; a request
@@ -269,6 +267,18 @@ class Engine:
         for s in take:
             self._pending.remove(s)
         return take
+
+    @staticmethod
+    def _live(seqs: list[Sequence]) -> list[Sequence]:
+        """The requests not cancelled meanwhile (cancelled ones are marked done)."""
+        for s in seqs:
+            if s.cancelled:
+                s.done = True
+        return [s for s in seqs if not s.done]
+
+    def _fail_all(self, seqs: list[Sequence], err: BaseException) -> None:
+        for s in seqs:
+            self._fail(s, err)
 
     def _fail(self, s: Sequence, err: BaseException) -> None:
         """End one request with an error event (the batch goes on without it)."""

@@ -34,6 +34,9 @@ OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel] | None, Any, tuple[int, 
     ("post", "/v1/completions"): (protocol.CompletionRequest, responses.Completion, GENERATION_ERRORS),
 }
 STREAMING = {"/v1/chat/completions", "/v1/completions"}
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a JSON chunk (`chat.completion.chunk` / `text_completion`, the last one with "
+                                     "`usage` when asked), `{\"error\": …}` if generation fails, then `[DONE]`"}}}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -50,9 +53,8 @@ def _responses(path: str, ok: Any, errors: tuple[int, ...]) -> dict[str, Any]:
                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}
     else:
         content = _json(_ref(ok))
-        if path in STREAMING:
-            content["text/event-stream"] = {"schema": {"type": "string", "description": "`data: {json}` chunks, "
-                                                                                       "then `data: [DONE]`"}}
+        if path in STREAMING:  # (OpenAPI 3.1: `schema` describes one event)
+            content["text/event-stream"] = {"schema": SSE_EVENT}
         out = {"200": {"description": "OK", "content": content}}
     for status in errors:
         schema = _ref(responses.Health) if (path, status) == ("/health", 503) else _ref(ErrorEnvelope)
