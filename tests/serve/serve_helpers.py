@@ -1,4 +1,4 @@
-"""Helpers for the serve tests: plain-transformers greedy references and a near-tie-aware comparison."""
+"""Helpers for the serve tests: greedy references, a near-tie-aware comparison, streams under bad requests."""
 
 from __future__ import annotations
 
@@ -65,3 +65,54 @@ def wait_healthy(url: str, timeout_s: float = 120, proc=None, poll_s: float = 0.
         assert time.monotonic() < deadline, f"{url}/health did not answer 200 within {timeout_s} s"
         assert proc is None or proc.poll() is None, "the server process exited"
         time.sleep(poll_s)
+
+
+STREAM_PROMPTS = ["头痛怎么办", "发烧三天了", "胃疼，恶心"]
+# requests that reached the engine (or the tokenizer) before validation was complete, and came back as 500s
+BAD_DURING_STREAMS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}),
+    ("/v1/completions", {"prompt": ""}),
+    ("/v1/completions", {"prompt": [""]}),
+    ("/v1/completions", {"prompt": [10**30]}),
+    ("/generate", {"prompt": "x", "stop": ["a"] * 17}),
+]
+
+
+def _stream(url: str, prompt: str) -> list[str]:
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        return [line for line in r.iter_lines() if line]
+
+
+def bad_requests_during_three_streams(url: str) -> tuple[list[int], list[list[str]]]:
+    """Three greedy chat streams, and the BAD_DURING_STREAMS requests sent over and over while they run:
+    (statuses of the bad requests, SSE lines of each stream)."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        streams = [ex.submit(_stream, url, p) for p in STREAM_PROMPTS]
+        bad = []
+        for _ in range(50):
+            for path, body in BAD_DURING_STREAMS:
+                bad.append(httpx.post(f"{url}{path}", json=body, timeout=60).status_code)
+            if any(f.done() for f in streams):
+                break
+        return bad, [f.result() for f in streams]
+
+
+def assert_streams_complete(lines: list[list[str]]) -> list[str]:
+    """Each stream ends with a finish_reason and [DONE] and carries no error; returns the streamed texts."""
+    import json
+
+    texts = []
+    for got in lines:
+        assert got[-1] == "data: [DONE]" and not any('"error"' in x for x in got), got[-3:]
+        chunks = [json.loads(x.removeprefix("data: ")) for x in got[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks))
+    return texts

@@ -76,3 +76,15 @@ def test_staggered_batch_equals_generate(kind, tmp_path):
         assert engine.running == 0 and engine._cache is None  # batch state released when idle
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("name", ["embedded", "deepseek-v3", "deepseek-llm-7b-base"])
+def test_engine_encode_equals_the_tokenizer(name):
+    """engine.encode (the fast tokenizer's GIL-free batch call, used off the event loop) gives tok(text)'s ids."""
+    from dsft.model.tokenizer import load_tokenizer
+    from dsft.serve.engine import encode
+
+    tok = load_tokenizer(name)
+    for text in ["头痛、发烧三天，应该怎么办？", " leading space and  double", "<｜User｜>hi<｜Assistant｜>", "", "123 abc 😀"]:
+        for special in (True, False):
+            assert encode(tok, text, add_special_tokens=special) == tok(text, add_special_tokens=special)["input_ids"]

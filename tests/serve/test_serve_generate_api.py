@@ -92,7 +92,7 @@ def test_health_ok(server):
 def test_health_is_503_until_the_model_is_loaded(tiny_model_dir):
     from starlette.testclient import TestClient
 
-    from dsft.serve import create_app
+    from dsft.serve.app import create_app
 
     app = create_app(str(tiny_model_dir), ServeConfig())
     client = TestClient(app)  # no lifespan: the model is not loaded yet
@@ -156,8 +156,8 @@ def test_cli_serve_runs_and_stops_on_sigterm(tiny_model_dir):
         proc.send_signal(signal.SIGTERM)
         t.join(120)
         assert inflight["r"].status_code == 200 and inflight["r"].json()["usage"]["completion_tokens"] >= 1
-        # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15 is expected)
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        # a clean drain after SIGTERM exits 0 (not 143: uvicorn would re-raise the signal it caught)
+        assert proc.wait(timeout=60) == 0
         rest = proc.stdout.read()
         assert "Finished server process" in rest, rest[-2000:]
     finally:
@@ -206,9 +206,10 @@ def test_cli_serves_a_run_dir(tmp_path, tiny_model_dir, capsys):
 
 
 def test_cli_exits_2_when_the_model_cannot_load(tmp_path, tiny_model_dir):
-    bad = tmp_path / "bad-adapter"
+    bad = tmp_path / "bad-adapter"  # passes the start-up checks, fails in the loader thread
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{}")
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "dsft", "serve", "--model", str(tiny_model_dir), "--port", "0",
                           "--lora", f"bad={bad}"], capture_output=True, text=True, env=env, timeout=180)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from serve_helpers import assert_greedy_matches, greedy_reference
+from serve_helpers import (
+    assert_greedy_matches,
+    assert_streams_complete,
+    bad_requests_during_three_streams,
+    greedy_reference,
+)
 
 from dsft.config import ServeConfig
 
@@ -40,6 +45,19 @@ def test_llamacpp_engine_serves_the_same_api(gguf_file, server, tiny_model_dir):
         r = httpx.post(f"{url}/generate", json={"prompt": 1}, timeout=30)
         assert r.status_code == 400
         assert [m.id for m in client.models.list().data] == ["g"]
+
+
+def test_llamacpp_bad_requests_while_three_streams_run_leave_them_complete(gguf_file):
+    from dsft.serve import serve_in_background
+
+    with serve_in_background(str(gguf_file), ServeConfig(port=0, engine="llamacpp", served_model_name="g")) as url:
+        bad, lines = bad_requests_during_three_streams(url)  # one sequence at a time: the others wait queued
+        assert bad and set(bad) == {400}
+        texts = assert_streams_complete(lines)
+        again = [httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": p}], "max_tokens": 40, "temperature": 0}).json()
+            for p in ("头痛怎么办", "发烧三天了", "胃疼，恶心")]
+        assert texts == [a["choices"][0]["message"]["content"] for a in again]
 
 
 def test_llamacpp_needs_a_gguf_file(tmp_path):

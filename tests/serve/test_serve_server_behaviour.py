@@ -71,6 +71,7 @@ def test_overload_is_429_with_retry_after_and_no_5xx(tiny_model_dir):
 
 def test_client_disconnect_cancels_generation(server):
     before = _metric(server, "dsft_generation_tokens_total")
+    cancelled = _metric(server, "dsft_cancelled_requests_total")
     with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
                       json={"model": "tiny", "prompt": "头痛", "max_tokens": 2000, "temperature": 0, "stream": True}) as r:
         it = r.iter_lines()
@@ -82,6 +83,7 @@ def test_client_disconnect_cancels_generation(server):
     assert _metric(server, "dsft_running_requests") == 0
     produced = _metric(server, "dsft_generation_tokens_total") - before
     assert produced < 1500, produced  # stopped well before the 2000 asked for
+    assert _metric(server, "dsft_cancelled_requests_total") == cancelled + 1  # a streaming disconnect counts too
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_model_dir):

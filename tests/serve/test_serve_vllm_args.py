@@ -6,7 +6,7 @@ import json
 import logging
 
 from dsft.config import ServeConfig
-from dsft.serve.vllm import vllm_args
+from dsft.serve.vllm_args import vllm_args
 
 
 def _model(tmp_path, *, think_tokens: bool, template_file: bool):
@@ -50,3 +50,15 @@ def test_no_reasoning_parser_without_think_tokens_and_it_says_why(tmp_path, capl
         args = vllm_args(str(m), ServeConfig(port=9000, chat_template="r1-distill"))
     assert "--reasoning-parser" not in args  # vLLM's deepseek_r1 parser refuses to start without them
     assert "no <think>/</think> tokens" in caplog.text
+
+
+def test_lora_rank_rounds_up_to_a_rank_vllm_accepts(tmp_path):
+    from dsft.model.adapters import lora_rank
+    from dsft.serve.vllm_args import vllm_max_lora_rank
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"r": 12}')
+    assert lora_rank(tmp_path / "a") == 12 and lora_rank(tmp_path / "missing") is None
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 12, 16, 300, 1024)] == [1, 8, 16, 16, 320, 1024]
+    args = vllm_args("m", ServeConfig(lora_modules={"x": str(tmp_path / "a")}))
+    assert args[args.index("--max-lora-rank") + 1] == "16"

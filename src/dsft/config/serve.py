@@ -14,7 +14,9 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, lt=65536)
     """0 (or a busy port, for in-process servers) picks a free port."""
     api_key: str | None = None
-    """Require `Authorization: Bearer <key>` on /v1/* and /generate (env DSFT_API_KEY works too)."""
+    """Require `Authorization: Bearer <key>` on every route but /health, /metrics, /openapi.json (env DSFT_API_KEY)."""
+    auth_all: bool = False
+    """With an API key: require it on /health, /metrics and /openapi.json too."""
     engine: Literal["transformers", "vllm", "llamacpp"] = "transformers"
     max_batch_size: int = Field(8, gt=0)
     """Requests decoded together in one forward pass (continuous batching)."""

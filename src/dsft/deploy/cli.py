@@ -62,8 +62,12 @@ def register(sub) -> None:
 
 
 def _serve_cfg(args):
+    from pathlib import Path
+
     from dsft.config import ServeConfig, load_config
 
+    if args.config and Path(args.config).is_dir():
+        raise DsftError(f"--config {args.config}: is a directory; expected a dsft YAML file")
     cfg = load_config(args.config).serve if args.config else ServeConfig()
     if args.served_model_name:
         cfg = cfg.model_copy(update={"served_model_name": args.served_model_name})

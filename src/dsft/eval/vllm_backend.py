@@ -76,8 +76,8 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
     from vllm import LLM, SamplingParams
 
     from dsft.eval.predict import prompt_text
-    from dsft.model.adapters import read_adapter_config
-    from dsft.serve.vllm import VLLM_LORA_RANKS
+    from dsft.model.adapters import lora_rank
+    from dsft.serve.vllm_args import vllm_max_lora_rank
 
     ids = [tok(prompt_text(tok, m), add_special_tokens=False)["input_ids"] for m in prompts]
     if max_prompt_length:
@@ -91,9 +91,7 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
     if max_model_len:
         kw["max_model_len"] = max_model_len
     if adapter_dir is not None:
-        need = int(read_adapter_config(adapter_dir).get("r") or 16)
-        kw.update(enable_lora=True, max_loras=1,
-                  max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= need), need))
+        kw.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(lora_rank(adapter_dir) or 16))
     llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=_vllm_dtype(dtype),
               trust_remote_code=trust_remote_code, seed=0, **kw)
     try:

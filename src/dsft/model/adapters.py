@@ -266,3 +266,11 @@ def merge_adapter(peft_model):
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     """The adapter folder's adapter_config.json as a dict."""
     return json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+
+
+def lora_rank(adapter_dir: str | Path) -> int | None:
+    """The LoRA rank `r` an adapter folder was saved with (None when its adapter_config.json is unreadable)."""
+    try:
+        return int(read_adapter_config(adapter_dir).get("r"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None

@@ -62,12 +62,14 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
     import uvicorn
 
     from dsft.serve.app import create_app
+    from dsft.serve.settings import check_adapters
 
     cfg = serve_cfg or ServeConfig()
     if cfg.engine == "vllm":
         raise ServeError("serve_in_background runs the transformers or llamacpp engine (serve.engine='vllm' is a "
                          "separate process: `dsft serve --engine vllm`)")
     model_dir = check_model(str(model_dir), cfg.engine)  # a missing folder or weights: one line, before any thread
+    check_adapters(cfg.lora_modules)
     host = cfg.host
     sock = bind_socket(host, cfg.port)
     port = sock.getsockname()[1]
@@ -78,6 +80,7 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dsft-uvicorn", daemon=True)
     thread.start()
     url = _url(host, port)
+    auth = {"Authorization": f"Bearer {state.api_key}"} if state.api_key else {}  # /health may need it (auth_all)
     try:
         deadline = time.monotonic() + cfg.startup_timeout_s
         while True:
@@ -89,7 +92,7 @@ def serve_in_background(model_dir: str, serve_cfg: ServeConfig | None = None) ->
                 raise ServeError(f"server for {model_dir} not healthy after {cfg.startup_timeout_s:.0f} s")
             if server.started and state.engine is not None:
                 try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    if httpx.get(f"{url}/health", headers=auth, timeout=5).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

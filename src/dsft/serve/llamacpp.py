@@ -27,6 +27,10 @@ class GgufTokenizer:
         self.eos_token = self._piece(self.eos_token_id)
         self.bos_token = self._piece(self.bos_token_id)
 
+    def max_token_chars(self) -> int:
+        """Bytes of the longest token (≥ its characters): see dsft.serve.engine.max_token_chars."""
+        return max((len(self.llm.detokenize([i], special=True)) for i in range(len(self))), default=0)
+
     def _piece(self, tid: int) -> str:
         return self.llm.detokenize([tid], special=True).decode("utf-8", errors="replace")
 
@@ -75,6 +79,7 @@ class LlamaCppEngine(Engine):
         self.adapters: list[str] = []
         self.mixed = True
         self.max_model_len = int(max_model_len or llm.n_ctx())
+        self.max_prompt_chars = self.max_model_len * tokenizer.max_token_chars() or None
         self.eos_ids = {tokenizer.eos_token_id}
         eot = getattr(llm, "token_eot", None)
         if callable(eot) and int(eot()) >= 0:
@@ -100,9 +105,9 @@ class LlamaCppEngine(Engine):
     def _admit(self, new: list[Sequence]) -> None:
         s = new[0]
         if s.params.seed is not None:
-            s.generator = self.torch.Generator(device="cpu").manual_seed(int(s.params.seed))
+            s.generator = self.torch.Generator(device="cpu").manual_seed(int(s.params.seed) % 2**64)
         self.llm.reset()
-        self.llm.eval(s.prompt_ids)
+        self.llm.eval(s.context_ids())
         self._rows = [s]
         self.max_rows_seen = 1
         toks = self._sample(self._logits(), self._rows)
