@@ -4,6 +4,8 @@ curve, stop then resume, schema errors next to the field, compare, and chat (a r
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -40,7 +42,14 @@ def set_field(drv, el_id: str, value: str) -> None:
     el.send_keys(value)
 
 
-def test_bad_value_shows_the_schema_error_next_to_the_field(browser, ui, demo_run, shots):
+@pytest.fixture()
+def early_demo(request):
+    """In one process, start the demo run now so it trains while the form tests run (xdist: each worker its own)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        request.getfixturevalue("demo_run")
+
+
+def test_bad_values_show_the_schema_error_next_to_the_field_and_line(browser, ui, runs_dir, early_demo, shots):
     browser.get(f"{ui}/new")
     set_field(browser, "f-name", "bad-lr")
     set_field(browser, "f-train.learning_rate", "-0.5")
@@ -53,11 +62,9 @@ def test_bad_value_shows_the_schema_error_next_to_the_field(browser, ui, demo_ru
     assert "invalid" in by_id(browser, "f-train.learning_rate").get_attribute("class")
     assert not css(browser, '.field-error[data-for="train.method"]')[0].text  # only the bad fields are marked
     browser.save_screenshot(str(shots / "ui-new-run.png"))
-    assert not (Path(demo_run[1]).parent / "bad-lr").exists()  # nothing was created or launched
+    assert not (runs_dir / "bad-lr").exists()  # nothing was created or launched
 
-
-def test_yaml_editor_reports_schema_errors_with_their_line(browser, ui):
-    browser.get(f"{ui}/new")
+    # the YAML editor: the same schema, errors with their line
     by_id(browser, "tab-yaml").click()
     by_id(browser, "yaml").clear()
     by_id(browser, "yaml").send_keys("model:\n  name_or_path: embedded:tiny-deepseek-v3\ntrain:\n  method: lorax\n")
@@ -112,7 +119,7 @@ def test_form_launch_shows_the_loss_curve_moving_then_stop_and_resume(browser, u
     wait_for(lambda: by_id(browser, "status").text == "stopped", 90, what="the second stop")
 
 
-def test_runs_list_shows_the_finished_demo_run(browser, ui, finished_demo, shots):
+def test_finished_demo_run_listed_shown_compared_and_chatted_with(browser, ui, finished_demo, runs_dir, shots):
     browser.get(f"{ui}/")
     row = wait_for(lambda: css(browser, 'tr[data-run="demo"]'), 20, what="the demo row")[0]
     text = row.text
@@ -120,8 +127,7 @@ def test_runs_list_shows_the_finished_demo_run(browser, ui, finished_demo, shots
     assert "accuracy" in text and "12" in text  # 12 steps
     browser.save_screenshot(str(shots / "ui-runs.png"))
 
-
-def test_run_page_shows_every_report_with_chinese(browser, ui, finished_demo, shots):
+    # the run page: plan, data, curves, eval, export, config; Chinese drawn with a CJK font
     browser.set_window_size(1400, 3400)
     try:
         browser.get(f"{ui}/runs/demo")
@@ -134,7 +140,10 @@ def test_run_page_shows_every_report_with_chinese(browser, ui, finished_demo, sh
         gen = by_id(browser, "generations").text
         assert any("\u4e00" <= ch <= "\u9fff" for ch in gen)  # Chinese prompts, references and generations
         assert "export/merged" in by_id(browser, "artefacts").text and "MiB" in by_id(browser, "artefacts").text
-        assert "max_steps: 12" in by_id(browser, "config-text").text or "embedded:tiny" in by_id(browser, "config").text
+        if (finished_demo / "resolved_config.yaml").is_file():
+            assert "max_steps: 12" in by_id(browser, "config-text").text
+        else:  # a CLI run that wrote no resolved config says so
+            assert "no resolved config" in by_id(browser, "config").text
         # the Chinese glyphs are drawn with a CJK font, not tofu: their rendered width is a full em each
         widths = browser.execute_script(
             "const s = document.createElement('span'); s.style.fontSize = '20px'; s.textContent = '内分泌科心血管科';"
@@ -144,17 +153,19 @@ def test_run_page_shows_every_report_with_chinese(browser, ui, finished_demo, sh
     finally:
         browser.set_window_size(1400, 1800)
 
-
-def test_compare_overlays_the_curves(browser, ui, finished_demo, shots):
+    # compare: the demo against a second run (the form's run when this process made it, else a copy of the demo)
+    other = "form-run" if (runs_dir / "form-run" / "train" / "log.jsonl").is_file() else "demo-copy"
+    if other == "demo-copy" and not (runs_dir / other).exists():
+        shutil.copytree(finished_demo, runs_dir / other)
     browser.get(f"{ui}/")
-    for name in ("demo", "form-run"):
-        boxes = css(browser, f'input[type=checkbox][value="{name}"]')
-        if boxes:
-            boxes[0].click()
+    for name in ("demo", other):
+        css(browser, f'input[type=checkbox][value="{name}"]')[0].click()
     by_id(browser, "compare").click()
     wait_for(lambda: len(css(browser, "#cmp-loss polyline.series")) == 2, 30, what="two overlaid loss curves")
     assert "eval accuracy" in by_id(browser, "cmp-metrics").text or "train loss last" in by_id(browser, "cmp-metrics").text
     browser.save_screenshot(str(shots / "ui-compare.png"))
+
+    check_chat_answers_from_the_runs_model_and_from_an_openai_url(browser, ui, finished_demo, shots)
 
 
 def _chat(browser, prompt: str) -> str:
@@ -166,7 +177,8 @@ def _chat(browser, prompt: str) -> str:
     return done[-1].find_element("css selector", ".text").text
 
 
-def test_chat_answers_from_the_runs_model_and_from_an_openai_url(browser, ui, finished_demo, shots):
+def check_chat_answers_from_the_runs_model_and_from_an_openai_url(browser, ui: str, finished_demo: Path, shots: Path) -> None:
+    """The playground streams an answer from the run's exported model, then from a plain OpenAI-compatible URL."""
     browser.get(f"{ui}/chat?run=demo")
     answer = _chat(browser, "头痛、发烧三天，应该怎么办？")
     assert answer.strip()

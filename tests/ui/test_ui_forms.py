@@ -13,6 +13,7 @@ from dsft.config import load_config
 from dsft.ui import forms
 from dsft.ui.app import create_app
 from dsft.ui.jobs import Jobs, resume_commands
+from dsft.ui.runs import follow_log
 
 
 def test_form_defaults_are_the_demo_config_and_valid():
@@ -126,3 +127,38 @@ def test_a_failing_command_marks_the_job_failed(tmp_path):
     while jobs.state("r")["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert jobs.state("r")["state"] == "failed" and jobs.state("r")["returncode"] == 2
+
+
+def test_a_log_rewritten_by_resume_resets_the_stream(tmp_path):
+    rd = _fake_run(tmp_path, steps=3)
+    recs, line, offset, reset = follow_log(rd, 0, None)
+    assert [r["step"] for r in recs] == [1, 2, 3] and line == 3 and not reset
+    assert follow_log(rd, line, offset)[:2] == ([], 3)  # the torn 4th line is not complete yet
+    (rd / "train" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 8.5}) + "\n")  # resumed from step 1
+    assert follow_log(rd, line, offset)[3] is True
+    body = TestClient(create_app(tmp_path), base_url="http://127.0.0.1:7860").get("/api/runs/r/events?start=3").text
+    assert body.index("event: reset") < body.index("id: 1\ndata: {\"step\": 1, \"loss\": 8.5}")
+    assert follow_log(tmp_path / "none", 0, None) == ([], 0, None, False)  # no log yet: wait, no reset
+
+
+def test_compare_page_diffs_the_configs_and_tables_the_metrics(tmp_path):
+    for name, lr in (("a", "0.001"), ("b", "0.002")):
+        rd = _fake_run(tmp_path, name)
+        (rd / "ui" / "config.yaml").write_text(f"train:\n  method: lora\n  learning_rate: {lr}\n", encoding="utf-8")
+        (rd / "train" / "manifest.json").write_text(json.dumps({"steps": 3, "loss_first": 8.0, "loss_last": 6.0}))
+    c = TestClient(create_app(tmp_path), base_url="http://127.0.0.1:7860")
+    r = c.get("/compare?run=a&run=b")
+    assert r.status_code == 200
+    assert "-  learning_rate: 0.001" in r.text and "+  learning_rate: 0.002" in r.text
+    assert "train loss last" in r.text
+    assert c.get("/compare?run=a").status_code == 400  # two or more
+
+
+def test_pages_render_for_a_partial_run(tmp_path):
+    _fake_run(tmp_path)
+    c = TestClient(create_app(tmp_path), base_url="http://127.0.0.1:7860")
+    page = c.get("/runs/r").text
+    assert "no plan stage yet" in page and "no eval stage yet" in page and "method: lora" in page
+    assert 'tr data-run="r"' in c.get("/").text
+    assert c.get("/new").status_code == 200 and c.get("/chat").status_code == 200
+    assert c.get("/runs/missing").status_code == 404

@@ -136,20 +136,21 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, loopback: bool
 
     async def _log_events(request: Request, rd: Path, name: str, pos: int):
         """log.jsonl lines as SSE events (id = line number, so a reconnect resumes), status changes, then end."""
-        status, beat = None, time.monotonic()
+        status, beat, offset = None, time.monotonic(), None
         while not await request.is_disconnected():
-            recs, nxt = await asyncio.to_thread(runs.read_log, rd, pos)
-            if nxt < pos:  # a resumed run rewrote log.jsonl from its checkpoint
-                pos = 0
+            recs, nxt, offset_next, reset = await asyncio.to_thread(runs.follow_log, rd, pos, offset)
+            if reset:  # a resumed run rewrote log.jsonl from its checkpoint: the client starts its curves again
+                pos, offset = 0, None
                 yield "event: reset\ndata: {}\n\n"
                 continue
             for i, rec in enumerate(recs):
                 yield f"id: {pos + i + 1}\ndata: {json.dumps(rec)}\n\n"
-            pos = nxt
-            s = runs.summary(rd, jobs.state(name))
-            if s["status"] != status:
-                status = s["status"]
-                yield f"event: status\ndata: {json.dumps({'status': status, 'stages': s['stages']})}\n\n"
+            pos, offset = nxt, offset_next
+            s = runs.status(rd, runs.manifests(rd), jobs.state(name))
+            if s != status:
+                status = s
+                stages = list(runs.manifests(rd))
+                yield f"event: status\ndata: {json.dumps({'status': status, 'stages': stages})}\n\n"
             if not recs and status not in ("running", "stopping"):
                 yield "event: end\ndata: {}\n\n"
                 return

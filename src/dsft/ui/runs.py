@@ -51,6 +51,36 @@ def read_log(run_dir: Path, start: int = 0) -> tuple[list[dict], int]:
     return out, len(complete)
 
 
+def follow_log(run_dir: Path, line: int, offset: int | None) -> tuple[list[dict], int, int | None, bool]:
+    """New complete lines of train/log.jsonl after byte `offset` (None: seek to line `line` first).
+
+    Returns (records, next line, next offset, reset); reset is True when the file no longer holds `line` lines or
+    shrank below `offset` (a resumed run rewrote it from its checkpoint): the caller starts again from line 0."""
+    path = run_dir / "train" / "log.jsonl"
+    try:
+        with open(path, "rb") as fh:
+            if offset is None:
+                for _ in range(line):
+                    if not fh.readline().endswith(b"\n"):
+                        return [], 0, None, True
+                offset = fh.tell()
+            elif path.stat().st_size < offset:
+                return [], 0, None, True
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:  # no log yet
+        return [], line, offset, False
+    end = data.rfind(b"\n") + 1  # a last line without its newline is still being written
+    out = []
+    for raw in data[:end].split(b"\n")[:-1]:
+        try:
+            rec = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            rec = None
+        out.append(rec if isinstance(rec, dict) else {})
+    return out, line + len(out), offset + end, False
+
+
 def config_text(run_dir: Path) -> tuple[str | None, str | None]:
     """(file name, text) of the exact config the run used, when one was written."""
     for rel in CONFIG_FILES:

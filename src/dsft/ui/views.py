@@ -219,5 +219,5 @@ def compare_view(run_dirs: list[Path]) -> dict[str, Any]:
         diff = list(difflib.unified_diff(base_text.splitlines(), text.splitlines(), fromfile=base_name, tofile=name,
                                          lineterm="", n=1))
         diffs.append({"name": name, "lines": diff})
-    return {"metrics": [{"name": k, "values": v} for k, v in rows.items() if any(x is not None for x in v.values())],
+    return {"metrics": [{"name": k, "by_run": v} for k, v in rows.items() if any(x is not None for x in v.values())],
             "diffs": diffs, "runs": [rd.name for rd in run_dirs]}
