@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "src" / "dsft" / "assets" / 
 
 
 def start_ui(runs: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """`dsft ui --runs RUNS --port 0` as a subprocess; returns (process, the URL it printed)."""
+    """`dsft ui --runs RUNS --port 0` as a subprocess; returns (process, the URL it printed). Its further output
+    goes to RUNS/../<runs name>-ui.log (a pipe nobody reads would fill up and block the server)."""
     proc = subprocess.Popen([sys.executable, "-m", "dsft", "ui", "--runs", str(runs), "--port", "0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -29,11 +31,20 @@ def start_ui(runs: Path, *extra: str, env: dict | None = None) -> tuple[subproce
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if m := re.search(r"on (http://\S+)", line):
+            sink = runs.parent / f"{runs.name}-ui.log"
+            threading.Thread(target=_drain, args=(proc, sink), daemon=True).start()
             return proc, m.group(1)
         if not line and proc.poll() is not None:
             break
     proc.kill()
     raise AssertionError(f"dsft ui did not print its URL (exit {proc.poll()})")
+
+
+def _drain(proc: subprocess.Popen, sink: Path) -> None:
+    with open(sink, "a", encoding="utf-8") as fh:
+        for line in proc.stdout:
+            fh.write(line)
+            fh.flush()
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -36,6 +36,7 @@ class Server:
         self.key = secrets.token_urlsafe(16)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.model_id: str | None = None
+        (run_dir / UI_DIR).mkdir(exist_ok=True)  # a run made by the CLI has no ui/ folder yet
         log = open(run_dir / UI_DIR / "serve.log", "a", encoding="utf-8")  # noqa: SIM115 (kept for the process)
         self.proc = subprocess.Popen(
             dsft_argv("serve", "--run", str(run_dir), "--host", "127.0.0.1", "--port", str(self.port)),
