@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -13,7 +14,7 @@ from dsft.config import load_config
 from dsft.ui import forms
 from dsft.ui.app import create_app
 from dsft.ui.jobs import Jobs, resume_commands
-from dsft.ui.runs import follow_log
+from dsft.ui.runs import follow_log, list_runs
 
 
 def test_form_defaults_are_the_demo_config_and_valid():
@@ -74,7 +75,14 @@ def _fake_run(root, name="r", steps=3):
     (rd / "ui" / "config.yaml").write_text("train:\n  method: lora\n", encoding="utf-8")
     lines = [json.dumps({"step": i, "loss": 9 - i, "lr": 1e-3, "grad_norm": 1.0}) for i in range(1, steps + 1)]
     (rd / "train" / "log.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 4, "lo', encoding="utf-8")  # torn
+    _age(rd)
     return rd
+
+
+def _age(rd, seconds: float = 120.0) -> None:
+    """A log not written for a while: the run is not going on (a fresh one counts as a CLI run in progress)."""
+    t = time.time() - seconds
+    os.utime(rd / "train" / "log.jsonl", (t, t))
 
 
 def test_sse_sends_the_log_from_the_requested_line_and_resumes_by_last_event_id(tmp_path):
@@ -135,6 +143,7 @@ def test_a_log_rewritten_by_resume_resets_the_stream(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3] and line == 3 and not reset
     assert follow_log(rd, line, offset)[:2] == ([], 3)  # the torn 4th line is not complete yet
     (rd / "train" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 8.5}) + "\n")  # resumed from step 1
+    _age(rd)
     assert follow_log(rd, line, offset)[3] is True
     body = TestClient(create_app(tmp_path), base_url="http://127.0.0.1:7860").get("/api/runs/r/events?start=3").text
     assert body.index("event: reset") < body.index("id: 1\ndata: {\"step\": 1, \"loss\": 8.5}")
@@ -162,3 +171,11 @@ def test_pages_render_for_a_partial_run(tmp_path):
     assert 'tr data-run="r"' in c.get("/").text
     assert c.get("/new").status_code == 200 and c.get("/chat").status_code == 200
     assert c.get("/runs/missing").status_code == 404
+
+
+def test_a_fresh_log_without_a_train_manifest_counts_as_running(tmp_path):
+    rd = _fake_run(tmp_path)
+    _age(rd, 0)
+    assert list_runs(tmp_path)[0]["status"] == "running"  # a CLI run in progress
+    _age(rd, 120)
+    assert list_runs(tmp_path)[0]["status"] == "incomplete"
