@@ -29,7 +29,7 @@ def serve_dashboard(runs_dir: str | Path, *, host: str = "127.0.0.1", port: int 
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise DsftError(f"dsft ui: cannot bind {host}:{port} ({err.strerror}); choose another --port") from err
+        raise DsftError(f"--host/--port: cannot bind {host}:{port} ({err.strerror}); choose another --port") from err
     sock.listen(2048)  # connections queue from now on, so the URL printed below answers at once
     bound_port = sock.getsockname()[1]
     app = create_app(runs_dir, token=token, loopback=loopback)
