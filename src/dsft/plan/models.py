@@ -288,7 +288,7 @@ def resolve_arch(model: str) -> Arch:
     p = Path(key).expanduser()
     if p.is_dir():
         p = p / "config.json"
-    if p.is_file():
+    if p.is_file() and p.suffix.lower() != ".gguf":
         try:
             raw = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -296,7 +296,7 @@ def resolve_arch(model: str) -> Arch:
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a JSON object")
         return arch_from_hf_config(raw, name=p.parent.name or "local", source=str(p))
-    if key.startswith("embedded:"):
+    if key.startswith("embedded:") or key.lower().endswith(".gguf"):
         from dsft.model.load import resolve_model_dir
 
         d = resolve_model_dir(key)
