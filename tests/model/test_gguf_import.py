@@ -43,7 +43,7 @@ def _tiny_source(d: Path, family: str) -> Path:
     from dsft.model.tokenizer import embedded_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
-    kw = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    kw = dict(vocab_size=(len(tok) + 64) // 64 * 64, hidden_size=256,  # padded, as Qwen2 and Llama releases are intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id, tie_word_embeddings=False, max_position_embeddings=512)
     cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
