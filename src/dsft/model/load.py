@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 from dsft.config import EMBEDDED_MODEL, ModelConfig
 from dsft.errors import ModelError
+from dsft.model.gguf_import import is_gguf_path, resolve_gguf
 from dsft.model.tokenizer import load_tokenizer
 
-SUPPORTED_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama", "qwen2", "qwen3", "mistral"}
+# What dsft's own tests train, merge and serve: DeepSeek V2/V3 (MLA + MoE) and the dense Llama/Qwen shapes of
+# DeepSeek-LLM/Coder and R1-Distill, plus Gemma-3 (text), imported from GGUF in tests/model/test_gguf_import.py.
+# Any other causal LM built into transformers loads too, with a one-line note that dsft has not tested it.
+TESTED_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama", "qwen2", "qwen3", "mistral",
+                "gemma3_text"}
+SUPPORTED_TYPES = TESTED_TYPES  # the old name, kept for callers
+log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """Map `embedded:…` or a local folder to a checked folder; explain hub ids and missing weights."""
+    """Map `embedded:…`, a local folder or a .gguf file to a checked folder; explain hub ids and missing weights."""
     if name_or_path == EMBEDDED_MODEL:
         from dsft.model.tiny import embedded_model_dir
 
         return embedded_model_dir()
+    if is_gguf_path(name_or_path):  # a GGUF file: dequantized once into the dsft cache (dsft.model.gguf_import)
+        return resolve_gguf(name_or_path)
     p = Path(name_or_path).expanduser()
     if not p.exists():
         if _HUB_ID.match(name_or_path):
@@ -43,6 +53,43 @@ def model_type_of(model_dir: Path) -> str:
     return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type", "?")
 
 
+def builtin_causal_lm_types() -> set[str]:
+    """model_types whose causal-LM class ships inside the installed transformers (no remote code needed)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def remote_code_files(model_dir: Path) -> list[str]:
+    """The folder's own modelling code: `auto_map` entries in config.json whose .py file is present."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    auto_map = raw.get("auto_map") if isinstance(raw.get("auto_map"), dict) else {}
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "." in r]
+    files = {r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs}  # "repo--module.Class" → module.py
+    return sorted(f for f in files if (Path(model_dir) / f).is_file())
+
+
+def check_architecture(model_dir: Path, *, trust_remote_code: bool = False) -> str:
+    """Accept transformers' built-in causal LMs (noting untested ones); remote code only when asked and present."""
+    import transformers
+
+    mtype = model_type_of(model_dir)
+    code = remote_code_files(model_dir)
+    if trust_remote_code and code:
+        log.info("%s: model_type '%s' runs the folder's own code (%s): trust_remote_code is on", model_dir, mtype, ", ".join(code))
+        return mtype
+    if mtype in builtin_causal_lm_types():
+        if mtype not in TESTED_TYPES:
+            log.info("note: model_type '%s' is built into transformers %s but untested in dsft (tested: DeepSeek V2/V3/"
+                     "V3.2/V4, Llama/Qwen2/Qwen3/Mistral-shape distills, Gemma-3 text)", mtype, transformers.__version__)
+        return mtype
+    if code:
+        raise ModelError(f"{model_dir}: model_type '{mtype}' is not built into transformers {transformers.__version__}; "
+                         f"the folder ships its own code ({', '.join(code)}): set model.trust_remote_code: true only if you trust it")
+    raise ModelError(f"{model_dir}: model_type '{mtype}' is not a causal LM built into transformers {transformers.__version__} "
+                     f"and the folder ships no modelling code (no auto_map with .py files); upgrade transformers or check config.json")
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -57,10 +104,7 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", trust_remote_code:
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(str(model_dir))
-    mtype = model_type_of(model_dir)
-    if mtype not in SUPPORTED_TYPES and not trust_remote_code:
-        raise ModelError(f"{model_dir}: model_type '{mtype}' is not built into transformers here (supported: "
-                         f"{', '.join(sorted(SUPPORTED_TYPES))}); set model.trust_remote_code: true only if you trust its code")
+    check_architecture(model_dir, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code,

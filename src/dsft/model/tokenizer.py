@@ -78,6 +78,10 @@ def resolve_tokenizer_path(name_or_path: str) -> Path:
     """Map a tokenizer reference (embedded, real DeepSeek name, local folder) to a local folder."""
     if name_or_path == EMBEDDED_TOKENIZER or name_or_path == "embedded":
         return embedded_tokenizer_dir()
+    if str(name_or_path).lower().endswith(".gguf"):  # the tokenizer of an imported GGUF model
+        from dsft.model.gguf_import import resolve_gguf
+
+        return resolve_gguf(name_or_path)
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p

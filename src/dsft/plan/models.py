@@ -354,7 +354,7 @@ def resolve_arch(model: str) -> Arch:
     p = Path(key).expanduser()
     if p.is_dir():
         p = p / "config.json"
-    if p.is_file():
+    if p.is_file() and p.suffix.lower() != ".gguf":
         try:
             raw = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -370,7 +370,7 @@ def resolve_arch(model: str) -> Arch:
                 arch = replace(arch, mtp_layers=info["mtp_layers_stored"], extra={})
             arch.extra["checkpoint"] = info
         return arch
-    if key.startswith("embedded:"):
+    if key.startswith("embedded:") or key.lower().endswith(".gguf"):
         from dsft.model.load import resolve_model_dir
 
         d = resolve_model_dir(key)
