@@ -21,6 +21,7 @@ import torch
 
 from dsft.config import Config
 from dsft.errors import DataError, OverwriteError, TrainError
+from dsft.model.info import preset_for_run
 from dsft.run import RunDir, atomic_write_text, read_jsonl
 from dsft.train import checkpoint as ck
 from dsft.train.batching import StepPlan, collate_packed, collate_padded, real_tokens, split_micro
@@ -29,7 +30,6 @@ from dsft.train.encode import Encoded, dataset_fingerprint, encode_records
 from dsft.train.loss import CausalLMLoss, unwrap
 from dsft.train.monitor import Monitor
 from dsft.train.offload import offload_available
-from dsft.train.presets import preset_for
 
 log = logging.getLogger("dsft.train")
 
@@ -287,7 +287,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     fingerprint = dataset_fingerprint(examples)
 
     model = _load_base(cfg, model_dir, device)
-    preset = preset_for(_n_params(model))
+    preset = preset_for_run(cfg, model_dir)
     model, info = setup_method(model, cfg, preset)
     model.train()
     prev_attn = None
@@ -332,7 +332,7 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
     # ---- resume
     start = 0
     history: list[dict] = []
-    if eval_fn is None and tc.evaluation_strategy == "steps" and eval_records and \
+    if eval_fn is None and tc.evaluation_strategy != "no" and eval_records and \
             cfg.eval.during_training_metric not in ("eval_loss", "loss"):
         from dsft.eval.during_training import make_eval_fn  # the eval stage's public during-training hook
 
@@ -457,8 +457,8 @@ def train(cfg: Config, run: RunDir, resume: str | None = None, force: bool = Fal
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cur_lr:.2e}")
             done = step + 1
-            if eval_fn is not None or (tc.evaluation_strategy == "steps" and eval_examples):
-                if done % tc.eval_steps == 0 or done == total_steps:
+            if eval_fn is not None or (tc.evaluation_strategy != "no" and eval_examples):
+                if done % (plan.steps_per_epoch if tc.evaluation_strategy == "epoch" else tc.eval_steps) == 0 or done == total_steps:
                     metrics = eval_fn(model, done) if eval_fn else {"eval_loss": eval_loss(loss_mod, eval_examples, micro, capacity, pad_id, device, tc.packing)}
                     model.train()
                     monitor.eval_record(done, metrics)
