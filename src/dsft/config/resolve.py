@@ -22,6 +22,7 @@ from dsft.config.presets import (
     preset_for,
 )
 from dsft.config.resolution import Resolution
+from dsft.config.seed import quote
 from dsft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -145,9 +146,8 @@ def _fill_eval_split(out: Config, keys: _Keys) -> None:
                               f"during training: set data.eval_size > 0 (e.g. {EVAL_SPLIT_CARVED}) or "
                               f"train.evaluation_strategy: no")
         return
-    if not wants:
-        if "data.eval_size" in keys.derived:
-            d.eval_size = 0.0  # carved for an evaluation that is now off
+    if not wants:  # (0 unless carved earlier for an evaluation that is now off)
+        keys.fill(d, "data.eval_size", 0.0, "default: no evaluation during training")
         return
     keys.fill(d, "data.eval_size", EVAL_SPLIT_CARVED,
               f"carved: train.evaluation_strategy {t.evaluation_strategy} needs an eval split; "
@@ -179,7 +179,7 @@ def _refuse_silent_keys(out: Config, keys: _Keys) -> None:
          f"train.early_stopping_delta {t.early_stopping_delta} has no effect without "
          f"train.early_stopping_patience"),
         (_changed(out.eval, "during_training_metric") and t.evaluation_strategy == "no",
-         f"eval.during_training_metric {out.eval.during_training_metric!r} has no effect with "
+         f"eval.during_training_metric {quote(out.eval.during_training_metric)} has no effect with "
          f"train.evaluation_strategy: no"),
         (_changed(t, "warmup_ratio") and t.warmup_steps > 0,
          f"train.warmup_ratio {t.warmup_ratio} has no effect with train.warmup_steps {t.warmup_steps}: keep one"),

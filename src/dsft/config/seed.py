@@ -6,6 +6,7 @@ checks each key changes the resolved config (or is refused) — no key is accept
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from dsft.errors import ConfigError
@@ -72,9 +73,15 @@ _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_with_restarts": "
 
 
 def quote(value: Any, limit: int = 200) -> str:
-    """repr() of a value cut to `limit` characters, so an error line stays one short line."""
-    s = repr(value)
-    return s if len(s) <= limit else f"{s[:limit]}… ({len(s):,} characters)"
+    """repr() of a value cut to `limit` characters (never building the whole repr of a huge value)."""
+    if isinstance(value, str):
+        s = repr(value[: limit + 1])
+        return s if len(value) <= limit else f"{s[:limit]}… ({len(value):,} characters)"
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 12, 12, 12, 12
+    r.maxstring = r.maxother = limit
+    s = r.repr(value)
+    return s if len(s) <= limit else f"{s[:limit]}…"
 
 
 def put(out: dict, dotted: str, value: Any) -> None:
