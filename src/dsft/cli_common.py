@@ -38,11 +38,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolved_for_run(cfg: Config, run: RunDir) -> Config:
+ANNOUNCING_COMMANDS = ("data", "train", "run")
+"""Commands that print the resolved preset line (stdout: human text); eval/export keep stdout for their JSON."""
+
+
+def resolved_for_run(cfg: Config, run: RunDir, *, announce: bool = True) -> Config:
     """The config with every default resolved (dsft.config.resolve), written to <run_dir>/resolved_config.yaml."""
     from dsft.model.info import read_model_info
 
-    return resolve_and_record(cfg, run.root, read_model_info(cfg.model.name_or_path))
+    return resolve_and_record(cfg, run.root, read_model_info(cfg.model.name_or_path),
+                              echo=None if announce else (lambda _line: None))
 
 
 def config_and_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
@@ -52,4 +57,4 @@ def config_and_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
         overrides["run_dir"] = args.run_dir
     cfg = load_config(getattr(args, "config", None), overrides)
     run = RunDir(cfg.run_dir)
-    return resolved_for_run(cfg, run), run
+    return resolved_for_run(cfg, run, announce=getattr(args, "command", None) in ANNOUNCING_COMMANDS), run

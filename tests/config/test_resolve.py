@@ -173,12 +173,15 @@ def test_keys_that_would_do_nothing_are_refused(raw, key):
 
 def test_config_and_run_writes_resolved_config_and_prints_the_preset_once(tmp_path, capsys):
     args = argparse.Namespace(config=str(demo_config_path()), run_dir=str(tmp_path / "run"),
-                              overrides=["train.max_steps=3"])
+                              overrides=["train.max_steps=3"], command="train")
     cfg, run = config_and_run(args)
     written = (run.root / "resolved_config.yaml").read_text(encoding="utf-8")
     assert "resolution:" in written and "preset: tiny" in written
-    err = capsys.readouterr().err
-    assert err.count("dsft: preset tiny") == 1 and "random-init" in err and "3 steps (train.max_steps)" in err
+    out = capsys.readouterr()
+    assert out.out.count("dsft: preset tiny") == 1 and "random-init" in out.out and "3 steps (train.max_steps)" in out.out
+    assert out.err == ""
+    config_and_run(argparse.Namespace(**{**vars(args), "command": "export"}))  # stdout is export's JSON: silent
+    assert capsys.readouterr().out == ""
     again = load_config(run.root / "resolved_config.yaml")
     assert resolve_config(again, read_model_info(EMBEDDED)).model_dump() == cfg.model_dump()
 

@@ -33,7 +33,7 @@ def _log(run: Path) -> list[dict]:
 def test_seed_config_evaluates_during_training_and_stops_early(tmp_path):
     run = tmp_path / "run"
     prep = _dsft("data", "prepare", str(SEED), "--run-dir", str(run), *SHORT, cwd=tmp_path)
-    assert "eval split 5% carved for evaluation_strategy steps" in prep.stderr
+    assert "eval split 5% carved for evaluation_strategy steps" in prep.stdout
     report = json.loads((run / "data" / "data_report.json").read_text(encoding="utf-8"))
     assert report["counts"]["eval"] > 0  # the carved split, stated in the data report
 

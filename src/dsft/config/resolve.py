@@ -9,7 +9,6 @@ resolved config changes nothing; resolving it for another model re-derives only 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -229,12 +228,12 @@ def dump_yaml(cfg: Config) -> str:
 
 def resolve_and_record(cfg: Config, run_root: str | Path, model_info: ModelFacts, *,
                        echo: Callable[[str], None] | None = None) -> Config:
-    """Resolve, write `<run_root>/resolved_config.yaml`, and print the preset line (stderr) when newly resolved."""
+    """Resolve, write `<run_root>/resolved_config.yaml`, and print the preset line when newly resolved."""
     from dsft.run import atomic_write_text
 
     fresh = cfg.resolution is None or cfg.resolution.model != cfg.model.name_or_path
     out = resolve_config(cfg, model_info)
     atomic_write_text(Path(run_root) / "resolved_config.yaml", dump_yaml(out))
     if fresh:
-        (echo or (lambda s: print(s, file=sys.stderr, flush=True)))(summary(out))
+        (echo or (lambda s: print(s, flush=True)))(summary(out))
     return out
