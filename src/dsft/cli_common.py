@@ -1,4 +1,4 @@
-"""Arguments every stage command shares: CONFIG, --run-dir, --set overrides, --force."""
+"""Arguments every stage command shares: CONFIG, --run-dir, --set overrides, --force; the config is resolved once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 import yaml
 
 from dsft.config import Config, load_config
+from dsft.config.resolve import resolve_and_record
+from dsft.config.seed import quote
+from dsft.config.yaml_io import safe_load
 from dsft.errors import ConfigError
 from dsft.run import RunDir
 
@@ -25,16 +28,33 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.max_steps=20)")
+            raise ConfigError(f"--set {quote(item)}: expected KEY=VALUE (e.g. train.max_steps=20)")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = safe_load(value) if value.strip() else None
+        except (yaml.YAMLError, ConfigError) as err:
+            why = str(getattr(err, "problem", None) or err).splitlines()[0][:200]
+            raise ConfigError(f"--set {quote(key.strip(), 80)}: value is not valid YAML ({why})") from err
     return out
 
 
+ANNOUNCING_COMMANDS = ("data", "train", "run")
+"""Commands that print the resolved preset line (stdout: human text); eval/export keep stdout for their JSON."""
+
+
+def resolved_for_run(cfg: Config, run: RunDir, *, announce: bool = True) -> Config:
+    """The config with every default resolved (dsft.config.resolve), written to <run_dir>/resolved_config.yaml."""
+    from dsft.model.info import read_model_info
+
+    return resolve_and_record(cfg, run.root, read_model_info(cfg.model.name_or_path),
+                              echo=None if announce else (lambda _line: None))
+
+
 def config_and_run(args: argparse.Namespace) -> tuple[Config, RunDir]:
-    """Load the config named on the command line (+ overrides) and open its run directory."""
+    """Load the config named on the command line (+ overrides), resolve it and open its run directory."""
     overrides = parse_overrides(getattr(args, "overrides", []) or [])
     if getattr(args, "run_dir", None):
         overrides["run_dir"] = args.run_dir
     cfg = load_config(getattr(args, "config", None), overrides)
-    return cfg, RunDir(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
+    return resolved_for_run(cfg, run, announce=getattr(args, "command", None) in ANNOUNCING_COMMANDS), run

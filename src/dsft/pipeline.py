@@ -100,6 +100,10 @@ def serve_check(cfg: Config, run: RunDir, force: bool = False) -> dict[str, Any]
 def run_pipeline(cfg: Config, run: RunDir, *, stages: tuple[str, ...] = PIPELINE, force: bool = False,
                  on_stage: Callable[[str, dict, float], None] | None = None) -> dict[str, Any]:
     """Run stages in order; return {stage: manifest} and {timings}. Each stage writes its own manifest."""
+    from dsft.config.resolve import resolve_and_record
+    from dsft.model.info import read_model_info
+
+    cfg = resolve_and_record(cfg, run.root, read_model_info(cfg.model.name_or_path))  # no-op when already resolved
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     # Decide about overwriting before any work: without --force a finished stage stops the run now; with --force

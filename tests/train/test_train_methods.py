@@ -12,7 +12,6 @@ from train_helpers import make_run, tiny_cfg
 from dsft.config import config_from_dict
 from dsft.model.load import resolve_model_dir
 from dsft.train import train
-from dsft.train.presets import preset_for
 
 
 def _weights(d):
@@ -49,11 +48,3 @@ def test_full_and_freeze_write_a_model(tmp_path, records16, method):
     else:
         assert changed and all(k.startswith("model.layers.3.") for k in changed)
         assert m["trainable_params"] < m["total_params"] / 4
-
-
-def test_presets_follow_the_seed_matrix():
-    assert preset_for(3_000_000).learning_rate == 2e-3
-    p7, p13, p34 = preset_for(7e9), preset_for(13e9), preset_for(34e9)
-    assert (p7.learning_rate, p7.lora_r, p7.batch) == (3e-5, 32, 16)
-    assert (p13.learning_rate, p13.lora_r, p13.batch) == (2e-5, 48, 8)
-    assert (p34.learning_rate, p34.lora_r, p34.batch) == (1e-5, 64, 4)

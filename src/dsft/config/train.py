@@ -11,27 +11,30 @@ from dsft.config.base import Section
 
 class LoraConfig(Section):
     r: int | None = Field(None, gt=0)
-    """Rank; default from the preset for the model size (seed matrix), 8 for tiny models."""
+    """Rank; unset: the size class's preset (dsft.config.presets: tiny/small 16, 7B 32, 13B 48, 34B+ 64).
+    The seed layout also accepts lora_args.lora_r / lora_rank / rank."""
     alpha: float | None = Field(None, gt=0)
-    """Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora); default 2·r."""
+    """Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora); unset: 2·r."""
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: Literal["auto"] | list[str] = "auto"
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: Literal["auto"] | list[str] = "auto"
-    """Modules trained fully next to the adapter. auto: embeddings, LM head and norms for tiny (< 100 M
-    parameters, random-init demo) models, none otherwise."""
+    """Modules trained fully next to the adapter. auto: embeddings, LM head and norms for random-init models under
+    100 M parameters (the tiny preset), none otherwise; resolution writes the concrete list."""
 
 
 class TrainConfig(Section):
     method: Literal["lora", "dora", "qlora", "full", "freeze"] = "lora"
     num_train_epochs: float | None = Field(None, gt=0)
-    """Default from the preset for the model size: 3 for tiny (< 0.5 B) models, else 1."""
+    """Unset: the preset's (3 for the tiny random-init row, else 1). train.max_steps, when set, wins."""
     max_steps: int | None = Field(None, gt=0)
     per_device_train_batch_size: int | Literal["auto"] = 8
+    """Unset: the preset's effective batch (tiny: 8 × accumulation; larger classes: `auto`, the planner splits the
+    preset's batch — 7B 16, 13B 8, 34B+ 4 — into micro-batch × accumulation by memory)."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     learning_rate: float | None = Field(None, gt=0)
-    """Default from the preset for the model size (seed matrix: 7B 3e-5, 13B 2e-5, 34B 1e-5)."""
+    """Unset: the preset's (tiny 2e-3, small 5e-4, seed matrix: 7B 3e-5, 13B 2e-5, 34B+ 1e-5)."""
     lr_scheduler: Literal["cosine_with_restarts", "cosine", "linear", "constant"] = "cosine_with_restarts"
     cycle_fraction: float = Field(0.2, gt=0, le=1)
     """One cosine cycle = this fraction of total steps (seed: 20 %)."""
@@ -42,16 +45,21 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     adam_beta1: float = 0.9
     adam_beta2: float | None = None
-    """Default 0.95 for full fine-tuning, 0.999 for adapters."""
+    """Unset: 0.95 for full/freeze fine-tuning (the seed's rule), 0.999 for adapters."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     logging_steps: int = Field(10, gt=0)
     logging_dir: str | None = None
     save_steps: int = Field(100, gt=0)
     save_total_limit: int = Field(3, gt=0)
     evaluation_strategy: Literal["no", "steps", "epoch"] = "no"
+    """Evaluate on the eval split every eval_steps steps or at every epoch's end; with data.eval_size 0,
+    resolution carves a 5 % eval split (a 0 set explicitly is refused)."""
     eval_steps: int = Field(100, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)
-    early_stopping_delta: float = Field(0.0, ge=0)
+    """Stop after this many evaluations without an improvement larger than early_stopping_delta (seed: 3)."""
+    early_stopping_delta: float = Field(0.001, ge=0)
+    """Minimum improvement of the metric that resets patience (the seed's min delta 0.001; HF's
+    early_stopping_threshold)."""
     packing: bool = True
     gradient_checkpointing: bool = False
     freeze_trainable_layers: int = Field(2, gt=0)

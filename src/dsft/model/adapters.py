@@ -158,7 +158,9 @@ def attach_lora(model, cfg, *, targets: AdapterTargets | None = None, modules_to
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    r = r or cfg.r or 8
+    r = r or cfg.r  # no hidden default: the rank comes resolved (dsft.config.resolve) or is passed
+    if not r:
+        raise ModelError("attach_lora: no LoRA rank (lora.r is unset): resolve the config first or pass r")
     alpha = alpha or cfg.alpha or 2 * r
     use_dora = cfg.use_dora if use_dora is None else use_dora
     use_rslora = cfg.use_rslora if use_rslora is None else use_rslora

@@ -1,9 +1,12 @@
-"""Recommended hyperparameters by model size: the seed's matrix (7B / 13B / 34B) extended at both ends."""
+"""Recommended hyperparameters by model size: the one preset table of `dsft.config.presets` (seed matrix + rows)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 
+from dsft.config.presets import preset_for
 from dsft.plan.models import Arch
 
 
@@ -19,20 +22,20 @@ class Recommendation:
         return asdict(self)
 
 
-# (parameters below, class, lr, rank, effective batch, seed hardware) — the same rows and bounds as dsft train's
-# presets: the seed's 7B / 13B / 34B matrix plus the tiny row measured on the embedded demo models
-SEED_MATRIX = [
-    (0.5e9, "tiny", 2e-3, 16, 8, "CPU or any GPU"),
-    (10e9, "7B", 3e-5, 32, 16, "1 × A100-40GB"),
-    (20e9, "13B", 2e-5, 48, 8, "2 × A100-40GB"),
-    (float("inf"), "34B+", 1e-5, 64, 4, "4 × A100-40GB"),
-]
+@lru_cache(maxsize=64)
+def _random_init(name: str, source: str) -> bool:
+    """Whether the planned model is random-init (the embedded model, or a folder whose norms are at init)."""
+    if name.startswith("embedded:"):
+        return True
+    folder = Path(source).parent if source.endswith(".json") else Path(source)
+    if source == "builtin" or not folder.is_dir():
+        return False
+    from dsft.model.info import read_model_info
+
+    return read_model_info(str(folder)).random_init
 
 
 def recommend(arch: Arch) -> Recommendation:
-    """The seed's matrix by total parameter count (7B: lr 3e-5, rank 32, batch 16; 13B: 2e-5/48/8; 34B: 1e-5/64/4)."""
-    n = arch.total_params()
-    for bound, name, lr, rank, batch, hw in SEED_MATRIX:
-        if n < bound:
-            return Recommendation(name, lr, rank, batch, hw)
-    raise AssertionError("unreachable")  # pragma: no cover
+    """The preset row for the model's size (7B: lr 3e-5, rank 32, batch 16; 13B: 2e-5/48/8; 34B: 1e-5/64/4)."""
+    p = preset_for(arch.total_params(), random_init=_random_init(arch.name, arch.source))
+    return Recommendation(p.name, p.learning_rate, p.lora_r, p.batch, p.hardware)

@@ -1,7 +1,8 @@
 """The run's preset-dependent hyperparameters, resolved in ONE function from the config and the model's size.
 
-`hyperparameters(cfg, n_params)` is the only place train looks up `presets.preset_for`; every value the config
-leaves open (lr, LoRA rank/alpha, epochs, β2, modules_to_save, the micro-batch fallback for `auto`) is filled here.
+The stage receives a config resolved once by `dsft.config.resolve` (train/stage.py resolves one that is not), so
+here every value is read from it; the preset is the one the resolution recorded. Only an unresolved config (the
+planner's measurement builds models in memory, some tests) falls back to the preset table by parameter count.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dsft.config import Config
-from dsft.train.presets import preset_for
+from dsft.config.presets import preset_for, preset_named
 
 TINY_MODEL_PARAMS = 100e6
 """Below this size `lora.modules_to_save: auto` trains embeddings, LM head and norms fully (random-init demo models)."""
@@ -35,7 +36,10 @@ class Hyperparameters:
 def hyperparameters(cfg: Config, n_params: int) -> Hyperparameters:
     """Fill the config's open values from the preset for a model of `n_params` parameters."""
     tc, lc = cfg.train, cfg.lora
-    preset = preset_for(n_params)
+    if cfg.resolution is not None:
+        preset = preset_named(cfg.resolution.preset)
+    else:  # built in memory, random-init: the tiny row below 0.5 B as before the resolution step existed
+        preset = preset_for(n_params, random_init=True)
     r = lc.r or preset.lora_r
     mts = lc.modules_to_save
     if mts == "auto":

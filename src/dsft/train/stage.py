@@ -31,6 +31,11 @@ def run(cfg: Config, run_dir: RunDir, *, force: bool = False, resume: str | None
     from dsft.train.monitor import Monitor
     from dsft.train.recipe import build_recipe, build_state
 
+    if cfg.resolution is None:  # called directly (tests, scripts): resolve the defaults once, as the CLI does
+        from dsft.config.resolve import resolve_config
+        from dsft.model.info import read_model_info
+
+        cfg = resolve_config(cfg, read_model_info(cfg.model.name_or_path))
     records, eval_records, train_path = read_splits(run_dir)
     dist = Dist(cfg.train)
     if dist.is_main:
