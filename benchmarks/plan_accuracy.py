@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dsft.plan.measure import Spec, compare, measure_in_subprocess, validation_specs  # noqa: E402
+from dsft.train.measure import Spec, compare, measure_in_subprocess, validation_specs  # noqa: E402
 
 MiB = 1024**2
 

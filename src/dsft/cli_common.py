@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-import yaml
 
 from dsft.config import Config, load_config
 from dsft.config.resolve import resolve_and_record
-from dsft.config.seed import quote
-from dsft.config.yaml_io import safe_load
-from dsft.errors import ConfigError
+from dsft.config.yaml_io import parse_overrides  # noqa: F401  (stage CLIs take it from here)
 from dsft.run import RunDir
 
 
@@ -22,20 +17,6 @@ def add_config_args(p: argparse.ArgumentParser, *, config_required: bool = False
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--force", action="store_true", help="overwrite a stage's existing output")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {quote(item)}: expected KEY=VALUE (e.g. train.max_steps=20)")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = safe_load(value) if value.strip() else None
-        except (yaml.YAMLError, ConfigError) as err:
-            why = str(getattr(err, "problem", None) or err).splitlines()[0][:200]
-            raise ConfigError(f"--set {quote(key.strip(), 80)}: value is not valid YAML ({why})") from err
-    return out
 
 
 ANNOUNCING_COMMANDS = ("data", "train", "run")

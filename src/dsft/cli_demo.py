@@ -37,7 +37,8 @@ def _run(args) -> int:
         sys.stdout.write(demo_config_path().read_text(encoding="utf-8"))
         return 0
     from dsft.config import load_config
-    from dsft.pipeline import build_report, run_pipeline, write_report
+    from dsft.pipeline import run_pipeline
+    from dsft.report.run_report import build_report, write_report
     from dsft.run import RunDir
 
     overrides = parse_overrides(args.overrides)

@@ -25,7 +25,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from dsft.pipeline import PIPELINE, build_report, run_pipeline, write_report
+    from dsft.pipeline import run_pipeline
+    from dsft.report.run_report import PIPELINE, build_report, write_report
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     bad = [s for s in stages if s not in PIPELINE]

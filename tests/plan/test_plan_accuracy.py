@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dsft.plan.measure import compare, measure_in_subprocess, validation_specs
+from dsft.train.measure import compare, measure_in_subprocess, validation_specs
 
 TOLERANCE_PCT = 10.0
 
@@ -43,7 +43,7 @@ def test_the_check_can_fail(rows):
     from dataclasses import replace
 
     from dsft.plan.estimate import estimate
-    from dsft.plan.measure import plan_request
+    from dsft.train.measure import plan_request
 
     for spec, row in zip(validation_specs(), rows, strict=True):
         if spec.gc:
@@ -53,8 +53,8 @@ def test_the_check_can_fail(rows):
 
 def test_measure_runs_the_trainers_own_setup_and_step(monkeypatch):
     """The measured step is dsft.train.setup's (method, AdamW groups, loss module, step), not a copy that can drift."""
-    from dsft.plan.measure import Spec, measure
     from dsft.train import setup
+    from dsft.train.measure import Spec, measure
 
     called: list[str] = []
     for name in ("apply_method", "make_optimizer", "build_loss", "training_step"):

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from dsft.config.seed import quote
 from dsft.errors import ConfigError
 
 MAX_ALIAS_EXPANSION = 100_000
@@ -88,3 +89,18 @@ def load_yaml_file(p: Path) -> Any:
         where = f" line {mark.line + 1}" if mark else ""
         problem = str(getattr(err, "problem", None) or err).splitlines()[0][:200]
         raise ConfigError(f"{p}:{where} not valid YAML ({problem})") from err
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items → {key: YAML value}; one-line ConfigError for a malformed item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {quote(item)}: expected KEY=VALUE (e.g. train.max_steps=20)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = safe_load(value) if value.strip() else None
+        except (yaml.YAMLError, ConfigError) as err:
+            why = str(getattr(err, "problem", None) or err).splitlines()[0][:200]
+            raise ConfigError(f"--set {quote(key.strip(), 80)}: value is not valid YAML ({why})") from err
+    return out

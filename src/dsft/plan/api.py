@@ -25,12 +25,13 @@ from dsft.plan.from_config import (
     request_from_config,
 )
 from dsft.plan.guidance import split_batch
-from dsft.plan.hardware import GPUS, Gpu, parse_gpu
-from dsft.plan.models import BUILTIN, Arch, resolve_arch
+from dsft.plan.hardware import GPUS, Gpu, cpu_device, parse_gpu
+from dsft.plan.models import BUILTIN, Arch, arch_from_hf_config, resolve_arch
 from dsft.plan.plan import Plan, fit_micro_batch, make_plan, plan_json
 
 __all__ = [
-    "Arch", "BUILTIN", "Estimate", "GPUS", "Gpu", "Plan", "PlanRequest", "auto_micro_batch", "effective_batch",
+    "Arch", "BUILTIN", "Estimate", "GPUS", "Gpu", "Plan", "PlanRequest", "arch_from_hf_config", "auto_micro_batch",
+    "cpu_device", "effective_batch",
     "estimate", "fit_micro_batch", "make_plan", "parse_gpu", "plan_for_config", "plan_from_options", "plan_json",
     "plan_training", "request_from_config", "request_from_options", "resolve_arch", "split_batch",
 ]
@@ -57,8 +58,8 @@ def _check_numbers(o: Mapping[str, Any]) -> None:
 
 
 def _from_config(o: Mapping[str, Any], gpu: Gpu | None) -> tuple[PlanRequest, dict[str, Any]]:
-    from dsft.cli_common import parse_overrides
     from dsft.config import load_config
+    from dsft.config.yaml_io import parse_overrides
 
     cfg = load_config(o["config"], parse_overrides(o.get("overrides") or []))
     if o.get("model"):

@@ -130,7 +130,7 @@ def plan_micro_batch(cfg: Config, run: RunDir, model_dir: Path, hp: Hyperparamet
     """Ask the memory planner before training: print its plan (or, when this run's plan stage already printed it, its
     verdict), warn if it will not fit, and resolve `per_device_train_batch_size: auto` to the largest micro-batch that
     fits, with gradient accumulation keeping the effective batch."""
-    from dsft.plan import plan_training  # the plan stage's public API
+    from dsft.plan.api import plan_training  # the plan stage's public API
 
     tc = cfg.train
     lines: list[str] = []

@@ -1,6 +1,6 @@
 """The trainer's setup, public: base model, method (LoRA/DoRA/QLoRA/full/freeze), precision, loss module, AdamW.
 
-`dsft.train.stage` builds a run from these, and the memory planner's measurements (`dsft.plan.measure`) call the
+`dsft.train.stage` builds a run from these, and the memory planner's measurements (`dsft.train.measure`) call the
 same functions, so what the planner is validated against is what `dsft train` runs.
 """
 

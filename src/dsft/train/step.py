@@ -2,7 +2,7 @@
 
 The summed token loss of a step's micro-batches is divided by the step's label count, so the gradient does not
 depend on how the step is split (micro-batches, ranks, packed rows). The loop (`dsft.train.loop`) and the
-planner's measurements (`dsft.plan.measure`) both call these.
+planner's measurements (`dsft.train.measure`) both call these.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ The `dsft` trainer's steps are the trainer's own: model method (fp32 router, LoR
 hyperparameters, AdamW parameter groups, loss module and optimizer step all come from `dsft.train.setup`, so the
 planner cannot be validated against a copy that drifted. The `hf` trainer is a plain PEFT + `model(labels=…)` step.
 
-Run as `python -m dsft.plan.measure SPEC.json` to measure in a fresh process; it prints one JSON line per spec.
+Run as `python -m dsft.train.measure SPEC.json` to measure in a fresh process; it prints one JSON line per spec.
 """
 
 from __future__ import annotations
@@ -78,9 +78,7 @@ class Spec:
 
 def plan_request(spec: Spec):
     """The PlanRequest that describes a Spec (what the planner is asked)."""
-    from dsft.plan.estimate import PlanRequest
-    from dsft.plan.hardware import GPUS, Gpu, cpu_device
-    from dsft.plan.models import arch_from_hf_config
+    from dsft.plan.api import GPUS, Gpu, PlanRequest, arch_from_hf_config, cpu_device
 
     arch = arch_from_hf_config(spec.hf_config(), name=spec.arch)
     gpu = cpu_device() if spec.device == "cpu" else Gpu("cuda", GPUS["H200-141GB"].memory_bytes, 989.0)
@@ -93,7 +91,7 @@ def plan_request(spec: Spec):
 
 
 def _lora_names(spec: Spec) -> list[str] | str:
-    from dsft.plan.models import arch_from_hf_config
+    from dsft.plan.api import arch_from_hf_config
 
     arch = arch_from_hf_config(spec.hf_config())
     names = sorted({lin.name for i in range(arch.layers) for lin in arch.layer_linears(i)})
@@ -241,7 +239,7 @@ def measure(spec: Spec) -> dict[str, Any]:
 
 
 def compare(spec: Spec, measured: int) -> dict[str, Any]:
-    from dsft.plan.estimate import estimate
+    from dsft.plan.api import estimate
 
     est = estimate(plan_request(spec))
     predicted = est.allocated
@@ -259,7 +257,7 @@ def measure_in_subprocess(specs: list[Spec], timeout: float = 600) -> list[dict[
 
     env = {**os.environ, **env_path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     payload = json.dumps([asdict(s) for s in specs])
-    r = subprocess.run([sys.executable, "-m", "dsft.plan.measure", "-"], input=payload, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "dsft.train.measure", "-"], input=payload, capture_output=True,
                        text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"measurement failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
