@@ -59,9 +59,8 @@ def _check_numbers(o: Mapping[str, Any]) -> None:
 
 def _from_config(o: Mapping[str, Any], gpu: Gpu | None) -> tuple[PlanRequest, dict[str, Any]]:
     from dsft.config import load_config
-    from dsft.config.yaml_io import parse_overrides
-
     from dsft.config.resolve import resolve_config
+    from dsft.config.yaml_io import parse_overrides
     from dsft.model.info import read_model_info
 
     cfg = load_config(o["config"], parse_overrides(o.get("overrides") or []))
