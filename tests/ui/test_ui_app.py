@@ -78,3 +78,4 @@ def test_the_chat_servers_stop_with_the_dashboard(tmp_path):
         assert c.post("/api/chat/stop", json={"run": "r"}).json() == {"ok": False}  # no server for r yet
         assert servers.stopped == 0
     assert servers.stopped == 1
+
