@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsft.report.progress import bar
+
 Messages = list[dict[str, str]]
 
 
@@ -48,7 +50,7 @@ def _model_device(model):
 
 
 def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 8,
-                          max_length: int | None = None) -> list[tuple[float, int]]:
+                          max_length: int | None = None, progress: str | None = "eval scoring") -> list[tuple[float, int]]:
     """For each (prompt ids, continuation ids): (sum of log p(continuation | prompt), number of tokens scored).
 
     Sequences longer than max_length lose prompt tokens from the left (the continuation is kept). Batches are
@@ -72,7 +74,8 @@ def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    pbar = bar(progress or "", total=len(seqs), unit=" seq", leave=False, enabled=None if progress else False)
+    with torch.inference_mode(), pbar:
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             L = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
@@ -96,6 +99,7 @@ def continuation_logprobs(model, tok, pairs: Sequence[tuple[list[int], list[int]
             sums, counts = tok_lp.sum(-1).tolist(), mask.sum(-1).tolist()
             for row, i in enumerate(idx):
                 out[i] = (float(sums[row]), int(counts[row]))
+            pbar.update(len(idx))
     model.train(was_training)
     return out
 
@@ -110,13 +114,13 @@ def _last_logits(model, ids, att, pos, keep: int):
 
 
 def answer_loss(model, tok, items: Sequence[tuple[Messages, str]], *, batch_size: int = 8,
-                max_length: int | None = None) -> dict[str, Any]:
+                max_length: int | None = None, progress: str | None = "eval loss") -> dict[str, Any]:
     """Token-weighted mean NLL of each reference answer given its prompt → {loss, perplexity, tokens, per_item}."""
     pairs = []
     for msgs, answer in items:
         p, c = continuation_text(tok, msgs, answer)
         pairs.append((_ids(tok, p), _ids(tok, c)))
-    res = continuation_logprobs(model, tok, pairs, batch_size=batch_size, max_length=max_length)
+    res = continuation_logprobs(model, tok, pairs, batch_size=batch_size, max_length=max_length, progress=progress)
     nll = -sum(s for s, _ in res)
     n = sum(k for _, k in res)
     loss = nll / n if n else float("nan")
@@ -125,7 +129,8 @@ def answer_loss(model, tok, items: Sequence[tuple[Messages, str]], *, batch_size
 
 
 def label_scores(model, tok, prompts: Sequence[Messages], labels: Sequence[str], *, batch_size: int = 8,
-                 max_length: int | None = None, mean: bool = False) -> list[dict[str, float]]:
+                 max_length: int | None = None, mean: bool = False,
+                 progress: str | None = "eval labels") -> list[dict[str, float]]:
     """For each prompt, {label: log p(label turn | prompt)} (label text + end-of-turn token; summed, or per-token mean)."""
     pairs, where = [], []
     for i, msgs in enumerate(prompts):
@@ -135,7 +140,7 @@ def label_scores(model, tok, prompts: Sequence[Messages], labels: Sequence[str],
             _, c = continuation_text(tok, msgs, lab)
             pairs.append((p_ids, _ids(tok, c)))
             where.append((i, lab))
-    res = continuation_logprobs(model, tok, pairs, batch_size=batch_size, max_length=max_length)
+    res = continuation_logprobs(model, tok, pairs, batch_size=batch_size, max_length=max_length, progress=progress)
     out: list[dict[str, float]] = [{} for _ in prompts]
     for (i, lab), (s, k) in zip(where, res, strict=True):
         out[i][lab] = s / max(k, 1) if mean else s
@@ -191,7 +196,7 @@ class GenerationSettings:
 
 
 def generate(model, tok, prompts: Sequence[Messages], settings: GenerationSettings, *,
-             max_prompt_length: int | None = None) -> dict[str, Any]:
+             max_prompt_length: int | None = None, progress: str | None = "eval generate") -> dict[str, Any]:
     """Batched generation with left padding → {texts, seconds, new_tokens, settings}."""
     import torch
 
@@ -217,7 +222,8 @@ def generate(model, tok, prompts: Sequence[Messages], settings: GenerationSettin
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    pbar = bar(progress or "", total=len(encoded), unit=" prompt", leave=False, enabled=None if progress else False)
+    with torch.inference_mode(), pbar:
         for b in range(0, len(order), settings.batch_size):
             idx = order[b: b + settings.batch_size]
             L = max(len(encoded[i]) for i in idx)
@@ -236,6 +242,7 @@ def generate(model, tok, prompts: Sequence[Messages], settings: GenerationSettin
                     new.pop()
                 new_tokens += len(new)
                 texts[i] = tok.decode(new, skip_special_tokens=True).strip()
+            pbar.update(len(idx))
     seconds = time.perf_counter() - t0
     model.train(was_training)
     return {"texts": texts, "seconds": seconds, "new_tokens": new_tokens, "settings": settings.as_dict()}

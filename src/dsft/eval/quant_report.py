@@ -78,9 +78,14 @@ def build_label_samples(tok, records: list[dict[str, Any]], labels: list[str] | 
 
 # ------------------------------------------------------------------------------------------------ measuring
 def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int, label_samples: list[dict[str, Any]] | None = None,
-            label_scoring: str = "sum") -> dict[str, Any]:
-    """Perplexity of the reference answers, ROUGE-L of greedy answers, label accuracy, prefill and decode tokens/s."""
+            label_scoring: str = "sum", progress: str | None = None) -> dict[str, Any]:
+    """Perplexity of the reference answers, ROUGE-L of greedy answers, label accuracy, prefill and decode tokens/s.
+    `progress`: the description of a terminal progress bar over the samples (none when None or piped)."""
     from dsft.eval.metrics import rouge_l
+    from dsft.report.progress import bar
+
+    pbar = bar(progress or "", total=len(samples) + len(label_samples or []), unit=" sample", leave=False,
+               enabled=None if progress else False)
 
     nll = ntok = prefill_t = decode_t = 0.0
     prefill_n = decode_n = 0
@@ -95,6 +100,7 @@ def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int, label_s
         prefill_n, decode_n = prefill_n + len(s["prompt"]), decode_n + len(toks) - 1
         gens.append(toks)
         preds.append(tok.decode(toks[: toks.index(eos)] if eos in toks else toks, skip_special_tokens=True))
+        pbar.update(1)
     correct = 0
     for item in label_samples or []:
         scores = {}
@@ -102,6 +108,8 @@ def measure(runner, samples: list[dict[str, Any]], tok, new_tokens: int, label_s
             v, k = runner.nll(item["prompt"] + cont, len(item["prompt"]))
             scores[lab] = -v / max(k, 1) if label_scoring == "mean" else -v
         correct += max(scores, key=scores.get) == item["gold"]
+        pbar.update(1)
+    pbar.close()
     return {
         "perplexity": math.exp(nll / max(ntok, 1)),
         "rouge_l": rouge_l(preds, [s["reference"] for s in samples]),
@@ -164,7 +172,7 @@ class QuantReport:
         t0 = time.perf_counter()
         with self.threads_set():
             m = measure(runner, self.samples, self.tok, self.ecfg.report_new_tokens, self.label_samples,
-                        self.cfg.eval.label_scoring)
+                        self.cfg.eval.label_scoring, progress=f"eval {variant.get('name', 'variant')}")
         gens = m.pop("gens")
         if self.reference is None:
             self.reference = {**m, "gens": gens, "size": variant["size_bytes"]}

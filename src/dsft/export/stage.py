@@ -9,6 +9,7 @@ from typing import Any
 
 from dsft.config import Config
 from dsft.errors import ExportError
+from dsft.report.progress import bar
 from dsft.run import RunDir, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -107,24 +108,32 @@ def export_model(base_dir: str | Path, out_dir: str | Path, cfg: Config, *, adap
                           f"(deepseek-v3, deepseek-llm, deepseek-coder, r1-distill …)")
     t0 = time.perf_counter()
     merged_dir = out_dir / "merged"
-    res = merge_and_save(base_dir, merged_dir, tok=tok, adapter_dir=adapter_dir, dtype=ecfg.dtype,
-                         conversations=conversations, trust_remote_code=cfg.model.trust_remote_code)
-    variants: list[dict[str, Any]] = [{
-        "name": "merged", "format": "safetensors", "dtype": ecfg.dtype, "path": "merged",
-        "size_bytes": dir_size(merged_dir, weights_only=True), "dir_bytes": dir_size(merged_dir), "engine": "transformers",
-        "seconds": round(time.perf_counter() - t0, 2),
-    }]
-    manifest = {
-        "merged": "merged", "dtype": ecfg.dtype, "max_abs_diff": res["max_abs_diff"],
-        "max_abs_diff_fp32_merge": res["max_abs_diff_fp32_merge"], "logit_scale": res["logit_scale"],
-        "tolerance": res["tolerance"], "within_tolerance": res["within_tolerance"], "base_model": str(base_dir),
-        "adapter": str(adapter_dir) if adapter_dir else None, "adapter_type": res["adapter_type"],
-        "params": res["params"], "variants": variants,
-    }
-    manifest.update({k: res[k] for k in ("fp16_max_activation", "fp16_max_activation_at") if k in res})
-    for fmt in ecfg.formats:
-        if fmt != "merged":
+    todo = [f for f in ecfg.formats if f != "merged"]
+    pbar = bar("export", total=1 + len(todo), unit=" variant")
+    try:
+        pbar.set_postfix_str("merged", refresh=True)
+        res = merge_and_save(base_dir, merged_dir, tok=tok, adapter_dir=adapter_dir, dtype=ecfg.dtype,
+                             conversations=conversations, trust_remote_code=cfg.model.trust_remote_code)
+        variants: list[dict[str, Any]] = [{
+            "name": "merged", "format": "safetensors", "dtype": ecfg.dtype, "path": "merged",
+            "size_bytes": dir_size(merged_dir, weights_only=True), "dir_bytes": dir_size(merged_dir), "engine": "transformers",
+            "seconds": round(time.perf_counter() - t0, 2),
+        }]
+        manifest = {
+            "merged": "merged", "dtype": ecfg.dtype, "max_abs_diff": res["max_abs_diff"],
+            "max_abs_diff_fp32_merge": res["max_abs_diff_fp32_merge"], "logit_scale": res["logit_scale"],
+            "tolerance": res["tolerance"], "within_tolerance": res["within_tolerance"], "base_model": str(base_dir),
+            "adapter": str(adapter_dir) if adapter_dir else None, "adapter_type": res["adapter_type"],
+            "params": res["params"], "variants": variants,
+        }
+        manifest.update({k: res[k] for k in ("fp16_max_activation", "fp16_max_activation_at") if k in res})
+        pbar.update(1)
+        for fmt in todo:
+            pbar.set_postfix_str(fmt, refresh=True)
             variants.append(make_variant(fmt, merged_dir, out_dir, tok=tok, conversations=conversations))
+            pbar.update(1)
+    finally:
+        pbar.close()
     return manifest
 
 
