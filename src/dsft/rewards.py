@@ -106,20 +106,26 @@ def _reference(record: dict[str, Any], key: str = "answer") -> str:
 
 
 # ---------------------------------------------------------------- built-in rewards
-def exact(completion: str, record: dict[str, Any], *, key: str = "answer", **_: Any) -> float:
-    """1 when the extracted final answer equals the record's answer (normalised text), else 0."""
-    return float(normalize_text(extract_answer(completion)) == normalize_text(_reference(record, key)))
+def exact(completion: str, record: dict[str, Any], *, key: str = "answer", extract: bool = True, **_: Any) -> float:
+    """1 when the final answer equals the record's answer (normalised text), else 0. extract=False compares the
+    whole answer part (after `</think>`), so a completion cannot list several guesses and score with the last."""
+    got = extract_answer(completion) if extract else after_think(completion)
+    return float(normalize_text(got) == normalize_text(_reference(record, key)))
 
 
 def numeric(completion: str, record: dict[str, Any], *, key: str = "answer", rel_tol: float = 1e-6,
-            abs_tol: float = 1e-9, **_: Any) -> float:
+            abs_tol: float = 1e-9, extract: bool = True, **_: Any) -> float:
     """1 when the final answer's number equals the record's (\\boxed{} first, else the last number), else 0;
-    falls back to exact text match when the reference is not a number."""
+    falls back to exact text match when the reference is not a number. extract=False: the answer part must hold
+    exactly one number (no scoring by listing several)."""
     ref_text = _reference(record, key)
     ref = parse_number(last_boxed(ref_text) or ref_text)
     if ref is None:
-        return exact(completion, record, key=key)
-    got = parse_number(extract_answer(completion))
+        return exact(completion, record, key=key, extract=extract)
+    part = extract_answer(completion) if extract else after_think(completion).strip()
+    if not extract and len(NUMBER.findall(part)) != 1:
+        return 0.0
+    got = parse_number(part)
     return float(got is not None and math.isclose(got, ref, rel_tol=rel_tol, abs_tol=abs_tol))
 
 
