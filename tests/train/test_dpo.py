@@ -135,3 +135,16 @@ def test_dpo_full_method_uses_a_frozen_copy(tmp_path):
                    learning_rate=1e-4)
     m = train(cfg, run)
     assert m["reference"] == "frozen copy of the base" and m["loss_first"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize(("name", "objective"), [("dpo_deepseek_llm_7b", "dpo"), ("grpo_r1_distill_qwen_7b_math", "grpo")])
+def test_example_configs_load(name, objective):
+    from pathlib import Path
+
+    from dsft.config import load_config
+    from dsft.rewards import load_rewards
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml")
+    assert cfg.train.objective == objective and cfg.train.method == "lora"
+    if objective == "grpo":
+        assert cfg.grpo.max_completion_length >= 1024 and len(load_rewards(cfg.grpo.rewards)) == 2
