@@ -148,3 +148,24 @@ def test_example_configs_load(name, objective):
     assert cfg.train.objective == objective and cfg.train.method == "lora"
     if objective == "grpo":
         assert cfg.grpo.max_completion_length >= 1024 and len(load_rewards(cfg.grpo.rewards)) == 2
+
+
+def test_r1_pairs_keep_their_reasoning_and_match_the_generation_prompt():
+    """R1 templates drop a final answer's `<think>…</think>`: a pair is then encoded as the model generates it —
+    the generation prompt (ending in `<think>\\n`, the same ids GRPO samples from) + the reasoning and answer."""
+    from dsft.model.tokenizer import load_tokenizer
+    from dsft.train.encode import IGNORE
+    from dsft.train.objectives.encode import encode_prompts
+
+    tok = load_tokenizer("deepseek-r1-distill-qwen-7b", chat_template="r1-distill-qwen")
+    rec = {"id": "r1", "prompt": [{"role": "user", "content": "1+1=?"}],
+           "chosen": "<think>\n一加一等于二</think>\n\n答案 \\boxed{2}", "rejected": "3"}
+    pair = encode_pairs(tok, [rec], 256)[0][0]
+    prompt = encode_prompts(tok, [rec], 256)[0][0].input_ids
+
+    def labelled(side):
+        return tok.decode([t for t, lab in zip(side.input_ids, side.labels, strict=True) if lab != IGNORE])
+
+    assert tok.decode(prompt).endswith("<｜Assistant｜><think>\n") and pair.chosen.input_ids[:len(prompt)] == prompt
+    assert labelled(pair.chosen) == "一加一等于二</think>\n\n答案 \\boxed{2}<｜end▁of▁sentence｜>"
+    assert labelled(pair.rejected) == "3<｜end▁of▁sentence｜>"  # no reasoning: encoded exactly as SFT encodes it

@@ -76,6 +76,27 @@ def _cut_prompt(ids: list[int], labels: list[int], max_prompt: int | None) -> tu
     return ids[cut:], labels[cut:]
 
 
+def encode_answer(tok, prompt: list[dict[str, str]], answer: str, max_len: int
+                  ) -> tuple[list[int], list[int], bool, int]:
+    """prompt + one answer → (ids, labels on the answer and its end token, truncated, answer characters).
+
+    As SFT encodes a conversation, unless the template rewrites the final answer: R1 templates drop everything
+    up to `</think>`, which would train on the bare answer (or on nothing). Then the pair is encoded the way the
+    model generates it: the generation prompt (ending in R1's `<think>\n`), the answer without the part the
+    prompt already holds, and the end token.
+    """
+    ids, labels, truncated, chars = encode_messages(tok, [*prompt, {"role": "assistant", "content": answer}], max_len)
+    if chars > len(answer):  # the answer survived rendering (its span is the answer + the end token)
+        return ids, labels, truncated, chars
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    overlap = next((k for k in range(min(len(head), len(answer)), 0, -1) if head.endswith(answer[:k])), 0)
+    tail = answer[overlap:] + (tok.eos_token or "")
+    head_ids = list(tok(head, add_special_tokens=False)["input_ids"])
+    tail_ids = list(tok(tail, add_special_tokens=False)["input_ids"])
+    ids, labels = head_ids + tail_ids, [IGNORE] * len(head_ids) + tail_ids
+    return ids[:max_len], labels[:max_len], len(ids) > max_len, len(tail)
+
+
 def encode_pairs(tok, records: list[dict], max_len: int, *, max_prompt: int | None = None,
                  source: str = "train.jsonl") -> tuple[list[PairExample], EncodeReport]:
     """Encode every pair; drop (and count) pairs with an answer truncated away or identical answers."""
@@ -90,8 +111,7 @@ def encode_pairs(tok, records: list[dict], max_len: int, *, max_prompt: int | No
             text = rec.get(key)
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{source}: line {n}: key '{key}': expected the non-empty answer text")
-            ids, labels, truncated, chars = encode_messages(tok, [*prompt, {"role": "assistant", "content": text}],
-                                                            max_len + (max_prompt or 0))
+            ids, labels, truncated, chars = encode_answer(tok, prompt, text, max_len + (max_prompt or 0))
             ids, labels = _cut_prompt(ids, labels, max_prompt)
             ids, labels = ids[:max_len], labels[:max_len]
             rep.truncated += int(truncated or len(ids) < len(labels))
