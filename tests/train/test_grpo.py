@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from train_helpers import Crash, crash_at, make_run
 
 from dsft.errors import TrainError
+from dsft.eval.stage import evaluate
+from dsft.rewards import numeric
 from dsft.train import train
 from dsft.train.objectives.grpo import group_advantages, token_losses
 
@@ -40,9 +42,11 @@ def test_group_advantages_and_clipped_surrogate():
 
 
 def test_grpo_learns_the_toy_task(tmp_path, warm):
-    """Reward < 0.3 at the first step (the warm-up taught the format, not the answer), > 0.8 at the end."""
-    run = make_run(tmp_path, toy_prompts(24))
-    m = train(grpo_cfg(tmp_path, warm), run)
+    """Reward < 0.3 at the first step (the warm-up taught the format, not the answer), > 0.8 at the end; the eval
+    stage scores the held-out prompts with the same reward before and after (greedy answers)."""
+    run = make_run(tmp_path, toy_prompts(24), eval_records=toy_prompts(6, offset=100))
+    cfg = grpo_cfg(tmp_path, warm)
+    m = train(cfg, run)
     rewards = _rewards(tmp_path / "train")
     assert rewards[0] < 0.3
     assert sum(rewards[-3:]) / 3 > 0.8, rewards
@@ -51,6 +55,14 @@ def test_grpo_learns_the_toy_task(tmp_path, warm):
     rec = json.loads((tmp_path / "train/log.jsonl").read_text().splitlines()[-1])
     assert {"grpo/reward_std", "grpo/completion_len", "grpo/truncated", "grpo/kl", "grpo/clip_ratio"} <= \
         rec["objective"].keys()
+    cfg.eval.max_new_tokens = 8
+    ev = evaluate(cfg, run)
+    rows = [json.loads(x) for x in (tmp_path / "eval/predictions.jsonl").read_text().splitlines()]
+    after = [r for r in rows if r["model"] == "finetuned"]
+    assert len(after) == 6 and all(r["reward"] == numeric(r["prediction"], {"answer": "7"}, extract=False)
+                                   for r in after)
+    assert ev["after"]["reward"] == sum(r["reward"] for r in after) / 6
+    assert ev["before"]["reward"] < 0.5 < ev["after"]["reward"] and ev["headline"].startswith("reward ")
 
 
 def test_resume_mid_grpo_is_bit_exact(tmp_path, warm):
@@ -96,3 +108,31 @@ def test_a_raising_reward_function_stops_with_its_name(tmp_path, warm):
     cfg = grpo_cfg(tmp_path, warm, rewards=[{"name": "pref_helpers:broken_reward"}])
     with pytest.raises(TrainError, match=r"reward function pref_helpers:broken_reward raised KeyError.*record 'toy:"):
         train(cfg, run)
+
+
+def test_oom_ladder_mid_grpo_retries_the_same_rollouts(tmp_path, warm):
+    """An out-of-memory error at step 2 halves the micro-batch (prompts × G completions) twice and retries the step
+    on the rollouts already sampled: same rewards, and the same loss as the run without the error (dapo's
+    normaliser does not depend on the split)."""
+    def cfg(root):
+        c = grpo_cfg(root, warm)
+        c.train.max_steps = 3
+        return c
+
+    train(cfg(tmp_path / "ref"), make_run(tmp_path / "ref", toy_prompts(24)))
+    seen = []
+
+    def oom(step, micro):
+        seen.append((step, micro))
+        if step == 2 and micro > 16:
+            raise torch.OutOfMemoryError("injected")
+
+    m = train(cfg(tmp_path / "oom"), make_run(tmp_path / "oom", toy_prompts(24)), fault_hook=oom)
+    log = [json.loads(x) for x in (tmp_path / "oom/train/log.jsonl").read_text().splitlines()]
+    actions = [r["action"] for r in log if r.get("event") == "oom"]
+    assert len(actions) == 2 and "halved to 4" in actions[0] and "halved to 2" in actions[1]
+    assert (2, 64) in seen and (2, 16) in seen and m["micro_batch"] == 2
+    ref = [json.loads(x) for x in (tmp_path / "ref/train/log.jsonl").read_text().splitlines()]
+    assert _rewards(tmp_path / "oom/train")[:2] == _rewards(tmp_path / "ref/train")[:2]
+    la, lb = ([r["loss"] for r in lg if "loss" in r and "event" not in r] for lg in (log, ref))
+    assert la[0] == lb[0] and abs(la[1] - lb[1]) < 1e-5
