@@ -15,7 +15,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dsft"
 STAGES = ("plan", "data", "train", "eval", "export", "serve", "deploy", "ui")
-SHARED = ("config", "model", "report", "run", "records", "errors")
+SHARED = ("config", "model", "report", "run", "records", "errors", "rewards")
 # the only imports from one stage into another, each naming the public module it may use, and why
 ALLOWED_EDGES = {
     ("train", "dsft.plan.api"): "train resolves `per_device_train_batch_size: auto` with the planner, and the "

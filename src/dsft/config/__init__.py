@@ -12,6 +12,7 @@ from dsft.config.eval import EvalConfig
 from dsft.config.export import ExportConfig
 from dsft.config.model import EMBEDDED_MODEL, ModelConfig
 from dsft.config.plan import PlanConfig
+from dsft.config.preference import DpoConfig, GrpoConfig
 from dsft.config.resolution import Resolution
 from dsft.config.resolve import resolve_config
 from dsft.config.seed import SEED_KEYS, map_seed_layout, put, quote
@@ -22,7 +23,7 @@ from dsft.errors import ConfigError
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "TrainConfig", "LoraConfig", "EvalConfig", "ExportConfig",
-    "ServeConfig", "PlanConfig", "Resolution", "load_config", "config_from_dict", "EMBEDDED_MODEL", "EMBEDDED_DATA",
+    "ServeConfig", "PlanConfig", "DpoConfig", "GrpoConfig", "Resolution", "load_config", "config_from_dict", "EMBEDDED_MODEL", "EMBEDDED_DATA",
     "resolve_config",
 ]
 
@@ -37,6 +38,8 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     resolution: Resolution | None = None
     """Filled by dsft.config.resolve (preset, why, where each value came from); None until resolved."""
 

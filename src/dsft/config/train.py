@@ -26,6 +26,9 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     method: Literal["lora", "dora", "qlora", "full", "freeze"] = "lora"
+    objective: Literal["sft", "dpo", "orpo", "simpo", "grpo"] = "sft"
+    """What is optimised: sft (next-token loss on assistant turns), dpo / orpo / simpo (preference pairs, `dpo:`
+    section) or grpo (RL prompts with verifiable rewards, `grpo:` section). See docs/preference.md."""
     num_train_epochs: float | None = Field(None, gt=0)
     """Unset: the preset's (3 for the tiny random-init row, else 1). train.max_steps, when set, wins."""
     max_steps: int | None = Field(None, gt=0)

@@ -21,6 +21,10 @@ def run(cfg: Config, run_dir: RunDir, *, force: bool = False) -> dict[str, Any]:
     `data.streaming: true` keeps the records in work files instead of memory; the outputs are the same bytes."""
     from dsft.data.engine import get_engine
 
+    if cfg.train.objective != "sft":  # preference pairs or RL prompts: their own reader (docs/preference.md)
+        from dsft.data import preference
+
+        return preference.run(cfg, run_dir, force=force)
     d = cfg.data
     out_dir = run_dir.prepare_stage("data", force=force)
     if d.streaming and "shuffle_buffer" in d.model_fields_set:

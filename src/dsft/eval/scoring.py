@@ -59,6 +59,9 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
     preds, refs = gen["texts"], [a for _, a in items]
     res: dict[str, Any] = {"loss": loss["loss"], "perplexity": loss["perplexity"], "answer_tokens": loss["tokens"]}
     res.update(M.text_metrics(preds, refs, lang, metrics=("rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em")))
+    rewards = verifiable_rewards(cfg, records, preds)
+    if rewards is not None:
+        res["reward"] = sum(rewards) / max(len(rewards), 1)
     res["generation_s"] = round(gen["seconds"], 3)
     res["latency_ms_per_sample"] = round(1000 * gen["seconds"] / max(len(preds), 1), 2)
     res["new_tokens"] = gen["new_tokens"]
@@ -68,6 +71,8 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
         rows.append({"model": name, "task": "generation", "id": r.get("id"), "domain": r.get("domain"),
                      "difficulty": r.get("difficulty"), "prompt": msgs[-1]["content"] if msgs else "",
                      "prediction": p, "reference": ref, "loss": nll})
+        if rewards is not None:
+            rows[-1]["reward"] = rewards[len(rows) - 1]
     cls_pred: list[str] = []
     gold = [str(r.get("label")) if r.get("label") is not None else None for r in records]
     if labels and cfg.data.label_prompt and any(g is not None for g in gold):
@@ -104,6 +109,16 @@ def evaluate_model(model, tok, records: list[dict[str, Any]], cfg: Config, *, la
     return res, rows
 
 
+def verifiable_rewards(cfg: Config, records: list[dict[str, Any]], preds: list[str]) -> list[float] | None:
+    """A GRPO run's task score of each answer (grpo.rewards through dsft.rewards, as in training), else None."""
+    if cfg.train.objective != "grpo":
+        return None
+    from dsft.rewards import load_rewards, score
+
+    fns = load_rewards(cfg.grpo.rewards)
+    return [score(fns, p, r)[0] for p, r in zip(preds, records, strict=True)]
+
+
 def breakdowns(records, preds, refs, gold, cls_pred, fields, lang) -> dict[str, dict[str, dict[str, Any]]]:
     """{field: {value: {n, rouge_l, bleu, accuracy}}} for each field with at least two distinct values."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -127,7 +142,9 @@ def breakdowns(records, preds, refs, gold, cls_pred, fields, lang) -> dict[str, 
 def headline(before: dict[str, Any], after: dict[str, Any], quantized: dict[str, Any] | None = None,
              reference: dict[str, Any] | None = None) -> str:
     """The seed's headline form: "accuracy X % → Y %" (+ ", latency −Z %" of a quantized variant vs `reference`)."""
-    if before.get("accuracy") is not None and after.get("accuracy") is not None:
+    if before.get("reward") is not None and after.get("reward") is not None:  # a GRPO run's verifiable task
+        text = f"reward {before['reward']:.2f} → {after['reward']:.2f}"
+    elif before.get("accuracy") is not None and after.get("accuracy") is not None:
         text = f"accuracy {fmt_pct(before['accuracy'], 0)} → {fmt_pct(after['accuracy'], 0)}"
     elif before.get("rouge_l") is not None and after.get("rouge_l") is not None:
         text = f"ROUGE-L {before['rouge_l']:.3f} → {after['rouge_l']:.3f}"
@@ -143,7 +160,7 @@ def headline(before: dict[str, Any], after: dict[str, Any], quantized: dict[str,
 
 
 SUMMARY_KEYS = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "f1", "em", "accuracy", "macro_f1", "auc",
-                "gen_accuracy",
+                "gen_accuracy", "reward",
                 "latency_ms_per_sample", "ms_per_new_token")
 
 

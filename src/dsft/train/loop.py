@@ -76,9 +76,12 @@ def train_loop(r: Recipe, s: st.TrainState, *, eval_fn: EvalFn | None, fault_hoo
 
 def one_step(r: Recipe, s: st.TrainState, step: int, trainable: list, fault_hook: FaultHook | None) -> dict:
     """Optimizer step `step` (0-based): set the LR, forward/backward (retried down the OOM ladder), clip, check, apply."""
-    tc = r.tc
+    tc, obj = r.tc, r.objective
     exs = [r.examples[i] for i in r.plan.samples(step)]
-    n_lab = sum(e.n_labels for e in exs)
+    if obj is not None:  # GRPO samples and scores its rollouts here; n_lab is the objective's normaliser
+        exs, n_lab = obj.prepare_step(r, s, step, exs)
+    else:
+        n_lab = sum(e.n_labels for e in exs)
     cur_lr = r.hp.learning_rate * lr_factor(step, r.total_steps, r.warmup, tc.lr_scheduler, tc.cycle_fraction)
     for g in s.opt.param_groups:
         g["lr"] = cur_lr
@@ -87,6 +90,8 @@ def one_step(r: Recipe, s: st.TrainState, step: int, trainable: list, fault_hook
     gn = unscale_and_clip(r.dist, s.opt, s.scaler, trainable, tc.max_grad_norm, loss_finite=math.isfinite(loss))
     rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": gn, "tokens": toks,
            "epoch": round((step + 1) / r.plan.steps_per_epoch, 4), "micro_batch": s.ladder.micro_batch}
+    if obj is not None:
+        rec["objective"] = obj.step_metrics(step + 1)
     s.monitor.step(rec)  # raises on NaN/inf before the optimizer applies it
     apply_update(r.dist, s.opt, s.scaler)
     return rec
@@ -97,11 +102,14 @@ def _forward_backward_with_ladder(r: Recipe, s: st.TrainState, step: int, exs: l
     """forward_backward; on out-of-memory climb one rung of the ladder and retry the step from its start (same
     samples, same dropout RNG), or stop with a hint when no rung is left."""
     rng = torch.get_rng_state()
+    obj = r.objective
+    kw = {"collate_fn": obj.collate} if obj is not None else {}
     while True:
+        micro = s.ladder.micro_batch * (obj.units_per_example if obj is not None else 1)
         try:
-            return forward_backward(s.loss_mod, exs, micro=s.ladder.micro_batch, n_labels=n_lab, packing=r.tc.packing,
+            return forward_backward(s.loss_mod, exs, micro=micro, n_labels=n_lab, packing=r.tc.packing,
                                     capacity=r.capacity, pad_id=r.pad_id, dist=r.dist, autocast=_fwd_context(r, s),
-                                    scaler=s.scaler, fault_hook=fault_hook, step=step + 1)
+                                    scaler=s.scaler, fault_hook=fault_hook, step=step + 1, **kw)
         except torch.OutOfMemoryError:
             s.opt.zero_grad(set_to_none=True)
             if r.device.type == "cuda":
@@ -166,6 +174,8 @@ def evaluate(r: Recipe, s: st.TrainState, eval_fn: EvalFn | None) -> bool:
     done = s.step
     if eval_fn is not None:
         metrics = eval_fn(s.model, done)
+    elif r.objective is not None:
+        metrics = r.objective.evaluate(r, s)
     else:
         metrics = {"eval_loss": eval_loss(s.loss_mod, s.model, r.eval_examples, micro=s.ladder.micro_batch,
                                           capacity=r.capacity, pad_id=r.pad_id, device=r.device,

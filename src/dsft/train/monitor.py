@@ -137,7 +137,9 @@ class Monitor:
         if losses and not self.health_warned and step >= self.cfg.loss_health_steps:
             self._check_loss_health(step)
         if step % self.cfg.logging_steps == 0 or step == 1:
-            self._track(step, {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in rec})
+            tracked = {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in rec}
+            tracked.update({k: v for k, v in (rec.get("objective") or {}).items() if v is not None})  # dpo/…, grpo/…
+            self._track(step, tracked)
 
     def _check_loss_health(self, step: int) -> None:
         """Seed rule on smoothed losses: warn once when the token-weighted mean loss of the last `window` steps is

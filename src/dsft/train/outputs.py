@@ -60,6 +60,9 @@ def manifest(r: Recipe, s: TrainState, res: LoopResult, adapter: str | None, mod
     }
     if s.scaler is not None:
         m["grad_scaler"] = {"scale": float(s.scaler.get_scale())}
+    m["objective"] = "sft"
+    if r.objective is not None:
+        m.update(r.objective.manifest(s.monitor.history))
     return m
 
 

@@ -23,6 +23,7 @@ from dsft.train.batching import StepPlan
 from dsft.train.dist import Dist
 from dsft.train.encode import Encoded, EncodeReport, dataset_fingerprint, encode_records
 from dsft.train.hparams import Hyperparameters, hyperparameters
+from dsft.train.objectives import for_config
 from dsft.train.offload import offload_available
 from dsft.train.state import EarlyStopping, Ladder, TrainState, run_info
 
@@ -51,6 +52,8 @@ class Recipe:
     pad_id: int
     precision: str
     prev_attn: str | None
+    objective: Any = None
+    """dsft.train.objectives: DPO/ORPO/SimPO/GRPO plugged into this loop; None for SFT."""
 
     @property
     def tc(self):
@@ -79,8 +82,10 @@ def build_recipe(cfg: Config, run: RunDir, dist: Dist, records: list[dict], eval
     model_dir = resolve_model_dir(cfg.model.name_or_path).resolve()
     tok = _tokenizer(cfg, model_dir)
     max_len = cfg.data.max_seq_length
-    examples, enc_rep = encode_records(tok, records, max_len, source=str(train_path))
-    eval_examples = encode_records(tok, eval_records, max_len, source="eval.jsonl")[0] if eval_records else []
+    objective = for_config(cfg)
+    encode = objective.encode if objective is not None else encode_records
+    examples, enc_rep = encode(tok, records, max_len, source=str(train_path))
+    eval_examples = encode(tok, eval_records, max_len, source="eval.jsonl")[0] if eval_records else []
 
     model = setup.load_base(cfg, model_dir, dist.device)
     hp = hyperparameters(cfg, setup.count_params(model))
@@ -103,7 +108,7 @@ def build_recipe(cfg: Config, run: RunDir, dist: Dist, records: list[dict], eval
                     fingerprint=dataset_fingerprint(examples), hp=hp, info=info, plan=plan, total_steps=total_steps,
                     warmup=tc.warmup_steps or int(tc.warmup_ratio * total_steps), micro=micro, effective=effective,
                     capacity=capacity, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                    precision=precision, prev_attn=prev_attn)
+                    precision=precision, prev_attn=prev_attn, objective=objective)
     return recipe, model
 
 
@@ -165,7 +170,8 @@ def build_state(r: Recipe, model, eval_fn) -> TrainState:
                   "nothing to offload", flush=True)
     if tc.gradient_checkpointing:
         setup.enable_checkpointing(model)
-    loss_mod = dist.prepare(setup.build_loss(model, tc.loss_chunk_size))
+    raw_loss = r.objective.build_loss(model, r) if r.objective is not None else setup.build_loss(model, tc.loss_chunk_size)
+    loss_mod = dist.prepare(raw_loss)
     if tc.compile and dist.world == 1:
         loss_mod = torch.compile(loss_mod, dynamic=True)
     opt, names = setup.make_optimizer(model, r.cfg, r.hp)
@@ -177,4 +183,4 @@ def build_state(r: Recipe, model, eval_fn) -> TrainState:
                           greater_is_better=bool(getattr(eval_fn, "greater_is_better", False)) if eval_fn else False,
                           patience=tc.early_stopping_patience, delta=tc.early_stopping_delta)
     return TrainState(model=model, loss_mod=loss_mod, opt=opt, names=names, ladder=ladder, early=early,
-                      scaler=setup.make_scaler(r.precision, r.device))
+                      scaler=setup.make_scaler(r.precision, r.device), objective=r.objective)

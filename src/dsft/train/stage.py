@@ -61,6 +61,8 @@ def run(cfg: Config, run_dir: RunDir, *, force: bool = False, resume: str | None
 
     adapter, model_dir = outputs.save_trained(r, s)
     s.monitor.plot(r.stage_dir / "loss.png")
+    if r.objective is not None and dist.is_main:
+        r.objective.plot(s.monitor.history, r.stage_dir)
     s.monitor.close(png=r.stage_dir / "loss.png")
     manifest = outputs.manifest(r, s, result, adapter, model_dir)
     if dist.is_main:
@@ -108,7 +110,7 @@ def claim_stage_dir(run: RunDir, *, resume: str | None, force: bool) -> Path:
 
 def default_eval_fn(cfg: Config, eval_records: list[dict], tok):
     """The eval stage's during-training metric when one other than the eval loss is configured, else None."""
-    if cfg.train.evaluation_strategy == "no" or not eval_records or \
+    if cfg.train.evaluation_strategy == "no" or not eval_records or cfg.train.objective != "sft" or \
             cfg.eval.during_training_metric in ("eval_loss", "loss"):
         return None
     from dsft.eval.during_training import make_eval_fn  # the eval stage's public during-training hook

@@ -110,6 +110,8 @@ class TrainState:
     train_seconds: float = 0.0
     """Seconds trained by earlier sessions of this run (a resumed run continues the count)."""
     history: list[dict] = field(default_factory=list)
+    objective: Any = None
+    """The training objective (dsft.train.objectives) when not SFT; its state_dict travels in state.json."""
 
     def state_dict(self, run_info: dict[str, Any], *, train_seconds: float) -> dict[str, Any]:
         """state.json of a checkpoint: the run's identity (`run_info`) + each component's named keys."""
@@ -119,6 +121,8 @@ class TrainState:
               "data_position": {"next_step": self.step}}
         if self.scaler is not None:
             st["grad_scaler"] = self.scaler.state_dict()
+        if self.objective is not None:
+            st["objective"] = self.objective.state_dict()
         return st
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -129,6 +133,8 @@ class TrainState:
         self.ladder.load_state_dict(st, self.model)
         if self.scaler is not None and st.get("grad_scaler"):
             self.scaler.load_state_dict(st["grad_scaler"])
+        if self.objective is not None:
+            self.objective.load_state_dict(st.get("objective") or {})
 
 
 def run_info(tc, *, total_steps: int, effective: int, fingerprint: str, world: int) -> dict[str, Any]:

@@ -31,14 +31,14 @@ def collate(chunk: Sequence[Encoded], *, packing: bool, capacity: int, pad_id: i
 def forward_backward(loss_mod, exs: list[Encoded], *, micro: int, n_labels: int, packing: bool, capacity: int,
                      pad_id: int, dist, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                      scaler: torch.amp.GradScaler | None = None, fault_hook: FaultHook | None = None,
-                     step: int = 0) -> tuple[float, int]:
+                     step: int = 0, collate_fn: Callable[..., dict[str, torch.Tensor]] = collate) -> tuple[float, int]:
     """Forward/backward this rank's micro-batches of one step; gradients = d(Σ token CE / n_labels) over all ranks.
     Returns (Σ token CE, real tokens) over all ranks.
 
     Micro-batches are dealt round-robin to ranks; DDP / ZeRO average gradients over ranks, hence the × world.
     A rank left without a micro-batch (short last step) still joins the gradient sync with a zero loss; under
     FSDP / DeepSpeed, whose every forward/backward is collective, short ranks pad with zero-loss passes so all
-    ranks run the same number.
+    ranks run the same number. collate_fn: how a chunk becomes a batch (objectives collate pairs / rollouts).
     """
     chunks = split_micro(exs, micro)
     mine = [(c, float(dist.world)) for c in chunks[dist.rank::dist.world]]
@@ -48,7 +48,7 @@ def forward_backward(loss_mod, exs: list[Encoded], *, micro: int, n_labels: int,
     for j, (chunk, weight) in enumerate(mine):
         if fault_hook is not None:
             fault_hook(step, micro)
-        batch = collate(chunk, packing=packing, capacity=capacity, pad_id=pad_id)
+        batch = collate_fn(chunk, packing=packing, capacity=capacity, pad_id=pad_id)
         with dist.no_sync(loss_mod, sync=j == len(mine) - 1):
             with autocast():
                 loss_sum = loss_mod(to_device(batch, dist.device))

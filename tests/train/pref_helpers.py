@@ -1,0 +1,67 @@
+"""Helpers for preference / GRPO tests: pairs and verifiable prompts built from real packaged data."""
+
+from __future__ import annotations
+
+from train_helpers import medical_records
+
+REFUSALS = ("抱歉，我无法回答这个问题。", "作为一个AI，我不能提供医疗建议，请咨询医生。", "这个问题我不清楚。")
+
+
+def preference_records(n: int, *, offset: int = 0, answer_chars: int = 160) -> list[dict]:
+    """n pairs from the shipped medical QA rows: the real answer is chosen, a boilerplate refusal rejected."""
+    rows = [r for r in medical_records(n + offset, with_label_task=False)][offset:]
+    out = []
+    for k, r in enumerate(rows):
+        q = r["messages"][0]["content"][:120]
+        chosen = r["fields"]["answer"][:answer_chars]
+        prompt = [{"role": "user", "content": q}]
+        out.append({"id": f"pair:{offset + k}", "prompt": prompt, "chosen": chosen, "rejected": REFUSALS[k % 3],
+                    "messages": [*prompt, {"role": "assistant", "content": chosen}]})
+    return out
+
+
+
+def toy_prompts(n: int, *, offset: int = 0) -> list[dict]:
+    """The verifiable toy task: varied questions whose answer is the number 7 (reward `numeric` vs `answer`)."""
+    out = []
+    for k in range(offset, offset + n):
+        prompt = [{"role": "user", "content": f"第{k}题：幸运数字是几？只回答一个数字。"}]
+        out.append({"id": f"toy:{k}", "prompt": prompt, "answer": "7",
+                    "messages": [*prompt, {"role": "assistant", "content": "7"}]})
+    return out
+
+
+def toy_warmup_records(n: int) -> list[dict]:
+    """SFT warm-up on the format only: the same questions answered with the digits 0–9 in turn (7 one time in 10)."""
+    return [{"id": f"warm:{k}", "messages": [*rec["prompt"], {"role": "assistant", "content": str(k % 10)}]}
+            for k, rec in enumerate(toy_prompts(n))]
+
+
+def broken_reward(completion: str, record: dict, **_) -> float:
+    """A user reward (entry point pref_helpers:broken_reward) with a bug."""
+    return {"7": 1.0}[completion.strip()]
+
+
+def warm_model(root, steps: int = 30):
+    """A tiny DeepSeek-V3 fully fine-tuned for a few steps on the toy task's format (answers end, digits 0–9)."""
+    from train_helpers import make_run, tiny_cfg
+
+    from dsft.train import train
+
+    run = make_run(root, toy_warmup_records(60))
+    cfg = tiny_cfg(root, method="full", max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3)
+    cfg.data.max_seq_length = 64
+    train(cfg, run)
+    return root / "train" / "model"
+
+
+def grpo_cfg(root, model_dir, **grpo):
+    from dsft.config import config_from_dict
+
+    return config_from_dict({
+        "run_dir": str(root), "model": {"name_or_path": str(model_dir)}, "data": {"max_seq_length": 64},
+        "train": {"objective": "grpo", "method": "full", "max_steps": 18, "per_device_train_batch_size": 8,
+                  "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 1,
+                  "save_steps": 1000, "report_to": ["none"]},
+        "grpo": {"num_generations": 8, "max_completion_length": 8, "beta": 0.1,
+                 "rewards": [{"name": "numeric", "args": {"extract": False}}], **grpo}})
