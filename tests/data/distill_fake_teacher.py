@@ -31,6 +31,7 @@ class FakeTeacher:
     def __init__(self, script: Callable[[str, int, int], Reply], delay_s: float = 0.0):
         self.script, self.delay_s = script, delay_s
         self.log: list[tuple[float, str, int, int, int]] = []
+        self.auth: list[str | None] = []
         self.attempts: dict[tuple[str, int], int] = {}
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -60,7 +61,9 @@ class FakeTeacher:
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt, k = body["messages"][-1]["content"], int(body.get("seed", 0))
+                t0 = time.monotonic()
                 with fake.lock:
+                    fake.auth.append(self.headers.get("Authorization"))
                     attempt = fake.attempts.get((prompt, k), 0)
                     fake.attempts[(prompt, k)] = attempt + 1
                     fake.in_flight += 1
@@ -71,7 +74,7 @@ class FakeTeacher:
                 finally:
                     with fake.lock:
                         fake.in_flight -= 1
-                        fake.log.append((time.monotonic(), prompt, k, attempt, status))
+                        fake.log.append((t0, prompt, k, attempt, status))
                 data = json.dumps(reply, ensure_ascii=False).encode("utf-8")
                 self.send_response(status)
                 for h, v in {"Content-Type": "application/json", **headers}.items():
