@@ -84,7 +84,6 @@ def verify(rows: list[dict[str, Any]], prompts: dict[str, PromptItem], v: Verify
     n_samples = checked = 0
     for row in sorted(rows, key=lambda r: prompts[r["prompt_id"]].index if r["prompt_id"] in prompts else -1):
         p = prompts.get(row["prompt_id"])
-        per_prompt = 0
         for s in row["samples"]:
             n_samples += 1
             if p is None:
@@ -96,21 +95,36 @@ def verify(rows: list[dict[str, Any]], prompts: dict[str, PromptItem], v: Verify
             if bad is None:
                 checked += 1
                 reward, bad = _correct(rewards, v, p, s)
-            if bad is None and v.max_per_prompt is not None and per_prompt >= v.max_per_prompt:
-                bad = ("surplus_per_prompt", f"already {v.max_per_prompt} kept for this prompt")
             if bad:
                 dropped.append(_dropped(row["prompt_id"], s, *bad))
-                continue
-            per_prompt += 1
-            kept.append(trace_record(p, s, row.get("teacher", ""), reward))
+            else:
+                kept.append(trace_record(p, s, row.get("teacher", ""), reward))
     by_reason = Counter(d["reason"] for d in dropped)
     if checked and by_reason.get("reward_error") == checked:
         first = next(d for d in dropped if d["reason"] == "reward_error")
         raise DataError(f"distill.verify.rewards: every sample failed to score; first: {first['detail']}")
-    kept, dups, dedup_stats = dedup_traces(kept, v)
-    dropped += dups
+    kept, dups, dedup_stats = dedup_traces(kept, v)  # before the cap, so the cap picks distinct traces
+    kept, surplus = cap_per_prompt(kept, v.max_per_prompt)
+    dropped += dups + surplus
     return kept, dropped, {"samples": n_samples, "kept": len(kept), "dropped": dict(Counter(d["reason"] for d in dropped)),
                            "correctness": [r.name for r in rewards] or "not checked", "dedup": dedup_stats}
+
+
+def cap_per_prompt(kept: list[dict[str, Any]], cap: int | None) -> tuple[list[dict], list[dict]]:
+    """At most `cap` kept traces per prompt (the first ones); the others dropped as surplus_per_prompt."""
+    if cap is None:
+        return kept, []
+    seen: Counter = Counter()
+    out, surplus = [], []
+    for r in kept:
+        pid = r["source"]["prompt_id"]
+        seen[pid] += 1
+        if seen[pid] <= cap:
+            out.append(r)
+        else:
+            s = {"k": r["source"]["sample"], "reasoning": r["reasoning"], "answer": r["fields"]["answer"]}
+            surplus.append(_dropped(pid, s, "surplus_per_prompt", f"already {cap} kept for this prompt"))
+    return out, surplus
 
 
 def dedup_traces(kept: list[dict[str, Any]], v: VerifyConfig) -> tuple[list[dict], list[dict], dict[str, Any]]:
