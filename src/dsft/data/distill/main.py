@@ -48,8 +48,8 @@ def run_distill(cfg: Config, run_dir: RunDir, *, force: bool = False, sample: bo
     by_id = {p.id: p for p in prompts}
     samples_path = out / "samples.jsonl"
     done = store.load(samples_path)
-    _check_prompts(done, by_id, samples_path)
     store.check_fingerprint(out / "teacher.json", dc, bool(done.rows))
+    _check_prompts(done, by_id, samples_path)
     budget = Budget(dc.budget, done.prompt_tokens, done.completion_tokens)
     pending = [p for p in prompts if p.id not in done.ids]
     session, fatal = None, None
@@ -59,7 +59,8 @@ def run_distill(cfg: Config, run_dir: RunDir, *, force: bool = False, sample: bo
             session = run_sampling(pending, dc, out, budget, key)
         except TeacherError as err:
             fatal = err
-        done = store.load(samples_path)
+        torn, done = done.torn_bytes, store.load(samples_path)
+        done.torn_bytes = torn
     manifest = finish(cfg, out, prompts, input_stats, done, budget, session)
     if fatal is not None:
         raise fatal
