@@ -125,6 +125,7 @@ def test_language_filter():
     (100, 100, 0.75, "downsample", (100, 33)), (30, 100, 0.75, "downsample", (30, 10)),
     (300, 50, 0.75, "downsample", (150, 50)), (30, 100, 0.75, "upsample", (300, 100)),
     (300, 50, 0.75, "upsample", (300, 100)), (10, 0, 0.75, "downsample", (10, 0)), (10, 5, 1.0, "upsample", (10, 0)),
+    (0, 50, 0.75, "downsample", (0, 0)), (0, 50, 0.75, "upsample", (0, 0)),
 ])
 def test_counts_for_share(n_r, n_n, share, strategy, want):
     assert counts_for_share(n_r, n_n, share, strategy) == want

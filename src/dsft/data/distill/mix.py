@@ -41,8 +41,8 @@ def counts_for_share(n_r: int, n_n: int, share: float, strategy: str) -> tuple[i
     upsample keeps every record and repeats the smaller side."""
     if n_n == 0 or share >= 1:
         return n_r, 0
-    if n_r == 0:
-        return 0, n_n
+    if n_r == 0:  # no reasoning record: the share cannot be met, and a mix of only plain answers is not one
+        return 0, 0
     ratio = share / (1 - share)  # reasoning records per non-reasoning record
     too_many_reasoning = n_r > ratio * n_n
     if strategy == "downsample":
