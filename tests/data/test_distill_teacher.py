@@ -156,3 +156,18 @@ def test_a_400_on_the_first_request_is_fatal_later_it_drops_the_sample(tmp_path)
     with FakeTeacher(script) as t:
         m = run(config(tmp_path / "b", t.url, teacher={"concurrency": 1}))
     assert m["complete"] and m["counts"]["dropped"] == {"teacher_error": 1} and m["counts"]["kept"] == 3
+
+
+def test_the_example_reads_its_key_from_deepseek_api_key(tmp_path, monkeypatch, capsys, medical_csv):
+    from pathlib import Path
+
+    from dsft.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "distill_r1_medical.yaml"
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    rc = main(["data", "distill", str(example), "--run-dir", str(tmp_path / "run"),
+               "--set", f"distill.input={medical_csv}", "--set", f"distill.mix.non_reasoning={medical_csv}",
+               "--set", "distill.max_prompts=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == ("dsft: error: distill.teacher.api_key_env: the environment variable "
+                                   "DEEPSEEK_API_KEY is not set (export DEEPSEEK_API_KEY=... before running)")
