@@ -8,6 +8,7 @@ from pydantic import Field, ValidationError
 
 from dsft.config.base import Section
 from dsft.config.data import EMBEDDED_DATA, DataConfig
+from dsft.config.distill import DistillConfig
 from dsft.config.eval import EvalConfig
 from dsft.config.export import ExportConfig
 from dsft.config.model import EMBEDDED_MODEL, ModelConfig
@@ -40,6 +41,7 @@ class Config(Section):
     plan: PlanConfig = Field(default_factory=PlanConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     resolution: Resolution | None = None
     """Filled by dsft.config.resolve (preset, why, where each value came from); None until resolved."""
 

@@ -62,6 +62,9 @@ def register(sub) -> None:
     pl.add_argument("--seed", type=int, default=42)
     pl.add_argument("--force", action="store_true", help="overwrite existing split files")
     pl.set_defaults(func=_split)
+    from dsft.data.distill.cli import register_distill
+
+    register_distill(dsub)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 

@@ -1,0 +1,1 @@
+"""`dsft data distill`: prompts → teacher samples (resumable) → verified, filtered traces → a reasoning mix."""
