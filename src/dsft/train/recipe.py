@@ -79,8 +79,10 @@ def build_recipe(cfg: Config, run: RunDir, dist: Dist, records: list[dict], eval
     model_dir = resolve_model_dir(cfg.model.name_or_path).resolve()
     tok = _tokenizer(cfg, model_dir)
     max_len = cfg.data.max_seq_length
-    examples, enc_rep = encode_records(tok, records, max_len, source=str(train_path))
-    eval_examples = encode_records(tok, eval_records, max_len, source="eval.jsonl")[0] if eval_records else []
+    think = cfg.data.think_in_loss
+    examples, enc_rep = encode_records(tok, records, max_len, source=str(train_path), think_in_loss=think)
+    eval_examples = (encode_records(tok, eval_records, max_len, source="eval.jsonl", think_in_loss=think)[0]
+                     if eval_records else [])
 
     model = setup.load_base(cfg, model_dir, dist.device)
     hp = hyperparameters(cfg, setup.count_params(model))
