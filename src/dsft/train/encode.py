@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from dsft.errors import DataError, TrainError
 from dsft.model.chat import Piece, training_rows
+from dsft.model.parity import CONVERSATIONS, TRAIN, ParityTable, check_parity
+
+log = logging.getLogger("dsft.train")
 
 IGNORE = -100
 
@@ -82,6 +86,31 @@ def encode_messages(tok, messages: list[dict[str, Any]], max_len: int, *,
     """The row that trains the conversation's last assistant turn → (ids, labels, truncated, assistant_chars)."""
     rows = encode_rows(tok, messages, max_len, think_in_loss=think_in_loss)
     return rows[-1] if rows else ([], [], False, 0)
+
+
+def parity_row(tok, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of the row training the conversation's last turn, untruncated (the template parity check's
+    train path)."""
+    ids, labels, _, _ = encode_messages(tok, messages, 1 << 30)
+    return ids, labels
+
+
+def check_template_parity(tok, records: list[dict[str, Any]], *, template: str, force: bool) -> ParityTable:
+    """Refuse to train when training ids differ from the chat template's inference ids (unless forced).
+
+    Checked on dsft's probe conversations (single/multi-turn, system, thinking, tool call) and the first record."""
+    convs = dict(CONVERSATIONS)
+    first = next((r.get("messages") for r in records if isinstance(r.get("messages"), list)), None)
+    if first and any(m.get("role") == "assistant" for m in first):
+        convs["your data, record 1"] = first[: max(i for i, m in enumerate(first) if m.get("role") == "assistant") + 1]
+    table = check_parity(tok, {TRAIN: parity_row}, template=template, conversations=convs)
+    if not table.ok:
+        line = table.failure_line()
+        if not force:
+            raise TrainError(f"{line}; fix the chat template, or set model.force_template: true "
+                             f"(dsft train --force-template) to train anyway")
+        log.warning("dsft train: %s (training anyway: model.force_template)", line)
+    return table
 
 
 def encode_records(tok, records: list[dict[str, Any]], max_len: int, *, source: str = "train.jsonl",

@@ -21,7 +21,13 @@ from dsft.run import RunDir, atomic_write_text
 from dsft.train import setup
 from dsft.train.batching import StepPlan
 from dsft.train.dist import Dist
-from dsft.train.encode import Encoded, EncodeReport, dataset_fingerprint, encode_records
+from dsft.train.encode import (
+    Encoded,
+    EncodeReport,
+    check_template_parity,
+    dataset_fingerprint,
+    encode_records,
+)
 from dsft.train.hparams import Hyperparameters, hyperparameters
 from dsft.train.offload import offload_available
 from dsft.train.state import EarlyStopping, Ladder, TrainState, run_info
@@ -78,6 +84,8 @@ def build_recipe(cfg: Config, run: RunDir, dist: Dist, records: list[dict], eval
     torch.manual_seed(tc.seed)
     model_dir = resolve_model_dir(cfg.model.name_or_path).resolve()
     tok = _tokenizer(cfg, model_dir)
+    check_template_parity(tok, records, template=cfg.model.chat_template or cfg.model.tokenizer or str(model_dir),
+                          force=cfg.model.force_template)
     max_len = cfg.data.max_seq_length
     think = cfg.data.think_in_loss
     examples, enc_rep = encode_records(tok, records, max_len, source=str(train_path), think_in_loss=think)
