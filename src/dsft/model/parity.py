@@ -175,6 +175,7 @@ def check_parity(tok: Any, paths: dict[str, PathFn], *, template: str = "model",
             msgs = conv[: i + 1]
             try:
                 expected = reference_prompt_ids(tok, msgs[:i])
+                render(tok, msgs, add_generation_prompt=False)
             except Exception as err:  # noqa: BLE001 - the template refuses this conversation (jinja raise_exception)
                 table.checks.append(Check(name, n, "reference", "n/a", note=f"template refuses it: {str(err)[:80]}"))
                 continue
