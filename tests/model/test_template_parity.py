@@ -17,6 +17,8 @@ TEMPLATES = [  # (chat template name, tokenizer it ships with)
     ("deepseek-v3", "deepseek-v3"), ("deepseek-v3.1", "deepseek-v3.1"), ("deepseek-v3.1-thinking", "deepseek-v3.1"),
     ("deepseek-r1", "deepseek-r1"), ("r1-distill-qwen", "deepseek-r1-distill-qwen-7b"),
     ("r1-distill-llama", "deepseek-r1-distill-llama-8b"), (None, "embedded"),
+    # the plain formats too (their hand-written Modelfile TEMPLATEs used to trim away their own newlines)
+    ("deepseek-llm", "deepseek-llm-7b-base"), ("deepseek-coder", "deepseek-coder-7b-base-v1.5"),
 ]
 EOS = "<｜end▁of▁sentence｜>"
 
@@ -113,3 +115,17 @@ def test_the_embedded_template_encodes_the_same_ids_as_before():
     tok = load_tokenizer("embedded")
     exs = [Encoded(*encode_messages(tok, c, 512)[:2]) for c in CONVERSATIONS.values()]
     assert dataset_fingerprint(exs) == "ba539488d12d407b"
+
+
+def test_modelfile_writes_bos_only_when_the_gguf_does_not_add_it():
+    """llama.cpp adds no BOS to the embedded model's GGUF (its tokenizer_config has no add_bos_token=true: checked on
+    the GGUF export writes, tokenize(b'hi', add_bos=True) == [89, 90]), so the TEMPLATE must write it."""
+    from dsft.export.gguf import modelfile
+    from dsft.model.ollama import gguf_adds_bos
+    from dsft.model.templates import get_template
+
+    assert gguf_adds_bos(resolve_tokenizer_path("embedded")) is False
+    assert gguf_adds_bos(resolve_tokenizer_path("deepseek-r1-distill-qwen-7b")) is True
+    tpl = get_template("deepseek-v3")
+    assert 'TEMPLATE """<｜begin▁of▁sentence｜>{{ if .System }}' in modelfile("m.gguf", tpl, runtime_adds_bos=False)
+    assert 'TEMPLATE """{{ if .System }}' in modelfile("m.gguf", tpl, runtime_adds_bos=True)

@@ -154,14 +154,15 @@ def modelfile(gguf_name: str, chat_template: str | None, *, runtime_adds_bos: bo
         template = deepseek_go_template(tpl, with_bos=not runtime_adds_bos)
         stops = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
     elif "### Instruction" in tpl:  # deepseek-coder-instruct
-        template = ('{{- if .System }}{{ .System }}\n{{ end }}{{- range .Messages }}'
-                    '{{- if eq .Role "user" }}### Instruction:\n{{ .Content }}\n'
-                    '{{- else if eq .Role "assistant" }}### Response:\n{{ .Content }}\n<|EOT|>\n{{- end }}{{- end }}### Response:\n')
+        # no {{- trim markers: they would eat the template's own newlines (dsft doctor caught that)
+        template = ('{{ if .System }}{{ .System }}\n{{ end }}{{ range .Messages }}'
+                    '{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n'
+                    '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}\n<|EOT|>\n{{ end }}{{ end }}### Response:\n')
         stops = ["<|EOT|>", "### Instruction:"]
     else:  # deepseek-llm-chat ("User: …\n\nAssistant:")
-        template = ('{{- if .System }}{{ .System }}\n\n{{ end }}{{- range .Messages }}'
-                    '{{- if eq .Role "user" }}User: {{ .Content }}\n\n'
-                    '{{- else if eq .Role "assistant" }}Assistant: {{ .Content }}<｜end▁of▁sentence｜>{{- end }}{{- end }}Assistant:')
+        template = ('{{ if .System }}{{ .System }}\n\n{{ end }}{{ range .Messages }}'
+                    '{{ if eq .Role "user" }}User: {{ .Content }}\n\n'
+                    '{{ else if eq .Role "assistant" }}Assistant: {{ .Content }}<｜end▁of▁sentence｜>{{ end }}{{ end }}Assistant:')
         stops = ["User:", "<｜end▁of▁sentence｜>"]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
