@@ -12,7 +12,7 @@ from dsft import __version__
 from dsft.errors import DsftError
 
 # Each stage module exposes `register(subparsers)`; the parser it adds sets `func(args) -> int`.
-STAGE_CLIS = ["demo", "run", "plan", "data", "train", "eval", "export", "serve", "deploy", "ui", "model"]
+STAGE_CLIS = ["demo", "run", "plan", "data", "train", "eval", "export", "serve", "deploy", "ui", "model", "doctor"]
 
 EPILOG = """examples:
   dsft demo                          # the whole pipeline on the embedded default (CPU, offline)
@@ -21,6 +21,7 @@ EPILOG = """examples:
   dsft train examples/demo.yaml --resume auto
   dsft eval score preds.jsonl --metrics bleu,rouge_l --lang zh
   dsft serve --model runs/demo/export/merged --port 8000
+  dsft doctor runs/demo/export/merged   # training and serving render chats to the same token ids?
 """
 
 

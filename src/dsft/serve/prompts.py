@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from dsft.serve.engine import Engine, SamplingParams
+from dsft.serve.engine import Engine, SamplingParams, encode
 from dsft.serve.errors import ApiError
 
 T = TypeVar("T")
@@ -36,15 +36,20 @@ def check_chars(eng: Engine, chars: int, param: str) -> None:
                         param)
 
 
+def chat_prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    """(rendered text, token ids) of the prompt the default engine gives a conversation (what `dsft doctor` checks)."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text, encode(tok, text, add_special_tokens=False)
+
+
 def chat_prompt(eng: Engine, messages: list[dict[str, Any]], *, param: str = "messages") -> tuple[str, list[int]]:
     """(rendered text, token ids) of a conversation; a conversation the template rejects is the client's mistake."""
     check_chars(eng, sum(len(m.get("content") or "") for m in messages), param)
     try:
-        text = eng.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt_ids(eng.tok, messages)
     except Exception as err:  # noqa: BLE001 - jinja raise_exception (role order, missing fields …)
         raise ApiError(400, f"{param}: the chat template rejected the conversation ({str(err)[:200]})",
                        param=param) from err
-    return text, eng.encode(text, add_special_tokens=False)
 
 
 def completion_prompt(eng: Engine, prompt: str | list) -> list[int]:

@@ -80,6 +80,26 @@ def _uses_think(model: str, chat_template: str | None) -> bool:
     return "<think>" in str(cfg.get("chat_template") or "")
 
 
+def vllm_chat_template(model: str, chat_template: str | None) -> str | None:
+    """The chat template vLLM renders for this model: the named DeepSeek template dsft writes to the --chat-template
+    file, else the model folder's own (chat_template.jinja, then tokenizer_config.json), or None if it has none.
+    vLLM renders it through the tokenizer's apply_chat_template and tokenizes without adding special tokens."""
+    if chat_template:
+        from dsft.model.templates import get_template
+
+        return get_template(chat_template)
+    try:
+        return (Path(model) / "chat_template.jinja").read_text(encoding="utf-8")
+    except OSError:
+        pass
+    try:
+        cfg = json.loads((Path(model) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tpl = cfg.get("chat_template")
+    return tpl if isinstance(tpl, str) else None
+
+
 def vllm_args(model: str, cfg: ServeConfig, *, template_file: str | None = None, device: str = "cuda",
               env: dict[str, str] | None = None) -> list[str]:
     """vLLM api_server arguments equivalent to a dsft serve configuration (without the API key).

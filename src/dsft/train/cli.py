@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="auto|DIR", help="continue from the newest intact checkpoint (auto) or a checkpoint folder")
     p.add_argument("--resume-force", action="store_true",
                    help="resume even if the dataset or the effective batch changed since the checkpoint")
+    p.add_argument("--force-template", action="store_true",
+                   help="train even if the ids training gives a conversation differ from the chat template's "
+                        "inference ids (= --set model.force_template=true; `dsft doctor MODEL_DIR` shows where)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="processes (GPUs) on this machine: re-runs under `accelerate launch` with a config generated "
                         "from train.strategy (ddp/fsdp/deepspeed); default train.nproc")
@@ -33,6 +36,8 @@ def _run(args) -> int:
     from dsft.cli_common import config_and_run
     from dsft.train.stage import run as train
 
+    if args.force_template:
+        args.overrides.append("model.force_template=true")
     cfg, run = config_and_run(args)
     nproc = args.nproc or cfg.train.nproc
     if (nproc > 1 or cfg.train.num_machines > 1) and "LOCAL_RANK" not in os.environ:

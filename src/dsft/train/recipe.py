@@ -8,6 +8,7 @@ the order the trainer has always used, so a run is bit-identical to earlier vers
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,13 @@ from dsft.run import RunDir, atomic_write_text
 from dsft.train import setup
 from dsft.train.batching import StepPlan
 from dsft.train.dist import Dist
-from dsft.train.encode import Encoded, EncodeReport, dataset_fingerprint, encode_records
+from dsft.train.encode import (
+    Encoded,
+    EncodeReport,
+    check_template_parity,
+    dataset_fingerprint,
+    encode_records,
+)
 from dsft.train.hparams import Hyperparameters, hyperparameters
 from dsft.train.objectives import for_config
 from dsft.train.offload import offload_available
@@ -81,9 +88,14 @@ def build_recipe(cfg: Config, run: RunDir, dist: Dist, records: list[dict], eval
     torch.manual_seed(tc.seed)
     model_dir = resolve_model_dir(cfg.model.name_or_path).resolve()
     tok = _tokenizer(cfg, model_dir)
+    check_template_parity(tok, records, template=cfg.model.chat_template or cfg.model.tokenizer or str(model_dir),
+                          force=cfg.model.force_template)
     max_len = cfg.data.max_seq_length
     objective = for_config(cfg)
-    encode = objective.encode if objective is not None else encode_records
+    if objective is not None:
+        encode = objective.encode
+    else:  # SFT: the think block is trained unless data.think_in_loss is false
+        encode = functools.partial(encode_records, think_in_loss=cfg.data.think_in_loss)
     examples, enc_rep = encode(tok, records, max_len, source=str(train_path))
     eval_examples = encode(tok, eval_records, max_len, source="eval.jsonl")[0] if eval_records else []
 
