@@ -62,3 +62,11 @@ def test_lora_rank_rounds_up_to_a_rank_vllm_accepts(tmp_path):
     assert [vllm_max_lora_rank(r) for r in (1, 2, 12, 16, 300, 1024)] == [1, 8, 16, 16, 320, 1024]
     args = vllm_args("m", ServeConfig(lora_modules={"x": str(tmp_path / "a")}))
     assert args[args.index("--max-lora-rank") + 1] == "16"
+
+
+def test_v31_thinking_template_name_turns_the_reasoning_parser_on(tmp_path):
+    model = str(_model(tmp_path, think_tokens=True, template_file=False))
+    on = vllm_args(model, ServeConfig(port=9000, chat_template="deepseek-v3.1-thinking"))
+    assert on[on.index("--reasoning-parser") + 1] == "deepseek_r1"
+    off = vllm_args(model, ServeConfig(port=9000, chat_template="deepseek-v3"))
+    assert "--reasoning-parser" not in off

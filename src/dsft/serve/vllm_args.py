@@ -67,8 +67,8 @@ def _has_think_tokens(model: str) -> bool:
 
 
 def _uses_think(model: str, chat_template: str | None) -> bool:
-    if chat_template:
-        return "r1" in chat_template
+    if chat_template:  # a template name (deepseek-r1, r1-distill-*, deepseek-v3.1-thinking) or a Jinja text
+        return "r1" in chat_template or "thinking" in chat_template or "<think>" in chat_template
     try:  # transformers ≥4.45 saves the template beside tokenizer_config.json, older ones inside it
         return "<think>" in (Path(model) / "chat_template.jinja").read_text(encoding="utf-8")
     except OSError:
