@@ -25,7 +25,8 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "dora", "qlora", "full", "freeze"] = "lora"
+    method: Literal["lora", "dora", "qlora", "full", "freeze", "esft"] = "lora"
+    """esft: only the routed experts the task uses train (DeepSeek MoE; see the `esft:` section and docs/esft.md)."""
     num_train_epochs: float | None = Field(None, gt=0)
     """Unset: the preset's (3 for the tiny random-init row, else 1). train.max_steps, when set, wins."""
     max_steps: int | None = Field(None, gt=0)

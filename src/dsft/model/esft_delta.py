@@ -1,0 +1,229 @@
+"""ESFT expert deltas: write, read, check, apply to a loaded base, and merge into a base folder shard by shard.
+
+A delta is a folder with `esft_delta.safetensors` — the trained tensors only, named as DeepSeek's checkpoints name
+them (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`, plus shared-expert / non-expert tensors when those
+were trained) — and `esft_delta.json`: the base it belongs to, the experts per layer, how they were chosen, and the
+sha256 of the base tensors it replaces (so a delta is never applied to another base). The tensors are the trained
+weights themselves, not differences: base + delta reproduces the trained model bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dsft.errors import ModelError
+from dsft.run import atomic_write_json
+
+DELTA_FILE = "esft_delta.safetensors"
+DELTA_JSON = "esft_delta.json"
+FORMAT = "dsft-esft-delta/1"
+_EXPERT_KEY = re.compile(r"^(?P<mod>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$")
+
+
+def expert_key(layer: int, expert: int, part: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{part}_proj.weight"
+
+
+def expert_tensors(rows: dict[tuple[int, int], tuple[Any, Any]]) -> dict[str, Any]:
+    """{(layer, expert): (fused gate_up (2I, H), down (H, I))} → checkpoint-named gate/up/down tensors."""
+    out = {}
+    for (layer, e), (gate_up, down) in sorted(rows.items()):
+        gate, up = gate_up.chunk(2, dim=0)
+        out[expert_key(layer, e, "gate")] = gate.contiguous()
+        out[expert_key(layer, e, "up")] = up.contiguous()
+        out[expert_key(layer, e, "down")] = down.contiguous()
+    return out
+
+
+# ---------------------------------------------------------------- the base's own tensors
+def _weight_index(base_dir: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of a model folder (sharded or not)."""
+    idx = base_dir / "model.safetensors.index.json"
+    if idx.exists():
+        wm = json.loads(idx.read_text(encoding="utf-8")).get("weight_map", {})
+        return {k: base_dir / v for k, v in wm.items()}
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: f for k in sf.keys()})
+    return out
+
+
+def base_tensors_sha256(base_dir: str | Path, names: list[str]) -> str:
+    """sha256 over the base folder's stored bytes of `names` (in that order): the identity a delta checks."""
+    import torch
+    from safetensors import safe_open
+
+    where = _weight_index(Path(base_dir))
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise ModelError(f"{base_dir}: the base has no tensor {missing[0]} (is it the model this delta was trained on?)")
+    h = hashlib.sha256()
+    for n in names:
+        with safe_open(str(where[n]), "pt") as sf:
+            t = sf.get_tensor(n)
+        h.update(n.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_base_format(base_dir: Path) -> None:
+    cfg = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    q = cfg.get("quantization_config") or {}
+    if q.get("quant_method") == "fp8":
+        raise ModelError(f"{base_dir}: an FP8 base (quantization_config fp8): dsft cannot write trained bf16/fp32 "
+                         f"experts into FP8 blocks yet; merge into a BF16 copy of the base")
+
+
+# ---------------------------------------------------------------- write / read
+def write_delta(out_dir: str | Path, tensors: dict[str, Any], meta: dict[str, Any], *, base_dir: str | Path) -> Path:
+    """Write esft_delta.safetensors + esft_delta.json (with the base's sha256 over the replaced tensors)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    save_file({k: tensors[k].detach().cpu().contiguous() for k in names}, str(out / DELTA_FILE),
+              metadata={"format": "pt", "dsft": FORMAT})
+    doc = {"format": FORMAT, "base_model": str(Path(base_dir).resolve()),
+           "base_sha256": base_tensors_sha256(base_dir, names), "tensors": names,
+           "bytes": (out / DELTA_FILE).stat().st_size, **meta}
+    atomic_write_json(out / DELTA_JSON, doc)
+    return out
+
+
+def delta_dir(path: str | Path) -> Path:
+    """The delta folder for a folder or its esft_delta.safetensors; one line when it is not a delta."""
+    p = Path(path).expanduser()
+    d = p.parent if p.is_file() else p
+    if not (d / DELTA_FILE).is_file() or not (d / DELTA_JSON).is_file():
+        raise ModelError(f"{p}: not an ESFT delta (expected a folder with {DELTA_FILE} and {DELTA_JSON})")
+    return d
+
+
+def read_delta_meta(path: str | Path) -> dict[str, Any]:
+    """esft_delta.json of a delta folder (checked: format, base, tensor list)."""
+    d = delta_dir(path)
+    try:
+        meta = json.loads((d / DELTA_JSON).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelError(f"{d / DELTA_JSON}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ModelError(f"{d / DELTA_JSON}: key 'format': expected {FORMAT!r}, got {str(got)[:80]!r}")
+    for key in ("base_model", "base_sha256", "tensors"):
+        if key not in meta:
+            raise ModelError(f"{d / DELTA_JSON}: key '{key}' missing")
+    return meta
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, esft_delta.json) of a delta folder."""
+    from safetensors.torch import load_file
+
+    meta = read_delta_meta(path)
+    tensors = load_file(str(delta_dir(path) / DELTA_FILE))
+    if sorted(tensors) != sorted(meta["tensors"]):
+        raise ModelError(f"{delta_dir(path)}: {DELTA_FILE} does not hold the tensors {DELTA_JSON} lists")
+    return tensors, meta
+
+
+def check_base(base_dir: str | Path, meta: dict[str, Any], where: str) -> None:
+    """Refuse a base whose replaced tensors are not the ones the delta was trained from."""
+    got = base_tensors_sha256(base_dir, meta["tensors"])
+    if got != meta.get("base_sha256"):
+        raise ModelError(f"{where}: this delta was trained on {meta.get('base_model')}; {base_dir} holds other "
+                         f"weights for the experts it replaces (sha256 differs)")
+
+
+# ---------------------------------------------------------------- apply in memory / merge on disk
+def apply_delta(model, path: str | Path, *, base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write a delta's tensors into a loaded transformers model (fused 3-D experts included); returns its json.
+    With `base_dir` (the folder the model was loaded from) the base is checked first."""
+    import torch
+
+    tensors, meta = read_delta(path)
+    if base_dir is not None:
+        check_base(base_dir, meta, str(path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            m = _EXPERT_KEY.match(name)
+            if m is None:
+                _target(params, name, tuple(t.shape), path).copy_(t)
+                continue
+            e, part = int(m["e"]), m["part"]
+            fused = _target(params, f"{m['mod']}.{'down_proj' if part == 'down' else 'gate_up_proj'}", None, path)
+            row = fused[e]
+            if part != "down":
+                half = row.shape[0] // 2
+                row = row[:half] if part == "gate" else row[half:]
+            if tuple(row.shape) != tuple(t.shape):
+                raise ModelError(f"{path}: {name} has shape {tuple(t.shape)}, the model's expert {tuple(row.shape)}")
+            row.copy_(t)
+    return meta
+
+
+def _target(params: dict, name: str, shape: tuple | None, path):
+    if name not in params:
+        raise ModelError(f"{path}: the model has no parameter {name} (another architecture than the delta's base?)")
+    p = params[name]
+    if shape is not None and tuple(p.shape) != shape:
+        raise ModelError(f"{path}: {name} has shape {shape}, the model's {tuple(p.shape)}")
+    return p
+
+
+def merge_into_folder(base_dir: str | Path, path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """base folder + delta → out_dir, one safetensors shard at a time (memory: the largest shard); every other file
+    of the base is copied. Delta tensors take the dtype of the base tensor they replace. Returns a summary."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, out = Path(base_dir), Path(out_dir)
+    tensors, meta = read_delta(path)
+    _check_base_format(base)
+    check_base(base, meta, str(path))
+    out.mkdir(parents=True, exist_ok=True)
+    replaced = 0
+    for f in sorted(base.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            shard_meta = sf.metadata() or {"format": "pt"}
+            shard = {}
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                if k in tensors:
+                    t = tensors[k].to(t.dtype)
+                    replaced += 1
+                shard[k] = t
+        save_file(shard, str(out / f.name), metadata=shard_meta)
+        del shard
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    if replaced != len(tensors):
+        raise ModelError(f"{base}: only {replaced} of the delta's {len(tensors)} tensors were found in the base")
+    return {"merged": str(out), "replaced_tensors": replaced, "base_model": str(base), "delta": str(delta_dir(path)),
+            "experts": meta.get("experts")}
+
+
+def merge_delta(delta: str | Path, out_dir: str | Path, *, base: str | Path | None = None,
+                force: bool = False) -> dict[str, Any]:
+    """`dsft esft merge`: the delta's own base (or `base`) + delta → out_dir (refusing a non-empty one unless force)."""
+    from dsft.model.load import resolve_model_dir
+
+    meta = read_delta_meta(delta)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ModelError(f"{out} already exists and is not empty; pass --force to overwrite it")
+    base_dir = resolve_model_dir(str(base or meta["base_model"]))
+    if out.resolve() == base_dir.resolve():
+        raise ModelError(f"{out}: the output folder is the base itself; choose another folder")
+    return merge_into_folder(base_dir, delta, out)
