@@ -227,3 +227,14 @@ def merge_delta(delta: str | Path, out_dir: str | Path, *, base: str | Path | No
     if out.resolve() == base_dir.resolve():
         raise ModelError(f"{out}: the output folder is the base itself; choose another folder")
     return merge_into_folder(base_dir, delta, out)
+
+
+def copy_delta(delta: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Copy a delta folder (checked) to out_dir → the export manifest's keys (`esft_delta`, `esft_delta_bytes`)."""
+    src = delta_dir(delta)
+    read_delta_meta(src)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (DELTA_FILE, DELTA_JSON):
+        shutil.copy2(src / name, out / name)
+    return {"esft_delta": out.name, "esft_delta_bytes": (out / DELTA_FILE).stat().st_size}

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from dsft.cli_common import add_config_args
+from collections.abc import Callable
 
 EXAMPLES = """examples:
   dsft esft profile examples/esft_deepseek_v2_lite.yaml     # scores + heatmap + chosen experts → <run_dir>/esft/
@@ -14,7 +13,8 @@ EXAMPLES = """examples:
 """
 
 
-def register(sub) -> None:
+def register(sub, *, add_config_args: Callable, config_and_run: Callable) -> None:
+    """Add `dsft esft` (called by train/cli.py, which hands over the shared CLI helpers)."""
     p = sub.add_parser("esft", help="Expert-Specialized Fine-Tuning for DeepSeek MoE: profile experts, merge deltas",
                        description="ESFT (arXiv 2407.01906): score each routed expert on the task's data, train only "
                                    "the relevant ones (train.method esft), ship a small expert delta.",
@@ -25,7 +25,7 @@ def register(sub) -> None:
                                        "write <run_dir>/esft/expert_scores.json, expert_config.json and "
                                        "expert_scores.png; print the experts esft.score / esft.top_p choose.")
     add_config_args(prof)
-    prof.set_defaults(func=_profile)
+    prof.set_defaults(func=lambda args: _profile(args, config_and_run))
     merge = esub.add_parser("merge", help="merge an ESFT delta into its base → a plain model folder",
                             description="Write base + delta to OUT one safetensors shard at a time (the base's "
                                         "other files are copied); the base's replaced tensors are checked first.")
@@ -36,8 +36,7 @@ def register(sub) -> None:
     merge.set_defaults(func=_merge)
 
 
-def _profile(args) -> int:
-    from dsft.cli_common import config_and_run
+def _profile(args, config_and_run: Callable) -> int:
     from dsft.train.esft_select import profile_run
 
     cfg, run = config_and_run(args)
