@@ -217,3 +217,11 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, records16):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = load_file(str(tmp_path / "k/train/checkpoints/checkpoint-4/trainable.safetensors"))
     assert all(".esft_" in k for k in ckpt)  # the checkpoint holds the selected experts only
+
+
+def test_the_v2_lite_example_is_an_esft_config():
+    from dsft.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "esft_deepseek_v2_lite.yaml")
+    assert cfg.train.method == "esft" and cfg.esft.score == "token" and cfg.esft.top_p == 0.2
+    assert cfg.esft.sample_tokens == 131072 and cfg.model.chat_template == "deepseek-v2"
