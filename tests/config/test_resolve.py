@@ -191,3 +191,17 @@ def test_every_example_config_resolves():
         cfg = load_config(path)
         r = resolve_config(cfg, read_model_info(cfg.model.name_or_path))
         assert r.train.learning_rate and r.lora.r and r.resolution.preset, path
+
+
+def test_dsft_plan_on_a_config_plans_the_resolved_config(tmp_path):
+    """`dsft plan CONFIG` and `dsft train CONFIG` see the same numbers: plan resolves the config as train does
+    (here the seed's 7B effective batch 16, split by memory), instead of the raw config's unset values."""
+    from dsft.plan.api import auto_micro_batch, request_from_options
+
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  name_or_path: deepseek-llm-7b\ndata:\n  max_seq_length: 2048\nplan:\n  gpu: A100-40GB\n",
+                 encoding="utf-8")
+    req, _ = request_from_options({"config": str(p)})
+    resolved = _resolve({"data": {"max_seq_length": 2048}, "plan": {"gpu": "A100-40GB"}}, "deepseek-llm-7b")
+    assert (req.micro_batch, req.grad_accum) == auto_micro_batch(resolved)
+    assert req.micro_batch * req.grad_accum == 16 and req.lora_rank in (None, resolved.lora.r)

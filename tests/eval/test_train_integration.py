@@ -28,7 +28,7 @@ def test_train_with_eval_fn_then_evaluate(tmp_path):
                                 "label_field": "domain", "counts": {"train": 24, "test": 4}})
     cfg = config_from_dict({
         "run_dir": str(tmp_path), "data": {"max_seq_length": 192},
-        "train": {"max_steps": 8, "eval_steps": 4, "logging_steps": 1, "save_steps": 1000, "report_to": ["none"],
+        "train": {"max_steps": 8, "evaluation_strategy": "steps", "eval_steps": 4, "logging_steps": 1, "save_steps": 1000, "report_to": ["none"],
                   "per_device_train_batch_size": 4},
         "eval": {"during_training_metric": "rouge_l", "during_training_samples": 2, "max_new_tokens": 6,
                  "max_samples": 4, "samples_in_report": 2},

@@ -67,7 +67,7 @@ def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _llama_cpp_logits(gguf_file: Path, ids: list[int]) -> torch.Tensor:
-    from dsft.export.gguf import load_gguf
+    from dsft.model.gguf import load_gguf
 
     llm = load_gguf(gguf_file, n_ctx=128, n_threads=1)
     llm.eval(ids)

@@ -150,9 +150,11 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     a2 = load_file(str(tmp_path / f"{name}/train/adapter/adapter_model.safetensors"))  # gathered, not a partition
     a1 = load_file(str(tmp_path / "one/train/adapter/adapter_model.safetensors"))
     assert a2.keys() == a1.keys() and all(a2[k].shape == a1[k].shape for k in a1)
-    # AdamW turns float-rounding differences of near-zero gradients into visible updates in a few elements (ZeRO-3:
-    # 7 of 2048 in one LoRA A above 1e-5, at most 2.3e-4 after 4 steps at lr 2e-3); a wrong gather would be O(1e-2)
-    assert max(float((a2[k] - a1[k]).abs().max()) for k in a1) < 1e-3
+    # AdamW turns float-rounding differences of near-zero gradients into visible updates in a few elements: an element
+    # whose gradient is ~0 can take AdamW's ±lr step either way, so one element may differ by about lr (2e-3) per
+    # step (ZeRO-3 on DeepSpeed 0.19.8: 2.46e-3 in one element after 4 steps). A wrong gather moves whole tensors,
+    # which the mean check below catches (it stays under 2e-6); the max only bounds a single flipped element.
+    assert max(float((a2[k] - a1[k]).abs().max()) for k in a1) < 2 * 2e-3 + 1e-3
     assert max(float((a2[k] - a1[k]).abs().mean()) for k in a1) < 2e-6
     ck2 = load_file(str(tmp_path / f"{name}/train/checkpoints/checkpoint-2/optimizer.safetensors"))
     assert ck2 and any(k.endswith(".exp_avg_sq") for k in ck2)

@@ -46,8 +46,8 @@ def test_grad_norm_spike_is_logged(tmp_path):
 
 def test_early_stopping_with_an_eval_hook(tmp_path, records16):
     run = make_run(tmp_path, records16)
-    cfg = tiny_cfg(tmp_path, max_steps=20, eval_steps=2, early_stopping_patience=2, early_stopping_delta=0.01,
-                   per_device_train_batch_size=2)
+    cfg = tiny_cfg(tmp_path, max_steps=20, evaluation_strategy="steps", eval_steps=2, early_stopping_patience=2,
+                   early_stopping_delta=0.01, per_device_train_batch_size=2)
     seen = []
 
     def eval_fn(model, step):
@@ -70,8 +70,8 @@ def test_builtin_eval_loss_on_the_eval_split(tmp_path, records16):
 
 def test_early_stopping_follows_the_hooks_metric_and_direction(tmp_path, records16):
     run = make_run(tmp_path, records16)
-    cfg = tiny_cfg(tmp_path, max_steps=20, eval_steps=2, early_stopping_patience=2, early_stopping_delta=0.01,
-                   per_device_train_batch_size=2)
+    cfg = tiny_cfg(tmp_path, max_steps=20, evaluation_strategy="steps", eval_steps=2, early_stopping_patience=2,
+                   early_stopping_delta=0.01, per_device_train_batch_size=2)
     seen = []
 
     def eval_fn(model, step):

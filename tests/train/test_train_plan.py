@@ -9,8 +9,7 @@ from dsft.train import train
 
 def test_auto_micro_batch_comes_from_the_planner_and_keeps_the_effective_batch(tmp_path, capsys):
     run = make_run(tmp_path, medical_records(8))
-    cfg = tiny_cfg(tmp_path, max_steps=2, per_device_train_batch_size="auto",
-                   gradient_accumulation_steps=2)
+    cfg = tiny_cfg(tmp_path, max_steps=2, per_device_train_batch_size="auto")
     cfg.plan.effective_batch_size = 8
     m = train(cfg, run)
     out = capsys.readouterr().out

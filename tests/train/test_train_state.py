@@ -50,7 +50,7 @@ def test_hyperparameters_fill_open_values_from_the_preset_in_one_place(tmp_path)
     hp = hyperparameters(full, 3_000_000)
     assert (hp.learning_rate, hp.lora_r, hp.lora_alpha, hp.adam_beta2) == (1e-4, 4, 8, 0.95)
     uses = [p.name for p in TRAIN_SRC.glob("*.py") if "preset_for(" in p.read_text(encoding="utf-8")]
-    assert sorted(uses) == ["hparams.py", "presets.py"]
+    assert sorted(uses) == ["hparams.py"]
 
 
 def test_checkpoint_state_holds_each_component_by_name(tmp_path, records16):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -16,6 +15,7 @@ from typing import Any
 
 from dsft.errors import ModelError, OverwriteError
 from dsft.model.paths import dsft_home
+from dsft.run import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,6 @@ _RENAMED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_os
 _CAUSAL_GGUF = {"llama", "mistral", "qwen2", "qwen2moe", "qwen2_moe", "qwen3", "qwen3moe", "qwen3_moe", "qwen35",
                 "qwen35moe", "falcon", "phi3", "bloom", "stablelm", "gpt2", "starcoder2", "mamba", "nemotron", "gemma2",
                 "gemma3", "gemma4", "deci", "lfm2", "gpt_oss", "gpt-oss", "minimax_m2", "minimax-m2"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _require_gguf_reader() -> None:

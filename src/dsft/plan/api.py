@@ -59,11 +59,14 @@ def _check_numbers(o: Mapping[str, Any]) -> None:
 
 def _from_config(o: Mapping[str, Any], gpu: Gpu | None) -> tuple[PlanRequest, dict[str, Any]]:
     from dsft.config import load_config
+    from dsft.config.resolve import resolve_config
     from dsft.config.yaml_io import parse_overrides
+    from dsft.model.info import read_model_info
 
     cfg = load_config(o["config"], parse_overrides(o.get("overrides") or []))
     if o.get("model"):
         cfg.model.name_or_path = o["model"]
+    cfg = resolve_config(cfg, read_model_info(cfg.model.name_or_path))  # the same values `dsft train` will use
     req = request_from_config(cfg, gpu=gpu)
     if cfg.train.per_device_train_batch_size == "auto" and o.get("batch") is None:
         micro, accum = auto_micro_batch(cfg, gpu=gpu)

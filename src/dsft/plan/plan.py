@@ -13,6 +13,7 @@ from dsft.plan.hardware import GPUS, SEARCH_ORDER, GiB, Gpu
 from dsft.plan.models import fmt_count
 from dsft.plan.recommend import Recommendation, recommend
 from dsft.plan.throughput import train_flops_per_token
+from dsft.report.numbers import fmt_duration
 
 MAX_MICRO_BATCH = 4096
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -238,24 +239,16 @@ class Plan:
             tline += f"; {fmt_count(t['tokens_per_epoch'])} tokens per epoch"
         eff = f" and {100 * self.efficiency:.0f} % scaling" if self.scaling else ""
         if t["seconds_per_epoch"] is not None:
-            tline += (f"; ≈ {_fmt_time(t['seconds_per_epoch'])} per epoch at {100 * r.mfu:.0f} % MFU of "
+            tline += (f"; ≈ {fmt_duration(t['seconds_per_epoch'])} per epoch at {100 * r.mfu:.0f} % MFU of "
                       f"{t['tflops_per_gpu']:g} TFLOPS × {r.num_gpus}{eff}")
         elif t["tokens_per_epoch"]:
             tline += " (time: unknown FLOPS for this device; pass --tflops)"
         if t["tokens_per_second"]:
-            tline += (f"; ≈ {fmt_count(t['tokens_per_second'])} tokens/s (≈ {_fmt_time(1e6 / t['tokens_per_second'])} per "
+            tline += (f"; ≈ {fmt_count(t['tokens_per_second'])} tokens/s (≈ {fmt_duration(1e6 / t['tokens_per_second'])} per "
                       f"1 M tokens) at {100 * r.mfu:.0f} % MFU{eff}")
             if not t["tokens_per_epoch"]:
                 tline += "; pass --examples/--avg-tokens (or run the data stage) for time per epoch"
         return tline
-
-
-def _fmt_time(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def _smallest(req: PlanRequest, gpu: Gpu) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ checkpoint or a temp folder (ignored). A folder whose COMPLETE is missing or doe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,18 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsft.errors import TrainError
+from dsft.run import sha256_file
 
 log = logging.getLogger("dsft.train")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,7 +92,7 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     rng_t, rng_py = rng_state()
     save_file(rng_t, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_py}, indent=1), encoding="utf-8")
-    manifest = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES}
+    manifest = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES}
     for f in FILES:
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -131,7 +123,7 @@ def verify(path: Path) -> str | None:
         if not p.exists():
             return f"{f} missing"
         info = manifest.get(f) or {}
-        if p.stat().st_size != info.get("bytes") or _sha256(p) != info.get("sha256"):
+        if p.stat().st_size != info.get("bytes") or sha256_file(p) != info.get("sha256"):
             return f"{f} does not match its checksum"
     return None
 

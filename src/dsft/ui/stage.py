@@ -35,11 +35,11 @@ def serve_dashboard(runs_dir: str | Path, *, host: str = "127.0.0.1", port: int 
     app = create_app(runs_dir, token=token, loopback=loopback)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound_port}/" + (f"?token={token}" if token else "")
-    print(f"dsft ui: {app.state.runs_root} on {url}" + ("" if loopback else "  (reachable from the network: keep "
+    print(f"dsft ui: {app.state.ui.runs_root} on {url}" + ("" if loopback else "  (reachable from the network: keep "
                                                          "the token secret)"), flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)).run(
         sockets=[sock])
-    return {"runs": str(app.state.runs_root), "url": url}
+    return {"runs": str(app.state.ui.runs_root), "url": url}
 
 
 def run(cfg: Config, run_dir: RunDir, *, force: bool = False, **stage_options: Any) -> dict[str, Any]:

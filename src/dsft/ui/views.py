@@ -89,12 +89,12 @@ def data_view(run_dir: Path, m: dict | None) -> dict | None:
     counts = m.get("counts") or rep.get("counts") or {}
     dropped = counts.get("dropped") or {}
     labels = rep.get("labels") or {}
+    before, after = labels.get("before") or {}, labels.get("after") or {}
     label_rows = []
-    names = sorted(set(labels.get("before") or {}) | set(labels.get("after") or {}),
-                   key=lambda k: -(labels.get("before") or {}).get(k, 0))
-    top = max([*(labels.get("before") or {}).values(), 1])
+    names = sorted(set(before) | set(after), key=lambda k: (-before.get(k, 0), k))  # ties by name: same page each time
+    top = max([*before.values(), 1])
     for name in names:
-        b, a = (labels.get("before") or {}).get(name, 0), (labels.get("after") or {}).get(name, 0)
+        b, a = before.get(name, 0), after.get(name, 0)
         label_rows.append({"label": name, "before": b, "after": a, "before_pct": 100.0 * b / top, "after_pct": 100.0 * a / top})
     lengths = _record_chars(d / (m.get("train") or "train.jsonl")) + _record_chars(d / (m.get("test") or "test.jsonl"))
     return {"counts": counts, "dropped": sorted(dropped.items(), key=lambda kv: -kv[1]),
