@@ -123,3 +123,71 @@ def test_serve_esft_answers_over_the_openai_api_as_the_merged_model_does(trained
     with pytest.raises(Exception, match="needs the transformers engine"):
         resolve(model=None, run=None, config=None, loras=[], flags={"esft_delta": str(trained["delta"]),
                                                                     "engine": "vllm"})
+
+
+def _fp8_base_and_its_copy(src: Path, fp8_dir: Path, copy_dir: Path, block=(32, 32)) -> None:
+    """From a tiny model folder: a *sharded* FP8 base as DeepSeek ships V3 (every `*_proj.weight` e4m3 + its
+    `weight_scale_inv`; all scales in the second shard, away from their weights) and the FP32 copy dequantized
+    from it, the copy a user trains on."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dsft.model.fp8 import dequantize, quantization_config, quantize
+
+    sd = load_file(str(src / "model.safetensors"))
+    weights, scales, copy = {}, {}, {}
+    for k, t in sd.items():
+        if t.ndim == 2 and k.endswith("_proj.weight"):
+            q, s = quantize(t, block)
+            weights[k], scales[k + "_scale_inv"], copy[k] = q, s, dequantize(q, s, block)
+        else:
+            weights[k] = copy[k] = t
+    for d in (fp8_dir, copy_dir):
+        d.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.suffix != ".safetensors":
+                shutil.copy2(f, d / f.name)
+    save_file(weights, str(fp8_dir / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(scales, str(fp8_dir / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {**{k: "model-00001-of-00002.safetensors" for k in weights},
+                                            **{k: "model-00002-of-00002.safetensors" for k in scales}}}
+    (fp8_dir / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg["quantization_config"] = quantization_config(block)
+    (fp8_dir / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    save_file(copy, str(copy_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_merge_into_a_sharded_fp8_base_requantizes_only_the_trained_experts(tmp_path, records16):
+    from dsft.model.fp8 import dequantize, quantize, relative_error
+
+    block = (32, 32)
+    _fp8_base_and_its_copy(build_moe(tmp_path / "src", "deepseek_v3"), tmp_path / "fp8", tmp_path / "bf16", block)
+    run_esft(tmp_path / "run", tmp_path / "bf16", records16, esft={"experts": {1: [3], 2: [0, 5]}}, max_steps=2)
+    delta_dir = tmp_path / "run/train/esft"
+    delta, meta = read_delta(delta_dir)
+    assert meta["base_dtype"] == "float32" and len(delta) == 9
+    res = merge_delta(delta_dir, tmp_path / "merged", base=tmp_path / "fp8")
+    assert res["fp8"] and res["replaced_tensors"] == 9
+    assert json.loads((tmp_path / "merged/config.json").read_text())["quantization_config"]["weight_block_size"] == [32, 32]
+    assert (tmp_path / "merged/model.safetensors.index.json").read_bytes() == \
+        (tmp_path / "fp8/model.safetensors.index.json").read_bytes()
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        base, got = load_file(str(tmp_path / "fp8" / shard)), load_file(str(tmp_path / "merged" / shard))
+        assert base.keys() == got.keys()
+        changed = {k for k in base if not torch.equal(base[k].view(torch.uint8), got[k].view(torch.uint8))}
+        weight = {k.removesuffix("_scale_inv") for k in changed}
+        assert weight <= set(delta)  # nothing but the trained experts' weights and scales changed
+        assert changed, shard  # both shards: the weights in one, their scales in the other
+    w = load_file(str(tmp_path / "merged/model-00001-of-00002.safetensors"))
+    s = load_file(str(tmp_path / "merged/model-00002-of-00002.safetensors"))
+    for k, t in delta.items():
+        q, sc = quantize(t.float(), block)
+        assert w[k].dtype == torch.float8_e4m3fn and torch.equal(w[k].view(torch.uint8), q.view(torch.uint8))
+        assert torch.equal(s[k + "_scale_inv"], sc)
+        assert relative_error(t, dequantize(w[k], s[k + "_scale_inv"], block))[1] < 0.02
+    other = tmp_path / "other"
+    _fp8_base_and_its_copy(build_moe(tmp_path / "src2", "deepseek_v3", seed=1), other, tmp_path / "other-copy", block)
+    with pytest.raises(ModelError, match="holds other weights"):
+        merge_delta(delta_dir, tmp_path / "merged2", base=other)

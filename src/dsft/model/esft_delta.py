@@ -56,31 +56,51 @@ def _weight_index(base_dir: Path) -> dict[str, Path]:
     return out
 
 
-def base_tensors_sha256(base_dir: str | Path, names: list[str]) -> str:
-    """sha256 over the base folder's stored bytes of `names` (in that order): the identity a delta checks."""
+def _fp8_block(base_dir: Path) -> tuple[int, int] | None:
+    """The FP8 block of a base folder's config.json (DeepSeek-V3/R1 as shipped), or None for a BF16/FP32 base."""
+    from dsft.model.fp8 import block_size_of
+
+    cfg = base_dir / "config.json"
+    return block_size_of(json.loads(cfg.read_text(encoding="utf-8"))) if cfg.is_file() else None
+
+
+def base_tensors_sha256(base_dir: str | Path, names: list[str], *, dequantize_to: str | None = None) -> str:
+    """sha256 over the base folder's stored bytes of `names` (in that order): the identity a delta checks.
+    With `dequantize_to` (a torch dtype name), FP8 tensors are first dequantized with their `weight_scale_inv`
+    (dsft.model.fp8) to that dtype: the bytes of the BF16/FP32 copy a delta for an FP8 base was trained on."""
     import torch
     from safetensors import safe_open
 
-    where = _weight_index(Path(base_dir))
+    from dsft.model.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize
+
+    base = Path(base_dir)
+    where = _weight_index(base)
     missing = [n for n in names if n not in where]
     if missing:
         raise ModelError(f"{base_dir}: the base has no tensor {missing[0]} (is it the model this delta was trained on?)")
+    block = _fp8_block(base) if dequantize_to else None
     h = hashlib.sha256()
     for n in names:
         with safe_open(str(where[n]), "pt") as sf:
             t = sf.get_tensor(n)
+        if block and t.dtype == FP8_DTYPE and n + SCALE_SUFFIX in where:
+            with safe_open(str(where[n + SCALE_SUFFIX]), "pt") as sf:
+                t = dequantize(t, sf.get_tensor(n + SCALE_SUFFIX), block, dtype=getattr(torch, dequantize_to))
         h.update(n.encode())
         h.update(str(t.dtype).encode())
         h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _check_base_format(base_dir: Path) -> None:
-    cfg = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    q = cfg.get("quantization_config") or {}
-    if q.get("quant_method") == "fp8":
-        raise ModelError(f"{base_dir}: an FP8 base (quantization_config fp8): dsft cannot write trained bf16/fp32 "
-                         f"experts into FP8 blocks yet; merge into a BF16 copy of the base")
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn"}
+
+
+def _stored_dtype(base_dir: Path, name: str) -> str:
+    """The safetensors dtype code (F32, BF16, F8_E4M3 …) a base folder stores `name` in (header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_weight_index(base_dir)[name]), "pt") as sf:
+        return str(sf.get_slice(name).get_dtype())
 
 
 # ---------------------------------------------------------------- write / read
@@ -93,8 +113,9 @@ def write_delta(out_dir: str | Path, tensors: dict[str, Any], meta: dict[str, An
     names = sorted(tensors)
     save_file({k: tensors[k].detach().cpu().contiguous() for k in names}, str(out / DELTA_FILE),
               metadata={"format": "pt", "dsft": FORMAT})
+    dtype = _ST_DTYPES.get(_stored_dtype(Path(base_dir), names[0]), "float32") if names else "float32"
     doc = {"format": FORMAT, "base_model": str(Path(base_dir).resolve()),
-           "base_sha256": base_tensors_sha256(base_dir, names), "tensors": names,
+           "base_sha256": base_tensors_sha256(base_dir, names), "base_dtype": dtype, "tensors": names,
            "bytes": (out / DELTA_FILE).stat().st_size, **meta}
     atomic_write_json(out / DELTA_JSON, doc)
     return out
@@ -138,10 +159,15 @@ def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_base(base_dir: str | Path, meta: dict[str, Any], where: str) -> None:
     """Refuse a base whose replaced tensors are not the ones the delta was trained from."""
-    got = base_tensors_sha256(base_dir, meta["tensors"])
-    if got != meta.get("base_sha256"):
-        raise ModelError(f"{where}: this delta was trained on {meta.get('base_model')}; {base_dir} holds other "
-                         f"weights for the experts it replaces (sha256 differs)")
+    base = Path(base_dir)
+    if base_tensors_sha256(base, meta["tensors"]) == meta.get("base_sha256"):
+        return
+    if _fp8_block(base):  # an FP8 base: the delta was trained on its dequantized BF16/FP32 copy
+        for dtype in dict.fromkeys([meta.get("base_dtype") or "bfloat16", "bfloat16", "float32"]):
+            if base_tensors_sha256(base, meta["tensors"], dequantize_to=dtype) == meta.get("base_sha256"):
+                return
+    raise ModelError(f"{where}: this delta was trained on {meta.get('base_model')}; {base_dir} holds other "
+                     f"weights for the experts it replaces (sha256 differs)")
 
 
 # ---------------------------------------------------------------- apply in memory / merge on disk
@@ -181,37 +207,59 @@ def _target(params: dict, name: str, shape: tuple | None, path):
     return p
 
 
+def _replacements(base: Path, tensors: dict[str, Any]) -> dict[str, Any]:
+    """{stored name: tensor} the merge writes: each delta tensor in the dtype the base stores it in; into an FP8
+    base's FP8 weights re-quantized into its blocks, each with its new `weight_scale_inv` (dsft.model.fp8)."""
+    import torch
+
+    from dsft.model.fp8 import SCALE_SUFFIX, quantize
+
+    block = _fp8_block(base)
+    where = _weight_index(base)
+    out: dict[str, Any] = {}
+    for name, t in tensors.items():
+        stored = _stored_dtype(base, name)
+        if block and stored == "F8_E4M3":
+            if name + SCALE_SUFFIX not in where:
+                raise ModelError(f"{base}: FP8 tensor {name} has no {name + SCALE_SUFFIX} in the base")
+            out[name], out[name + SCALE_SUFFIX] = quantize(t.float(), block)
+        else:
+            out[name] = t.to(getattr(torch, _ST_DTYPES.get(stored, "float32")))
+    return out
+
+
 def merge_into_folder(base_dir: str | Path, path: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """base folder + delta → out_dir, one safetensors shard at a time (memory: the largest shard); every other file
-    of the base is copied. Delta tensors take the dtype of the base tensor they replace. Returns a summary."""
+    """base folder + delta → out_dir, one safetensors shard at a time (memory: the largest shard + the delta); every
+    other file of the base (shard index, config, tokenizer) is copied. Delta tensors take the dtype of the base
+    tensors they replace; into an FP8 base they are re-quantized into its blocks. Returns a summary."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     base, out = Path(base_dir), Path(out_dir)
     tensors, meta = read_delta(path)
-    _check_base_format(base)
     check_base(base, meta, str(path))
+    new = _replacements(base, tensors)
     out.mkdir(parents=True, exist_ok=True)
-    replaced = 0
+    replaced: set[str] = set()
     for f in sorted(base.glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
             shard_meta = sf.metadata() or {"format": "pt"}
             shard = {}
             for k in sf.keys():
-                t = sf.get_tensor(k)
-                if k in tensors:
-                    t = tensors[k].to(t.dtype)
-                    replaced += 1
-                shard[k] = t
+                if k in new:
+                    shard[k] = new[k]
+                    replaced.add(k)
+                else:
+                    shard[k] = sf.get_tensor(k)
         save_file(shard, str(out / f.name), metadata=shard_meta)
         del shard
     for f in base.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
-    if replaced != len(tensors):
-        raise ModelError(f"{base}: only {replaced} of the delta's {len(tensors)} tensors were found in the base")
-    return {"merged": str(out), "replaced_tensors": replaced, "base_model": str(base), "delta": str(delta_dir(path)),
-            "experts": meta.get("experts")}
+    if len(replaced) != len(new):
+        raise ModelError(f"{base}: only {len(replaced)} of the {len(new)} tensors to replace were found in the base")
+    return {"merged": str(out), "replaced_tensors": len(tensors), "base_model": str(base),
+            "delta": str(delta_dir(path)), "experts": meta.get("experts"), "fp8": bool(_fp8_block(base))}
 
 
 def merge_delta(delta: str | Path, out_dir: str | Path, *, base: str | Path | None = None,
