@@ -166,6 +166,37 @@ def test_shared_experts_ablation_trains_them_too(tmp_path, records16):
     assert json.loads((tmp_path / "run/esft/expert_config.json").read_text())["experts"] == {"1": [3], "2": [0, 5]}
 
 
+def test_non_expert_ablation_on_a_bf16_model_keeps_the_router_frozen_in_fp32(tmp_path):
+    """esft.train_non_expert_modules: attention, dense MLP, norms, embeddings and LM head train too; the router,
+    the fused experts and the shared experts do not, the router is fp32 in a bf16 model, and the printed
+    trainable-parameter count (esft_select.trainable_params) is what trains."""
+    from dsft.train.esft import selection_from_config
+    from dsft.train.esft_select import trainable_params
+    from dsft.train.setup import apply_method, count_params, hyperparameters, is_router
+
+    base = build_moe(tmp_path / "m", "deepseek_v2")
+    cfg = config_from_dict({"train": {"method": "esft"},
+                            "esft": {"experts": {1: [2], 2: [4, 6]}, "train_non_expert_modules": True}})
+    model = load_model(base, dtype="bfloat16")
+    names = {n for n, _ in model.named_parameters()}
+    sel = selection_from_config(cfg.esft)
+    predicted = trainable_params(moe_layers(model), sel, model)
+    model, info = apply_method(model, cfg, hyperparameters(cfg, count_params(model)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expect = {n for n in names if not (is_router(n) or ".mlp.experts." in n or ".shared_experts." in n)}
+    expect |= {f"model.layers.{i}.mlp.experts.esft_{w}_proj" for i in (1, 2) for w in ("gate_up", "down")}
+    assert trainable == expect
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.1.self_attn.kv_b_proj.weight", "model.norm.weight"} <= trainable
+    assert info["trainable_params"] == predicted == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    routers = [p for n, p in model.named_parameters() if is_router(n)]
+    assert routers and all(p.dtype == torch.float32 and not p.requires_grad for p in routers)
+    ids = torch.tensor([[5, 17, 300, 41, 2048, 9, 77, 1000]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in routers)
+    assert model.model.layers[1].mlp.experts.esft_gate_up_proj.grad.abs().sum() > 0
+
+
 def test_training_starts_from_the_base_outputs(tmp_path):
     """Split out, the model computes what the base computes (frozen experts through transformers' kernel)."""
     from dsft.train.esft import Selection, apply_esft, merge_back
