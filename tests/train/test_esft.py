@@ -250,6 +250,38 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, records16):
     assert all(".esft_" in k for k in ckpt)  # the checkpoint holds the selected experts only
 
 
+def test_the_oom_ladder_halves_then_checkpoints_and_trains_the_same_experts(tmp_path, records16):
+    """Injected OOMs: micro-batch 2 → 1 (same effective batch), then gradient checkpointing over the split-out
+    experts' forward; the delta matches a run at micro-batch 1 without OOM (up to float summation order)."""
+    base = build_moe(tmp_path / "base", "deepseek_v2")
+    esft = {"experts": {1: [0, 3], 2: [5]}}
+    run_esft(tmp_path / "ref", base, records16, esft=esft, max_steps=4, per_device_train_batch_size=1,
+             gradient_accumulation_steps=2)
+    fired: list[int] = []
+
+    def oom(step, micro):
+        if step == 2 and micro > 1:
+            raise torch.OutOfMemoryError("injected")
+        if step == 3 and not fired:
+            fired.append(step)
+            raise torch.OutOfMemoryError("injected")
+
+    make_run(tmp_path / "oom", records16)
+    m = train(esft_cfg(tmp_path / "oom", base, esft, max_steps=4), RunDir(tmp_path / "oom"), fault_hook=oom,
+              progress=False)
+    log = [json.loads(ln) for ln in (tmp_path / "oom/train/log.jsonl").read_text().splitlines()]
+    actions = [r["action"] for r in log if r.get("event") == "oom"]
+    assert len(actions) == 2 and actions[0].startswith("micro-batch halved to 1") and \
+        actions[1] == "gradient checkpointing enabled"
+    assert m["micro_batch"] == 1 and m["effective_batch"] == 2 and m["steps"] == 4
+    a = load_file(str(tmp_path / "oom/train/esft/esft_delta.safetensors"))
+    b = load_file(str(tmp_path / "ref/train/esft/esft_delta.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 9
+    diff = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+    moved = sum(float((b[k] - load_file(str(base / "model.safetensors"))[k]).double().norm() ** 2) for k in b) ** 0.5
+    assert moved > 0 and diff < 1e-3 * moved
+
+
 def test_the_v2_lite_example_is_an_esft_config():
     from dsft.config import load_config
 
