@@ -287,11 +287,11 @@ def verdict(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/bench-esft", help="working folder (models, runs)")
-    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--pretrain-medical", type=int, default=1500, help="medical records in the pre-training mixture")
     ap.add_argument("--balance", type=float, default=0.01, help="load-balancing loss weight in pre-training")
-    ap.add_argument("--ft-steps", type=int, default=100)
+    ap.add_argument("--ft-steps", type=int, default=60)
     ap.add_argument("--ft-records", type=int, default=1600)
     ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning lr, the same for every method")
     ap.add_argument("--lora-r", type=int, default=16)
