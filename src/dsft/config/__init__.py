@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError
 from dsft.config.base import Section
 from dsft.config.data import EMBEDDED_DATA, DataConfig
 from dsft.config.distill import DistillConfig
+from dsft.config.esft import EsftConfig
 from dsft.config.eval import EvalConfig
 from dsft.config.export import ExportConfig
 from dsft.config.model import EMBEDDED_MODEL, ModelConfig
@@ -24,7 +25,7 @@ from dsft.errors import ConfigError
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "TrainConfig", "LoraConfig", "EvalConfig", "ExportConfig",
-    "ServeConfig", "PlanConfig", "DpoConfig", "GrpoConfig", "Resolution", "load_config", "config_from_dict", "EMBEDDED_MODEL", "EMBEDDED_DATA",
+    "ServeConfig", "PlanConfig", "DpoConfig", "GrpoConfig", "EsftConfig", "Resolution", "load_config", "config_from_dict", "EMBEDDED_MODEL", "EMBEDDED_DATA",
     "resolve_config",
 ]
 
@@ -35,6 +36,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    esft: EsftConfig = Field(default_factory=EsftConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

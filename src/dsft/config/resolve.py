@@ -75,9 +75,9 @@ def resolve_config(cfg: Config, model_info: ModelFacts) -> Config:
     keys.fill(t, "train.num_train_epochs", preset.epochs, tag)
     r = keys.fill(lo, "lora.r", preset.lora_r, tag)
     keys.fill(lo, "lora.alpha", 2.0 * r, "rule: 2 × lora.r")
-    full = t.method in ("full", "freeze")
+    full = t.method in ("full", "freeze", "esft")
     keys.fill(t, "train.adam_beta2", ADAM_BETA2_FULL if full else ADAM_BETA2_ADAPTER,
-              f"rule: {'0.95 for full/freeze fine-tuning' if full else '0.999 for adapters'}")
+              f"rule: {'0.95 for full/freeze/esft fine-tuning' if full else '0.999 for adapters'}")
     _fill_modules_to_save(out, keys, preset, model_info)
     _fill_batch(out, keys, preset)
     _fill_eval_split(out, keys)
@@ -191,6 +191,10 @@ def _refuse_silent_keys(out: Config, keys: _Keys) -> None:
                           f"lora.{key} has no effect with train.method {t.method}"))
         for key in ("dropout", "target_modules", "use_rslora", "use_dora"):
             rules.append((_changed(lo, key), f"lora.{key} has no effect with train.method {t.method}"))
+    if t.method != "esft":
+        for key in type(out.esft).model_fields:
+            rules.append((getattr(out.esft, key) != getattr(type(out.esft)(), key),
+                          f"esft.{key} has no effect with train.method {t.method}"))
     for bad, message in rules:
         if bad:
             raise ConfigError(message)

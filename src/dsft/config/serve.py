@@ -30,6 +30,9 @@ class ServeConfig(Section):
     """A DeepSeek template name overriding the tokenizer's (deepseek-v3, r1-distill, deepseek-llm …)."""
     lora_modules: dict[str, str] = Field(default_factory=dict)
     """Named LoRA adapters over the base: {name: adapter folder}; chosen per request by `model`."""
+    esft_delta: str | None = None
+    """An ESFT expert delta folder (`dsft train` method esft: <run_dir>/train/esft) applied to the base at load time:
+    base + delta without a merged copy (transformers engine)."""
     startup_timeout_s: float = Field(600.0, gt=0)
     shutdown_timeout_s: float = Field(60.0, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)

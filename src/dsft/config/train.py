@@ -25,7 +25,8 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "dora", "qlora", "full", "freeze"] = "lora"
+    method: Literal["lora", "dora", "qlora", "full", "freeze", "esft"] = "lora"
+    """esft: only the routed experts the task uses train (DeepSeek MoE; see the `esft:` section and docs/esft.md)."""
     objective: Literal["sft", "dpo", "orpo", "simpo", "grpo"] = "sft"
     """What is optimised: sft (next-token loss on assistant turns), dpo / orpo / simpo (preference pairs, `dpo:`
     section) or grpo (RL prompts with verifiable rewards, `grpo:` section). See docs/preference.md."""

@@ -38,6 +38,10 @@ def run(cfg: Config, run_dir: RunDir, *, force: bool = False) -> dict[str, Any]:
     out = run_dir.prepare_stage("export", force=force)
     manifest = export_model(base_dir, out, cfg, adapter_dir=adapter_dir, conversations=_probe_conversations(run_dir),
                             force=True)
+    if train_m.get("esft_delta"):  # ESFT: ship the small expert delta next to the merged model
+        from dsft.model.esft_delta import copy_delta
+
+        manifest.update(copy_delta(train_dir / train_m["esft_delta"], out / "esft_delta"))
     manifest["method"] = train_m.get("method")
     manifest["base_model"] = str(base)
     run_dir.write_manifest("export", manifest)

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   dsft serve --run runs/demo                                      # the run's merged model (or base + adapter)
   dsft serve --model embedded:tiny-deepseek-v3 --port 0           # any free port
   dsft serve --model BASE --lora medical=runs/demo/train/adapter --api-key $KEY
+  dsft serve --esft runs/esft/train/esft                          # base + ESFT expert delta, no merged copy
   dsft serve --model BASE --engine vllm --tensor-parallel-size 2  # GPU, needs `pip install dsft[vllm]`
   curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "merged", "messages": [{"role": "user", "content": "头痛怎么办？"}]}'
@@ -41,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter served as model NAME over the base (repeatable)")
+    p.add_argument("--esft", metavar="DELTA", help="serve the base (--model, default: the delta's own base) with an "
+                                                   "ESFT expert delta folder applied, without a merged copy")
     p.add_argument("--max-batch-size", type=int, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, help="waiting requests before 429 (default 64)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -61,6 +64,7 @@ def _settings(args):
         "max_queue": args.max_queue, "max_model_len": args.max_model_len, "dtype": args.dtype,
         "chat_template": args.chat_template, "tensor_parallel_size": args.tensor_parallel_size,
         "gpu_memory_utilization": args.gpu_memory_utilization, "auth_all": args.auth_all or None,
+        "esft_delta": args.esft,
     }
     return resolve(model=args.model, run=args.run, config=args.config, loras=args.lora, flags=flags)
 

@@ -560,8 +560,9 @@ class Engine:
 
 
 def load_engine(model_dir: str | Path, *, adapters: dict[str, str] | None = None, dtype: str = "auto",
-                chat_template: str | None = None, trust_remote_code: bool = False, **kwargs) -> Engine:
-    """Load a local model folder (+ named LoRA adapter folders) into an Engine (not yet started)."""
+                chat_template: str | None = None, trust_remote_code: bool = False, esft_delta: str | None = None,
+                **kwargs) -> Engine:
+    """Load a local model folder (+ an ESFT expert delta, + named LoRA adapter folders) into an Engine (not started)."""
     from dsft.errors import DsftError, ServeError
     from dsft.model.load import load_model, resolve_model_dir
     from dsft.model.tokenizer import load_tokenizer
@@ -574,6 +575,10 @@ def load_engine(model_dir: str | Path, *, adapters: dict[str, str] | None = None
         tok.chat_template = get_template("deepseek-v3")
         log.warning("%s: tokenizer has no chat template; using DeepSeek-V3's", model_dir)
     model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    if esft_delta:
+        from dsft.model.esft_delta import apply_delta
+
+        apply_delta(model, esft_delta, base_dir=model_dir)
     names = list((adapters or {}).keys())
     if adapters:
         from dsft.model.adapters import load_named_adapters

@@ -35,6 +35,8 @@ def resolve(*, model: str | None, run: str | None, config: str | None, loras: li
             raise ServeError("give either --model or --run, not both")
         model, run_adapters = model_from_run(run)
         adapters.update(run_adapters)
+    elif not model and base.get("esft_delta"):
+        model = esft_base(base["esft_delta"])
     elif not model:
         raise ServeError("dsft serve needs --model DIR (or --run RUN_DIR)")
     for item in loras:
@@ -43,6 +45,8 @@ def resolve(*, model: str | None, run: str | None, config: str | None, loras: li
             raise ServeError(f"--lora {item!r}: expected NAME=DIR")
         adapters[name] = path
     base["lora_modules"] = adapters
+    if base.get("esft_delta"):
+        check_esft(base, model)
     try:
         cfg = ServeConfig(**base)
     except ValidationError as err:
@@ -80,3 +84,33 @@ def check_adapters(adapters: dict[str, str]) -> None:
                 raise ServeError(f"LoRA adapter '{name}': {d} holds adapter_model.bin (a pickle, which could run code "
                                  f"when loaded); dsft serves safetensors only — re-save it with safe_serialization=True")
             raise ServeError(f"LoRA adapter '{name}': {d} has no adapter_model.safetensors")
+
+
+def esft_base(delta: str) -> str:
+    """The base model an ESFT delta names (its esft_delta.json)."""
+    from dsft.errors import DsftError
+    from dsft.model.esft_delta import read_delta_meta
+
+    try:
+        return str(read_delta_meta(delta)["base_model"])
+    except DsftError as err:
+        raise ServeError(f"--esft: {err}") from err
+
+
+def check_esft(settings: dict[str, Any], model: str) -> None:
+    """An ESFT delta is applied by the transformers engine, to the base it was trained on; name the server after it."""
+    from dsft.errors import DsftError
+    from dsft.model.esft_delta import check_base, read_delta_meta
+
+    if settings.get("engine", "transformers") != "transformers":
+        raise ServeError(f"--esft needs the transformers engine; for {settings['engine']}, merge first "
+                         f"(`dsft esft merge DELTA -o DIR`) and serve DIR")
+    from dsft.model.load import resolve_model_dir
+
+    try:
+        meta = read_delta_meta(settings["esft_delta"])
+        check_base(resolve_model_dir(model), meta, f"--esft {settings['esft_delta']}")
+    except DsftError as err:
+        raise ServeError(str(err)) from err
+    if not settings.get("served_model_name"):
+        settings["served_model_name"] = f"{Path(model).name}+esft"

@@ -56,7 +56,7 @@ class ServerState:
                     raise ValueError("LoRA adapters need the transformers engine (merge them before GGUF export)")
                 eng = load_llamacpp_engine(self.model_dir, **common)
             else:
-                eng = load_engine(self.model_dir, adapters=self.adapters, dtype=self.cfg.dtype,
+                eng = load_engine(self.model_dir, adapters=self.adapters, dtype=self.cfg.dtype, esft_delta=self.cfg.esft_delta,
                                   max_batch_size=self.cfg.max_batch_size, **common)
             eng.start()
             self.engine = eng

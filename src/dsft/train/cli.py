@@ -30,6 +30,10 @@ def register(sub) -> None:
                    help="processes (GPUs) on this machine: re-runs under `accelerate launch` with a config generated "
                         "from train.strategy (ddp/fsdp/deepspeed); default train.nproc")
     p.set_defaults(func=_run)
+    from dsft.cli_common import config_and_run
+    from dsft.train import esft_cli  # `dsft esft …` (profile, merge) lives beside the train stage
+
+    esft_cli.register(sub, add_config_args=add_config_args, config_and_run=config_and_run)
 
 
 def _run(args) -> int:

@@ -50,7 +50,7 @@ def hyperparameters(cfg: Config, n_params: int) -> Hyperparameters:
         epochs=tc.num_train_epochs or preset.epochs,
         lora_r=r,
         lora_alpha=lc.alpha or 2 * r,
-        adam_beta2=tc.adam_beta2 or (0.95 if tc.method in ("full", "freeze") else 0.999),
+        adam_beta2=tc.adam_beta2 or (0.95 if tc.method in ("full", "freeze", "esft") else 0.999),
         auto_micro_batch=preset.batch,
         modules_to_save=mts,
     )

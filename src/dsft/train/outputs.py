@@ -19,6 +19,10 @@ def save_trained(r: Recipe, s: TrainState) -> tuple[str | None, str | None]:
     inner = unwrap(s.model)
     if r.prev_attn is not None:
         inner.set_attn_implementation(r.prev_attn)
+    if r.tc.method == "esft":  # expert delta + merged model (dsft.train.esft_outputs)
+        from dsft.train.esft_outputs import save_esft
+
+        return save_esft(r, s)
     full_sd = gathered_model_state(dist, s.loss_mod) if dist.kind in ("FSDP", "DEEPSPEED") else None
     if r.tc.method in ("lora", "dora", "qlora"):
         if dist.is_main:
@@ -58,6 +62,8 @@ def manifest(r: Recipe, s: TrainState, res: LoopResult, adapter: str | None, mod
         "method_info": {k: v for k, v in info.items() if k not in ("trainable_params", "total_params")},
         "processes": _processes(r.dist),
     }
+    if tc.method == "esft":
+        m["esft_delta"] = "esft"
     if s.scaler is not None:
         m["grad_scaler"] = {"scale": float(s.scaler.get_scale())}
     m["objective"] = "sft"

@@ -101,7 +101,12 @@ def build_recipe(cfg: Config, run: RunDir, dist: Dist, records: list[dict], eval
 
     model = setup.load_base(cfg, model_dir, dist.device)
     hp = hyperparameters(cfg, setup.count_params(model))
-    model, info = setup.apply_method(model, cfg, hp)
+    esft = None
+    if tc.method == "esft":  # profile the base on this run's data and pick the experts (dsft.train.esft_select)
+        from dsft.train.esft_select import selection_for_run
+
+        esft = selection_for_run(cfg, run.root, model, model_dir, examples, tok=tok, is_main=dist.is_main)
+    model, info = setup.apply_method(model, cfg, hp, esft=esft)
     model.train()
     prev_attn = _packed_attention(model, tc, dist.device)
     micro, accum = plan_micro_batch(cfg, run, model_dir, hp, quiet=not dist.is_main)

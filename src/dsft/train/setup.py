@@ -80,8 +80,9 @@ def keep_router_fp32(model) -> None:
 
 
 # ---------------------------------------------------------------- the method
-def apply_method(model, cfg: Config, hp: Hyperparameters) -> tuple[Any, dict[str, Any]]:
-    """Apply the fine-tuning method; return (model to train, info for the manifest and the console)."""
+def apply_method(model, cfg: Config, hp: Hyperparameters, *, esft=None) -> tuple[Any, dict[str, Any]]:
+    """Apply the fine-tuning method; return (model to train, info for the manifest and the console).
+    esft: method esft's expert selection (`dsft.train.esft.Selection`; default: the config's esft.experts)."""
     method = cfg.train.method
     n_params = count_params(model)
     info: dict[str, Any] = {"method": method}
@@ -93,6 +94,14 @@ def apply_method(model, cfg: Config, hp: Hyperparameters) -> tuple[Any, dict[str
             p.requires_grad = not is_router(n)
     elif method == "freeze":
         _unfreeze_last_layers(model, cfg, info)
+    elif method == "esft":
+        from dsft.train.esft import apply_esft, selection_from_config
+
+        sel = esft or selection_from_config(cfg.esft)
+        if sel is None:
+            raise TrainError("train.method esft: no expert selection (profile the data with `dsft esft profile CONFIG` "
+                             "inside `dsft train`, or set esft.experts)")
+        info.update(apply_esft(model, sel))
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["total_params"] = n_params
     if info["trainable_params"] == 0:

@@ -1,0 +1,350 @@
+"""ESFT vs LoRA vs full fine-tuning on a small DeepSeek-V2-shape MoE (CPU): domain gain against general forgetting.
+
+1. Pre-train a random-init V2-shape MoE (8 routed experts top-2 + 1 shared, 4 MoE layers after 1 dense layer, the
+   embedded 8 k tokenizer) on a mixture of two real corpora — Chinese medical QA (`medical_dialogue_internal_medicine`)
+   and general Chinese instructions (`alpaca_zh_demo`) — with every weight trainable (router included) and a
+   Switch-style load-balancing loss, so routing can specialise. Routing statistics are reported per layer.
+2. Fine-tune the pre-trained model on held-apart medical QA with dsft's own `train` stage: ESFT-Token, ESFT-Gate,
+   LoRA and full fine-tuning, the same steps, batch, lr and seed, each in its own process (for its peak memory).
+3. Per method: held-out domain loss, held-out general loss before → after (forgetting), trainable parameters, the
+   file a user ships (delta / adapter / model), peak RSS, training time. Last line: JSON.
+
+    .venv/bin/python benchmarks/esft_vs_lora.py                        # the full run (≈ 15 min on a shared 2-core CPU)
+    .venv/bin/python benchmarks/esft_vs_lora.py --quick                # a smoke run (≈ 2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(os.environ.get("DSFT_SHARED_DATA", "/work/shared/data"))
+METHODS = ("esft-token", "esft-gate", "lora", "full")
+
+
+# ---------------------------------------------------------------- data
+def medical_records() -> list[dict]:
+    from dsft.records import qa_messages
+
+    raw = (DATA / "medical_dialogue_internal_medicine.gb18030.csv").read_bytes().decode("gb18030")
+    out, seen = [], set()
+    for i, r in enumerate(csv.DictReader(io.StringIO(raw))):
+        if r["answer"] in seen:  # template replies: keep one
+            continue
+        seen.add(r["answer"])
+        f = {"question": r["title"], "context": r["ask"], "answer": r["answer"]}
+        out.append({"id": f"med:{i}", "messages": qa_messages(f), "domain": "medical"})
+    return out
+
+
+def general_records() -> list[dict]:
+    rows = json.loads((DATA / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    return [{"id": f"alpaca:{i}", "domain": "general",
+             "messages": [{"role": "user", "content": (r["instruction"] + ("\n" + r["input"] if r["input"] else ""))},
+                          {"role": "assistant", "content": r["output"]}]} for i, r in enumerate(rows)]
+
+
+def splits(args) -> dict[str, list[dict]]:
+    med, gen = medical_records(), general_records()
+    rng = random.Random(0)
+    rng.shuffle(med)
+    rng.shuffle(gen)
+    n_eval = args.eval
+    return {"med_test": med[:n_eval], "gen_test": gen[:n_eval], "med_ft": med[n_eval:n_eval + args.ft_records],
+            "pretrain": med[n_eval + args.ft_records:][:args.pretrain_medical] + gen[n_eval:]}
+
+
+# ---------------------------------------------------------------- model + pre-training
+def build_base(out: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers as tf
+
+    from dsft.model.tokenizer import embedded_tokenizer_dir
+
+    tok = tf.AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    cfg = tf.DeepseekV2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=32, n_group=1, topk_group=1, topk_method="greedy", max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = tf.DeepseekV2ForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def padded(batch, pad_id: int, *, all_tokens: bool):
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n], mask[i, :n] = torch.tensor(e.input_ids), 1
+        labels[i, :n] = torch.tensor(e.input_ids if all_tokens else e.labels)
+    return ids, mask, labels
+
+
+def pretrain(base: Path, out: Path, records: list[dict], args) -> dict:
+    """Every weight (router included) on the mixture, LM loss on all tokens + α · Switch balance loss per layer."""
+    import torch
+
+    from dsft.model.load import load_model
+    from dsft.model.tokenizer import load_tokenizer
+    from dsft.train.encode import encode_records
+    from dsft.train.esft import moe_layers
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(base))
+    exs = encode_records(tok, records, args.max_len)[0]
+    model = load_model(base, dtype="float32")
+    model.train()
+    aux: list = []
+
+    def hook(_m, _inp, out):
+        logits, _, idx = out
+        probs = logits.softmax(-1)
+        e = probs.shape[-1]
+        frac = torch.bincount(idx.reshape(-1), minlength=e).float() / idx.numel()
+        aux.append(e * (frac * probs.mean(0)).sum())
+    hooks = [la.mlp.gate.register_forward_hook(hook) for la in moe_layers(model)]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = random.Random(0)
+    t0, losses = time.perf_counter(), []
+    for step in range(args.pretrain_steps):
+        batch = rng.sample(exs, args.batch)
+        ids, mask, labels = padded(batch, tok.pad_token_id, all_tokens=True)
+        aux.clear()
+        lr = args.pretrain_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        (loss + args.balance * sum(aux)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    for h in hooks:
+        h.remove()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return {"steps": args.pretrain_steps, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "seconds": round(time.perf_counter() - t0, 1), "examples": len(exs)}
+
+
+# ---------------------------------------------------------------- measurements
+def held_out_loss(model_dir: Path, records: list[dict], max_len: int) -> float:
+    """Mean token loss on the assistant tokens of `records` (dsft's training labels)."""
+    import torch
+
+    from dsft.model.load import load_model
+    from dsft.model.tokenizer import load_tokenizer
+    from dsft.train.encode import encode_records
+
+    tok = load_tokenizer(str(model_dir))
+    exs = encode_records(tok, records, max_len)[0]
+    model = load_model(model_dir, dtype="float32").eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(exs), 16):
+            ids, mask, labels = padded(exs[b:b + 16], tok.pad_token_id, all_tokens=False)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            tgt = labels[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+            n += int((tgt != -100).sum())
+    return total / n
+
+
+def routing_stats(model_dir: Path, records: dict[str, list[dict]], max_len: int) -> dict:
+    """Per MoE layer: routing entropy on each corpus, and how much the two corpora share their top experts."""
+    from dsft.model.load import load_model
+    from dsft.model.tokenizer import load_tokenizer
+    from dsft.train.encode import encode_records
+    from dsft.train.esft_profile import profile_experts
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(model_dir, dtype="float32")
+    prof = {name: profile_experts(model, [e.input_ids for e in encode_records(tok, recs, max_len)[0]],
+                                  sample_tokens=20000, seed=0, pad_id=tok.pad_token_id)
+            for name, recs in records.items()}
+    out = {}
+    for li in prof["medical"]["layers"]:
+        m, g = prof["medical"]["layers"][li]["token"], prof["general"]["layers"][li]["token"]
+        out[li] = {"entropy_medical": round(prof["medical"]["layers"][li]["routing_entropy"], 3),
+                   "entropy_general": round(prof["general"]["layers"][li]["routing_entropy"], 3),
+                   "overlap": round(sum(min(a, b) for a, b in zip(m, g, strict=True)), 3),
+                   "medical": [round(x, 3) for x in m], "general": [round(x, 3) for x in g]}
+    return out
+
+
+# ---------------------------------------------------------------- fine-tuning (one process per method)
+def method_config(method: str, run_dir: Path, base: Path, args) -> dict:
+    train = {"method": "esft" if method.startswith("esft") else method, "max_steps": args.ft_steps,
+             "per_device_train_batch_size": args.batch, "learning_rate": args.lr, "report_to": ["none"],
+             "save_steps": 100000, "logging_steps": 10, "seed": 0, "lr_scheduler": "cosine", "warmup_steps": 10}
+    cfg = {"run_dir": str(run_dir), "model": {"name_or_path": str(base), "dtype": "float32"},
+           "data": {"max_seq_length": args.max_len}, "train": train}
+    if method.startswith("esft"):
+        cfg["esft"] = {"score": method.split("-")[1], "sample_tokens": args.sample_tokens}
+    if method == "lora":
+        cfg["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "modules_to_save": []}
+    return cfg
+
+
+def finetune(method: str, work: Path, base: Path, records: list[dict], args) -> dict:
+    import yaml
+
+    from dsft.run import RunDir, write_jsonl
+
+    run = RunDir(work / method)
+    d = run.stage_dir("data")
+    write_jsonl(d / "train.jsonl", records)
+    write_jsonl(d / "test.jsonl", [])
+    run.write_manifest("data", {"train": "train.jsonl", "test": "test.jsonl", "eval": None,
+                                "counts": {"train": len(records)}})
+    cfg_path = work / f"{method}.yaml"
+    cfg_path.write_text(yaml.safe_dump(method_config(method, run.root, base, args), allow_unicode=True), "utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "dsft", "train", str(cfg_path), "--force"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"{method}: dsft train failed:\n{out[-3000:]}")
+    m = run.read_manifest("train")
+    tdir = run.root / "train"
+    shipped = {"esft": tdir / "esft" / "esft_delta.safetensors", "lora": tdir / "adapter" / "adapter_model.safetensors",
+               "full": tdir / "model" / "model.safetensors"}[m["method"]]
+    res = {"method": method, "trainable_params": m["trainable_params"], "total_params": m["total_params"],
+           "shipped_bytes": shipped.stat().st_size, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+           "train_seconds": m["train_seconds"], "process_seconds": round(time.perf_counter() - t0, 1),
+           "loss_first": m["loss_first"], "loss_last": m["loss_last"], "method_info": m["method_info"]}
+    model_dir = tdir / "model" if m["model"] else None
+    if m["adapter"]:
+        model_dir = merge_lora(m["base_model"], tdir / "adapter", tdir / "merged")
+    res["model_dir"] = str(model_dir)
+    return res
+
+
+def merge_lora(base: str, adapter: Path, out: Path) -> Path:
+    from dsft.model.adapters import load_adapter
+    from dsft.model.load import load_model
+    from dsft.model.tokenizer import load_tokenizer
+
+    merged = load_adapter(load_model(base, dtype="float32"), adapter).merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(base).save_pretrained(str(out))
+    return out
+
+
+# ---------------------------------------------------------------- report
+def table(rows: list[dict], before: dict) -> str:
+    full = next((r for r in rows if r["method"] == "full"), None)
+    lines = [f"{'method':<11} {'domain loss':>11} {'vs full':>8} {'general loss':>19} {'forgetting':>10} "
+             f"{'trainable':>15} {'shipped':>10} {'peak RSS':>9} {'train s':>8}",
+             f"{'base':<11} {before['domain']:>11.4f} {'':>8} {before['general']:>19.4f}"]
+    for r in rows:
+        vs = f"{100 * (r['domain_loss'] / full['domain_loss'] - 1):+.1f}%" if full else ""
+        lines.append(
+            f"{r['method']:<11} {r['domain_loss']:>11.4f} {vs:>8} "
+            f"{before['general']:>8.4f} → {r['general_loss']:.4f} {r['forgetting']:>+10.4f} "
+            f"{r['trainable_params']:>9,} {100 * r['trainable_params'] / r['total_params']:>4.1f}% "
+            f"{r['shipped_bytes'] / 2**20:>8.2f}MB {r['peak_rss_mib']:>7.0f}MB {r['train_seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> dict:
+    by = {r["method"]: r for r in rows}
+    full, lora = by["full"], by["lora"]
+    out = {}
+    for m in ("esft-token", "esft-gate"):
+        e = by[m]
+        out[m] = {"domain_within_2pct_of_full": e["domain_loss"] <= 1.02 * full["domain_loss"],
+                  "forgetting_le_half_full": e["forgetting"] <= 0.5 * full["forgetting"],
+                  "forgetting_below_lora": e["forgetting"] < lora["forgetting"],
+                  "trainable_le_25pct_full": e["trainable_params"] <= 0.25 * full["trainable_params"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="runs/bench-esft", help="working folder (models, runs)")
+    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
+    ap.add_argument("--pretrain-medical", type=int, default=1500, help="medical records in the pre-training mixture")
+    ap.add_argument("--balance", type=float, default=0.01, help="load-balancing loss weight in pre-training")
+    ap.add_argument("--ft-steps", type=int, default=60)
+    ap.add_argument("--ft-records", type=int, default=1600)
+    ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning lr, the same for every method")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=160)
+    ap.add_argument("--eval", type=int, default=100, help="held-out records per corpus")
+    ap.add_argument("--sample-tokens", type=int, default=32768, help="ESFT profile sample")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.pretrain_steps, args.ft_steps, args.eval, args.ft_records, args.pretrain_medical = 60, 20, 32, 200, 300
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = splits(args)
+    base = build_base(work / "random-init")
+    pre = pretrain(base, work / "pretrained", data["pretrain"], args)
+    pretrained = work / "pretrained"
+    routing = routing_stats(pretrained, {"medical": data["med_test"], "general": data["gen_test"]}, args.max_len)
+    before = {"domain": held_out_loss(pretrained, data["med_test"], args.max_len),
+              "general": held_out_loss(pretrained, data["gen_test"], args.max_len)}
+    rows = []
+    for method in args.methods.split(","):
+        r = finetune(method, work, pretrained, data["med_ft"], args)
+        r["domain_loss"] = held_out_loss(Path(r["model_dir"]), data["med_test"], args.max_len)
+        r["general_loss"] = held_out_loss(Path(r["model_dir"]), data["gen_test"], args.max_len)
+        r["forgetting"] = r["general_loss"] - before["general"]
+        rows.append(r)
+        print(f"{method}: domain {r['domain_loss']:.4f} general {r['general_loss']:.4f} ({r['train_seconds']} s)",
+              flush=True)
+    print(f"\npre-training: {pre['steps']} steps on {pre['examples']} records (medical + alpaca), loss "
+          f"{pre['loss_first']:.3f} → {pre['loss_last']:.3f}, {pre['seconds']} s")
+    print("routing after pre-training (token shares on held-out text; entropy 1 = uniform; overlap 1 = identical):")
+    for li, s in routing.items():
+        print(f"  layer {li}: entropy medical {s['entropy_medical']:.3f} general {s['entropy_general']:.3f}, "
+              f"overlap {s['overlap']:.3f}; medical {s['medical']}")
+    for r in rows:
+        if r["method"].startswith("esft"):
+            print(f"{r['method']} experts: {r['method_info']['experts']}")
+    print("\n" + table(rows, before))
+    result = {"settings": {k: v for k, v in vars(args).items()}, "pretrain": pre, "routing": routing,
+              "before": before, "rows": [{k: v for k, v in r.items() if k not in ("model_dir",)} for r in rows],
+              "seconds": round(time.perf_counter() - t_all, 1)}
+    if {"full", "lora", "esft-token", "esft-gate"} <= {r["method"] for r in rows}:
+        result["goals"] = verdict(rows)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
