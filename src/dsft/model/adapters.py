@@ -262,6 +262,10 @@ def load_named_adapters(base_model, adapters: dict[str, str | Path]):
 
 def merge_adapter(peft_model):
     """Merge LoRA into the base weights and return the plain transformers model (assign the result)."""
+    from dsft.model.fp8_linear import has_fp8
+
+    if has_fp8(peft_model):  # PEFT would add the delta to a dequantized temporary: a silent no-op
+        raise ModelError("cannot merge an adapter into an FP8 base in memory: merge with `dsft export` (FP8 streaming merge)")
     return peft_model.merge_and_unload()
 
 
