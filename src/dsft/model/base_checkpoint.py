@@ -98,3 +98,11 @@ def describe(info: dict[str, Any] | None) -> str | None:
         parts.append(f"config says {info['num_nextn_predict_layers']} MTP layer(s) but none is stored")
     parts.append(f"{info['shards']} shard{'s' if info['shards'] != 1 else ''}")
     return ", ".join(parts)
+
+
+def checkpoint_line(name_or_path: str) -> str | None:
+    """The one line `dsft data/train/run` print about a local model folder's storage (None for plain folders)."""
+    folder = Path(str(name_or_path)).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    return describe(read_base_checkpoint(folder))
