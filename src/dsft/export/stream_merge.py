@@ -347,7 +347,9 @@ def stream_merge(base_dir: str | Path, out_dir: str | Path, *, adapter_dir: str 
     n_layers = ck.config.get("num_hidden_layers")
     return {
         "merge": "stream", "base_format": _base_format(ck), "out_format": fmt, "shards": len(ck.shards),
-        "tensors": len(ck.infos), "adapter": str(adapter_dir) if adapter_dir else None, **run.counts,
+        "tensors": len(ck.infos), "params": sum(int(torch.Size(i.shape).numel()) for n, i in ck.infos.items()
+                                                 if ck.weight_of_scale(n) is None),
+        "adapter": str(adapter_dir) if adapter_dir else None, **run.counts,
         "touched": dict(sorted(run.touched.items())), "requant_error": _error_summary(run.errors),
         "mtp_tensors": sum(1 for n in ck.infos if tensor_class(n, n_layers) == "mtp"),
         "bytes_in": sum((ck.root / s).stat().st_size for s in ck.shards), "bytes_out": bytes_out,
