@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dsft.errors import ExportError
-from dsft.export.stream_io import ShardWriter, TensorInfo, read_header, read_tensor
+from dsft.export.stream_io import ShardWriter, TensorInfo, fixed_mmap_threshold, read_header, read_tensor
 from dsft.export.stream_lora import AdapterTensors, Edit, merged_tensor, plan_edits
 from dsft.model import fp8
 from dsft.run import atomic_dir
@@ -316,6 +316,7 @@ def stream_merge(base_dir: str | Path, out_dir: str | Path, *, adapter_dir: str 
     """
     t0 = time.perf_counter()
     fmt = out_format_of(out_format)
+    fixed_mmap_threshold()  # else glibc's heap fragments under tensors of many sizes (see stream_io)
     ck = read_checkpoint(base_dir)
     if fmt == "fp8" and ck.block is None:
         raise ExportError(f"{ck.root}: output format fp8 needs an FP8 base (quantization_config fp8); this base is "
