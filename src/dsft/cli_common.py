@@ -25,10 +25,14 @@ ANNOUNCING_COMMANDS = ("data", "train", "run")
 
 def resolved_for_run(cfg: Config, run: RunDir, *, announce: bool = True) -> Config:
     """The config with every default resolved (dsft.config.resolve), written to <run_dir>/resolved_config.yaml."""
+    from dsft.model.base_checkpoint import checkpoint_line
     from dsft.model.info import read_model_info
 
-    return resolve_and_record(cfg, run.root, read_model_info(cfg.model.name_or_path),
-                              echo=None if announce else (lambda _line: None))
+    out = resolve_and_record(cfg, run.root, read_model_info(cfg.model.name_or_path),
+                             echo=None if announce else (lambda _line: None))
+    if announce and (line := checkpoint_line(cfg.model.name_or_path)):
+        print(f"dsft: {line}", flush=True)  # e.g. "FP8 e4m3 base, 128×128 blocks, 1 MTP layer kept, 163 shards"
+    return out
 
 
 def config_and_run(args: argparse.Namespace) -> tuple[Config, RunDir]:

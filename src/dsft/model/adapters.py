@@ -136,11 +136,24 @@ def exact_targets() -> Iterator[None]:
         yield
         return
     orig = conv.convert_peft_config_for_transformers
+    orig_sd = getattr(conv, "convert_peft_adapter_state_dict_for_transformers", None)
+
+    def keep_fp8_keys(model, peft_config, adapter_state_dict, adapter_name="default"):
+        from dsft.model.fp8_linear import has_fp8
+
+        if has_fp8(model):  # an FP8 base keeps DeepSeek's per-expert modules: the saved keys already match them
+            return adapter_state_dict
+        return orig_sd(model=model, peft_config=peft_config, adapter_state_dict=adapter_state_dict, adapter_name=adapter_name)
+
     conv.convert_peft_config_for_transformers = lambda *a, **k: None
+    if orig_sd is not None:
+        conv.convert_peft_adapter_state_dict_for_transformers = keep_fp8_keys
     try:
         yield
     finally:
         conv.convert_peft_config_for_transformers = orig
+        if orig_sd is not None:
+            conv.convert_peft_adapter_state_dict_for_transformers = orig_sd
 
 
 
@@ -262,6 +275,10 @@ def load_named_adapters(base_model, adapters: dict[str, str | Path]):
 
 def merge_adapter(peft_model):
     """Merge LoRA into the base weights and return the plain transformers model (assign the result)."""
+    from dsft.model.fp8_linear import has_fp8
+
+    if has_fp8(peft_model):  # PEFT would add the delta to a dequantized temporary: a silent no-op
+        raise ModelError("cannot merge an adapter into an FP8 base in memory: merge with `dsft export` (FP8 streaming merge)")
     return peft_model.merge_and_unload()
 
 

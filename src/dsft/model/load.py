@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from dsft.config import EMBEDDED_MODEL, ModelConfig
 from dsft.errors import ModelError
+from dsft.model.base_checkpoint import describe as describe_checkpoint
+from dsft.model.base_checkpoint import read_base_checkpoint
 from dsft.model.gguf_import import is_gguf_path, resolve_gguf
 from dsft.model.tokenizer import load_tokenizer
 
@@ -105,14 +109,55 @@ def load_model(model_dir: str | Path, *, dtype: str = "auto", trust_remote_code:
 
     model_dir = resolve_model_dir(str(model_dir))
     check_architecture(model_dir, trust_remote_code=trust_remote_code)
+    ckpt = read_base_checkpoint(model_dir)
+    if ckpt and ckpt["format"] == "fp8":  # DeepSeek's shipped FP8: kept e4m3, dequantized per module (fp8_load.py)
+        return load_fp8_base(model_dir, ckpt, dtype=dtype, attn_implementation=attn_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation, device_map=device_map,
-        )
+        with mtp_layers_ignored(model_dir, ckpt):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation, device_map=device_map,
+            )
     except Exception as err:
         raise ModelError(f"{model_dir}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     return model
+
+
+# ---------------------------------------------------------------- shipped DeepSeek checkpoints: FP8 and MTP layers
+def load_fp8_base(model_dir: Path, ckpt: dict, *, dtype: str, attn_implementation: str):
+    """A shipped FP8 folder: FP8 linears stay e4m3 + scales (dsft.model.fp8_load); the MTP layers stay on disk."""
+    from dsft.model.fp8_load import load_fp8_model
+
+    try:
+        model = load_fp8_model(model_dir, ckpt, dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+    except ModelError:
+        raise
+    except Exception as err:
+        raise ModelError(f"{model_dir}: cannot load the FP8 checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from err
+    log.info("%s: %s", model_dir, describe_checkpoint(ckpt))
+    return model
+
+
+@contextlib.contextmanager
+def mtp_layers_ignored(model_dir: Path, ckpt: dict | None) -> Iterator[None]:
+    """transformers ignores only V3's `model.layers.61.*` as MTP; ignore this folder's MTP layers (kept on disk) too."""
+    if not ckpt or not ckpt["mtp_prefixes"]:
+        yield
+        return
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type_of(model_dir), ""), None)
+    if cls is None:
+        yield
+        return
+    orig = cls._keys_to_ignore_on_load_unexpected
+    cls._keys_to_ignore_on_load_unexpected = [*(orig or []), *(re.escape(p) + ".*" for p in ckpt["mtp_prefixes"])]
+    try:
+        yield
+    finally:
+        cls._keys_to_ignore_on_load_unexpected = orig
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, *, model_dir: str | Path | None = None):

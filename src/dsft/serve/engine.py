@@ -173,7 +173,9 @@ class Engine:
 
         for name, mod in self.model.named_modules():
             kind = type(mod).__name__
-            if kind == "ParamWrapper" or (kind == "ModulesToSaveWrapper"
+            if ".mlp.experts." in name and getattr(getattr(mod, "base_layer", None), "is_fp8", False):
+                kind = "LoRA on FP8 routed experts (tokens regrouped per expert)"
+            if kind.startswith("LoRA on FP8") or kind == "ParamWrapper" or (kind == "ModulesToSaveWrapper"
                                           and not isinstance(getattr(mod, "original_module", None), (nn.Linear, nn.Embedding))):
                 log.info("adapters cannot share a forward pass (%s on %s); batching per adapter", kind, name)
                 return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsft.model.base_checkpoint import read_base_checkpoint
 from dsft.train.loop import LoopResult
 from dsft.train.loss import unwrap
 from dsft.train.recipe import Recipe
@@ -57,6 +58,7 @@ def manifest(r: Recipe, s: TrainState, res: LoopResult, adapter: str | None, mod
         "dataset_fingerprint": r.fingerprint,
         "method_info": {k: v for k, v in info.items() if k not in ("trainable_params", "total_params")},
         "processes": _processes(r.dist),
+        "base_checkpoint": read_base_checkpoint(r.model_dir),  # format, shards, MTP layers kept aside (for export)
     }
     if s.scaler is not None:
         m["grad_scaler"] = {"scale": float(s.scaler.get_scale())}

@@ -29,7 +29,9 @@ __all__ = [
 
 
 def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, counting the frozen FP8 weights (held as buffers by dsft.model.fp8_linear) too."""
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers()
+                                                          if n.endswith("weight_fp8"))
 
 
 def is_router(name: str) -> bool:
@@ -40,8 +42,12 @@ def is_router(name: str) -> bool:
 # ---------------------------------------------------------------- the base model
 def load_base(cfg: Config, model_dir: Path, device: torch.device):
     """The base model on `device` in model.dtype, or in NF4 for method qlora."""
+    from dsft.model.base_checkpoint import is_fp8_checkpoint
     from dsft.model.load import load_model
 
+    if is_fp8_checkpoint(model_dir) and cfg.train.method not in ("lora", "dora"):  # the FP8 base stays frozen
+        raise TrainError(f"train.method {cfg.train.method}: {model_dir} is an FP8 checkpoint, trained with lora or "
+                         f"dora on the frozen e4m3 base; full/freeze/qlora need a BF16 copy (DeepSeek's fp8_cast_bf16.py)")
     if cfg.train.method == "qlora":
         return load_qlora_base(cfg, model_dir, device)
     model = load_model(model_dir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
