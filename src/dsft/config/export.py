@@ -10,7 +10,8 @@ from dsft.config.base import Section
 
 
 class ExportConfig(Section):
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "fp8"] = "float32"
+    """dtype of merged/; fp8 (a shipped FP8 base only): DeepSeek's e4m3 blocks, merged shard by shard."""
     formats: list[Literal["merged", "fp16", "bf16", "int8", "int4", "nf4", "bnb-int8", "gguf-f16", "gguf-q8_0",
                           "gguf-q4_k_m"]] = Field(default_factory=lambda: ["merged"])
     """Variants to produce: merged, fp16, bf16 (the merged model in 16 bits), int8, int4 (dsft CPU kernels), nf4, bnb-int8 (bitsandbytes, extra `qlora`: on the

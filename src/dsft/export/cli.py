@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   dsft export examples/demo.yaml --formats merged,fp16,bf16,int8,int4,gguf-q4_k_m --force
   dsft eval examples/demo.yaml --variants              # then measure them: quant_report.* (export.report) in <run_dir>/eval
   dsft export --model BASE_DIR --adapter ADAPTER_DIR -o out/   # no config/run needed: out/merged, out/manifest.json
+  dsft export --model DeepSeek-V3 --adapter ADAPTER_DIR -o out/ --dtype fp8   # sharded/FP8 base: merged shard by shard
   dsft eval quant out/ --eval-data held_out.jsonl      # …and measure that export folder
 """
 REPORT_MOVED = ("the quantization report is measured by the eval stage now: run `dsft eval CONFIG --variants` after "
@@ -33,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="base (or fully fine-tuned) model folder; export without a run directory")
     p.add_argument("--adapter", help="PEFT adapter folder to merge into --model")
     p.add_argument("-o", "--out", help="output folder for --model mode (gets merged/, variants, manifest.json)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of merged/ (export.dtype)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "fp8"],
+                   help="dtype of merged/ (export.dtype); fp8: a shipped FP8 base merged shard by shard, FP8 kept")
     p.add_argument("--formats", help="comma-separated variants: merged,fp16,bf16,int8,int4,nf4,bnb-int8,gguf-f16,gguf-q8_0,gguf-q4_k_m")
     p.add_argument("--report", action="store_true", help="moved: the eval stage measures the variants (dsft eval CONFIG --variants)")
     p.add_argument("--eval-data", metavar="JSONL",

@@ -45,8 +45,12 @@ def run(cfg: Config, run_dir: RunDir, *, force: bool = False) -> dict[str, Any]:
     manifest["method"] = train_m.get("method")
     manifest["base_model"] = str(base)
     run_dir.write_manifest("export", manifest)
-    log.info("export: merged %s model → %s (max |Δlogit| = %.2e)", manifest["dtype"], out / "merged",
-             manifest["max_abs_diff"])
+    if manifest.get("merge") == "stream":
+        log.info("export: stream-merged %s model → %s (%d shards)", manifest["dtype"], out / "merged",
+                 manifest["stream"]["shards"])
+    else:
+        log.info("export: merged %s model → %s (max |Δlogit| = %.2e)", manifest["dtype"], out / "merged",
+                 manifest["max_abs_diff"])
     return manifest
 
 
@@ -83,6 +87,9 @@ def _check_request(cfg: Config, out_dir: Path, adapter_dir, force: bool) -> Path
     if unknown:
         raise ExportError(f"export.formats: unknown format {unknown[0]!r} (known: {', '.join(KNOWN_FORMATS)})")
     check_formats_runnable(cfg.export.formats)
+    if cfg.export.dtype == "fp8" and [f for f in cfg.export.formats if f != "merged"]:
+        raise ExportError(f"export.formats {cfg.export.formats}: with export.dtype fp8 only 'merged' is written "
+                          f"(the other variants start from a bf16/fp16/fp32 merge)")
     adapter_dir = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
     merged_dir = out_dir / "merged"
     if merged_dir.exists() and any(merged_dir.iterdir()) and not force:
@@ -98,6 +105,7 @@ def export_model(base_dir: str | Path, out_dir: str | Path, cfg: Config, *, adap
     probes). Returns the manifest (paths relative to out_dir). Measuring the variants is the eval stage's job.
     """
     from dsft.export.merge import merge_and_save
+    from dsft.export.stream_merge import is_stream_base
     from dsft.export.variants import dir_size, make_variant
     from dsft.model.load import resolve_model_dir
     from dsft.model.tokenizer import load_tokenizer
@@ -116,21 +124,25 @@ def export_model(base_dir: str | Path, out_dir: str | Path, cfg: Config, *, adap
     pbar = bar("export", total=1 + len(todo), unit=" variant")
     try:
         pbar.set_postfix_str("merged", refresh=True)
-        res = merge_and_save(base_dir, merged_dir, tok=tok, adapter_dir=adapter_dir, dtype=ecfg.dtype,
-                             conversations=conversations, trust_remote_code=cfg.model.trust_remote_code)
-        variants: list[dict[str, Any]] = [{
-            "name": "merged", "format": "safetensors", "dtype": ecfg.dtype, "path": "merged",
-            "size_bytes": dir_size(merged_dir, weights_only=True), "dir_bytes": dir_size(merged_dir), "engine": "transformers",
-            "seconds": round(time.perf_counter() - t0, 2),
-        }]
-        manifest = {
-            "merged": "merged", "dtype": ecfg.dtype, "max_abs_diff": res["max_abs_diff"],
-            "max_abs_diff_fp32_merge": res["max_abs_diff_fp32_merge"], "logit_scale": res["logit_scale"],
-            "tolerance": res["tolerance"], "within_tolerance": res["within_tolerance"], "base_model": str(base_dir),
-            "adapter": str(adapter_dir) if adapter_dir else None, "adapter_type": res["adapter_type"],
-            "params": res["params"], "variants": variants,
-        }
-        manifest.update({k: res[k] for k in ("fp16_max_activation", "fp16_max_activation_at") if k in res})
+        if ecfg.dtype == "fp8" or is_stream_base(base_dir):  # shard by shard, never the whole model
+            manifest = _stream_export(base_dir, out_dir, adapter_dir, ecfg.dtype, tok)
+            variants = manifest["variants"]
+        else:
+            res = merge_and_save(base_dir, merged_dir, tok=tok, adapter_dir=adapter_dir, dtype=ecfg.dtype,
+                                 conversations=conversations, trust_remote_code=cfg.model.trust_remote_code)
+            variants: list[dict[str, Any]] = [{
+                "name": "merged", "format": "safetensors", "dtype": ecfg.dtype, "path": "merged",
+                "size_bytes": dir_size(merged_dir, weights_only=True), "dir_bytes": dir_size(merged_dir), "engine": "transformers",
+                "seconds": round(time.perf_counter() - t0, 2),
+            }]
+            manifest = {
+                "merged": "merged", "dtype": ecfg.dtype, "max_abs_diff": res["max_abs_diff"],
+                "max_abs_diff_fp32_merge": res["max_abs_diff_fp32_merge"], "logit_scale": res["logit_scale"],
+                "tolerance": res["tolerance"], "within_tolerance": res["within_tolerance"], "base_model": str(base_dir),
+                "adapter": str(adapter_dir) if adapter_dir else None, "adapter_type": res["adapter_type"],
+                "params": res["params"], "variants": variants,
+            }
+            manifest.update({k: res[k] for k in ("fp16_max_activation", "fp16_max_activation_at") if k in res})
         pbar.update(1)
         for fmt in todo:
             pbar.set_postfix_str(fmt, refresh=True)
@@ -139,6 +151,37 @@ def export_model(base_dir: str | Path, out_dir: str | Path, cfg: Config, *, adap
     finally:
         pbar.close()
     return manifest
+
+
+def _stream_export(base_dir: Path, out_dir: Path, adapter_dir: Path | None, dtype: str, tok) -> dict[str, Any]:
+    """A sharded or FP8 base: merge shard by shard (dsft.export.stream_merge), never loading the model whole.
+
+    No logits check here (that needs the whole model; the tests compare with PEFT's merge): the manifest carries the
+    stream report instead (`stream`, and `stream_report.json` beside `merged/`).
+    """
+    from dsft.export.stream_merge import stream_merge
+    from dsft.export.variants import dir_size
+    from dsft.model.adapters import adapter_type
+    from dsft.run import atomic_write_json
+
+    if dtype == "float32":
+        log.warning("export: float32 merge of a sharded/FP8 base (4 bytes/parameter); export.dtype fp8 or bfloat16 "
+                    "keeps the shipped size")
+    merged_dir = out_dir / "merged"
+    rep = stream_merge(base_dir, merged_dir, adapter_dir=adapter_dir, out_format=dtype)
+    tok.save_pretrained(str(merged_dir))
+    atomic_write_json(out_dir / "stream_report.json", rep)
+    variant = {"name": "merged", "format": "safetensors+fp8" if dtype == "fp8" else "safetensors", "dtype": dtype,
+               "path": "merged", "size_bytes": dir_size(merged_dir, weights_only=True), "dir_bytes": dir_size(merged_dir),
+               "engine": "vllm/sglang (FP8 blocks)" if dtype == "fp8" else "transformers", "seconds": rep["seconds"]}
+    return {
+        "merged": "merged", "dtype": dtype, "merge": "stream", "max_abs_diff": None, "max_abs_diff_fp32_merge": None,
+        "logit_scale": None, "tolerance": None, "within_tolerance": None, "base_model": str(base_dir),
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "adapter_type": adapter_type(adapter_dir) if adapter_dir else None, "params": rep["params"],
+        "stream": rep, "stream_report": "stream_report.json", "requant_error": rep["requant_error"],
+        "variants": [variant],
+    }
 
 
 def export_direct(cfg: Config, model: str, out: Path, *, adapter: str | None = None, eval_data: str | None = None,
