@@ -22,6 +22,7 @@ from typing import BinaryIO
 import torch
 
 from dsft.errors import ExportError
+from dsft.model.info import safetensors_header
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,7 +30,6 @@ DTYPES: dict[str, torch.dtype] = {
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 COPY_CHUNK = 64 << 20
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 64 << 10
@@ -76,15 +76,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     """({name: TensorInfo} in file order, __metadata__) of a safetensors file, from its header alone."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ExportError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER:
-                raise ExportError(f"{path}: safetensors header of {n} bytes (> {MAX_HEADER}); not a safetensors file")
-            header = json.loads(fh.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        header, n = safetensors_header(path)
+    except (OSError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ExportError(f"{path}: cannot read the safetensors header ({type(err).__name__}: {str(err)[:200]})") from err
     meta = header.pop("__metadata__", None) or {}
     base = 8 + n

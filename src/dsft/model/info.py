@@ -52,7 +52,8 @@ def read_safetensors_header(path: Path) -> dict:
     return _header_and_length(path)[0]
 
 
-def _header_and_length(path: Path) -> tuple[dict, int]:
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(the JSON header incl. `__metadata__`, its length in bytes) of a safetensors file; ValueError when it is not one."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -63,6 +64,11 @@ def _header_and_length(path: Path) -> tuple[dict, int]:
         header = json.loads(f.read(n))
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is not a JSON object")
+    return header, n
+
+
+def _header_and_length(path: Path) -> tuple[dict, int]:
+    header, n = safetensors_header(path)
     header.pop("__metadata__", None)
     return header, n
 
