@@ -10,8 +10,6 @@ The format (8-byte little-endian header length, JSON header, data) is safetensor
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import struct
@@ -31,26 +29,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 COPY_CHUNK = 64 << 20
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD = 64 << 10
-
-
-def fixed_mmap_threshold() -> bool:
-    """Have glibc serve every allocation ≥ 64 KiB with its own mmap, returned to the OS when freed.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; from then on tensors of a few
-    MiB come from the heap, and a stream of differently sized tensors fragments it: measured here, a 1.8 GB FP8
-    merge peaked at 2.2 GB RSS with the default and at 0.44 GB with the threshold fixed. Process-wide and permanent
-    (glibc has no way back to the dynamic threshold); True when it was applied (glibc), False elsewhere.
-    """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 @dataclass(frozen=True)

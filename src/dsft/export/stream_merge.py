@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dsft.errors import ExportError
-from dsft.export.stream_io import ShardWriter, TensorInfo, fixed_mmap_threshold, read_header, read_tensor
+from dsft.export.stream_io import ShardWriter, TensorInfo, read_header, read_tensor
 from dsft.export.stream_lora import AdapterTensors, Edit, merged_tensor, plan_edits
 from dsft.model import fp8
 from dsft.run import atomic_dir
@@ -243,20 +243,49 @@ def _planned_bytes(plan: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]
     return sum(dt.itemsize * int(torch.Size(shape).numel()) for rows in plan.values() for _, dt, shape in rows)
 
 
+def _preload_adapter(run: _Run, names: list[str]) -> None:
+    """Read the adapter tensors this shard needs before any temporary exists (they then sit below them in memory)."""
+    if run.ad is None:
+        return
+    for name in names:
+        edit = run.edits.get(name)
+        if edit is None:
+            continue
+        keys = [edit.replace_key] if edit.kind == "replace" else [edit.factor.a_key, edit.factor.b_key,
+                                                                    edit.factor.magnitude_key]
+        for key in keys:
+            if key is not None:
+                run.ad.get(key)
+
+
 def _write_shard(run: _Run, shard: str, rows: list[tuple[str, torch.dtype, tuple[int, ...]]], dest: Path) -> int:
-    """Write one output shard; tensors in input file order; returns its bytes."""
+    """Write one output shard; tensors in input file order; returns its bytes.
+
+    A touched FP8 weight's fresh scale is written right after it when both live in this shard (nothing small is
+    left allocated between large temporaries); otherwise it waits in run.pending_scales for its shard.
+    """
     writer = ShardWriter(dest, rows, metadata={"format": "pt"})
     dtypes = {name: dt for name, dt, _ in rows}
+    order = sorted(dtypes, key=lambda n: (run.ck.weight_of_scale(n) is not None, run.ck.infos[n].start))
+    _preload_adapter(run, order)
+    done: set[str] = set()
     with open(run.ck.root / shard, "rb") as src:
-        # scales after their weights (a touched weight leaves its fresh scale in run.pending_scales)
-        for name in sorted(dtypes, key=lambda n: (run.ck.weight_of_scale(n) is not None, run.ck.infos[n].start)):
+        for name in order:
+            if name in done:
+                continue
             t = run.produce(name, dtypes[name])
             if t is None:
                 writer.copy(name, src, run.ck.infos[name])
                 run.counts["copied"] += 1
-            else:
-                writer.add(name, t)
-                run.counts["merged" if name in run.edits or run.ck.weight_of_scale(name) else "converted"] += 1
+                continue
+            writer.add(name, t)
+            del t
+            run.counts["merged" if name in run.edits or run.ck.weight_of_scale(name) else "converted"] += 1
+            scale = run.ck.scale_of(name)
+            if scale in dtypes and scale in run.pending_scales:
+                writer.add(scale, run.pending_scales.pop(scale))
+                run.counts["merged"] += 1
+                done.add(scale)
     run.counts["dropped"] += sum(1 for n, s in run.ck.where.items() if s == shard and n not in dtypes)
     if run.ad is not None:
         run.ad.clear()
@@ -316,7 +345,6 @@ def stream_merge(base_dir: str | Path, out_dir: str | Path, *, adapter_dir: str 
     """
     t0 = time.perf_counter()
     fmt = out_format_of(out_format)
-    fixed_mmap_threshold()  # else glibc's heap fragments under tensors of many sizes (see stream_io)
     ck = read_checkpoint(base_dir)
     if fmt == "fp8" and ck.block is None:
         raise ExportError(f"{ck.root}: output format fp8 needs an FP8 base (quantization_config fp8); this base is "
