@@ -168,4 +168,6 @@ def test_r1_pairs_keep_their_reasoning_and_match_the_generation_prompt():
 
     assert tok.decode(prompt).endswith("<｜Assistant｜><think>\n") and pair.chosen.input_ids[:len(prompt)] == prompt
     assert labelled(pair.chosen) == "一加一等于二</think>\n\n答案 \\boxed{2}<｜end▁of▁sentence｜>"
-    assert labelled(pair.rejected) == "3<｜end▁of▁sentence｜>"  # no reasoning: encoded exactly as SFT encodes it
+    # no reasoning: R1's empty think block after the same generation prompt, exactly as the SFT encoder writes it
+    assert pair.rejected.input_ids[:len(prompt)] == prompt
+    assert labelled(pair.rejected) == "\n</think>\n\n3<｜end▁of▁sentence｜>"
