@@ -25,6 +25,9 @@ def clean_tracker_env(monkeypatch):
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT",
               "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(k, raising=False)
+    # newer MLflow refuses file stores unless this is set: the Monitor must set it itself (and leak nothing here)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "unset-by-fixture")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
 

@@ -76,7 +76,9 @@ class Monitor:
             self.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
             if not self.mlflow_uri:
                 self.mlflow_uri = (self.dir / "mlruns").resolve().as_uri()
-                # MLflow ≥ 3.x refuses a file store unless opted in; it still reads and writes it fine
+            if self.mlflow_uri.startswith("file:") or "://" not in self.mlflow_uri:
+                # newer MLflow refuses a file store (ours or one named in MLFLOW_TRACKING_URI) unless opted in;
+                # it still reads and writes it fine, and a file store is what works offline without a database
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(self.mlflow_uri)
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "dsft")
