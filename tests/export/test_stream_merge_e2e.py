@@ -146,3 +146,16 @@ def test_fp8_lora_exports_merged_fp8_and_bf16_with_mtp_kept(trained):
     assert res16["cls"] == "DeepseekV3ForCausalLM" and not res16["dsft"] and res16["gen"] == len(IDS) + 3
     assert res16["chat"] == "<｜begin▁of▁sentence｜><｜User｜>头痛怎么办？<｜Assistant｜>"
     _close(res16["logits"], want, 0.03)
+
+    # eval measures the FP8 export as stored (export.dtype fp8 names a storage format, not a torch dtype)
+    cfg = yaml.safe_load(trained["cfg"].read_text(encoding="utf-8"))
+    cfg["eval"] = {"max_samples": 3, "max_new_tokens": 3, "compare_base": False}
+    cfg["export"] = {"dtype": "fp8", "report": True, "report_samples": 2, "report_new_tokens": 3}
+    ecfg = root / "eval.yaml"
+    ecfg.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    _dsft("eval", str(ecfg))
+    _dsft("eval", str(ecfg), "--variants")
+    ev = json.loads((root / "run" / "eval" / "eval.json").read_text())
+    assert "merged" in ev["models"] and ev["models"]["merged"]["perplexity"] > 1
+    qr = json.loads((root / "run" / "eval" / "quant_report.json").read_text())
+    assert qr["dtype"] == "fp8" and qr["rows"] and qr["rows"][0]["perplexity"] > 1, qr

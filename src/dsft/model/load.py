@@ -97,9 +97,14 @@ def check_architecture(model_dir: Path, *, trust_remote_code: bool = False) -> s
 def torch_dtype(name: str):
     import torch
 
-    if name == "auto":
+    # "fp8" names a storage format (an FP8 export or DeepSeek's shipped checkpoint): its weights stay e4m3 and are
+    # dequantized per module into the compute dtype, which is the same choice as "auto"
+    if name in ("auto", "fp8"):
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    known = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in known:
+        raise ModelError(f"dtype {name!r}: expected one of auto, fp8, {', '.join(known)}")
+    return known[name]
 
 
 def load_model(model_dir: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False,
