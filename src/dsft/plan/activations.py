@@ -11,6 +11,7 @@ from dsft.plan.request import (
     fused_expert_lora,
     packed_mask,
     targets,
+    weight_bytes,
 )
 
 
@@ -34,7 +35,7 @@ def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) ->
     full = mode == "full"
     lora = mode == "lora"
     norm_w = full or (lora and req.mts)  # the norms' weights train (full, or LoRA with modules_to_save)
-    p = req.lora_dropout if lora else 0.0
+    p = req.dropout if lora else 0.0
     tset = {lin.name for lin in targets(req, i)} if lora else set()
     r = req.rank if lora else 0
     fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
@@ -98,9 +99,9 @@ def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) ->
         s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
         s += lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
     if req.attn == "eager":
-        s += a.heads * req.seq_len * 2 * ab  # softmax probabilities (+ the scores they came from)
+        s += a.heads * req.row_len * 2 * ab  # softmax probabilities (+ the scores they came from)
     if packed_mask(req):
-        s += req.seq_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
+        s += req.row_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
     s += norm(h, True)  # residual after attention, kept by the second norm
     per_layer = 0.0
     if a.is_moe_layer(i):
@@ -168,7 +169,7 @@ def activations(req: PlanRequest) -> Activations:
         per_tok, tmp, per_layer = layer_bytes(req, i, mode, input_grad=not first_trainable)
         full_layer = per_tok * tok + per_layer
         if req.gradient_checkpointing:
-            saved.append(a.hidden * tok * ab + (tok * req.seq_len if packed_mask(req) and i == 0 else 0.0))
+            saved.append(a.hidden * tok * ab + (tok * req.row_len if packed_mask(req) and i == 0 else 0.0))
             rec.append(full_layer)
         else:
             saved.append(full_layer)
@@ -190,7 +191,7 @@ def logits_phases(req: PlanRequest) -> tuple[float, float]:
     ab = act_bytes(req)
     if req.trainer == "dsft":
         # dsft: hidden states of labelled tokens gathered, logits in chunks, each chunk's fp32 log-softmax kept
-        sel = req.tokens * req.label_fraction
+        sel = req.labelled_tokens
         c = min(req.loss_chunk, sel)
         gathered = sel * a.hidden * ab
         fwd = gathered + sel * a.vocab * 4 + c * a.vocab * (ab + (4 if ab != 4 else 0))
@@ -204,3 +205,94 @@ def logits_phases(req: PlanRequest) -> tuple[float, float]:
     bwd = held + 3 * n * 4  # log-probs, nll grad, softmax grad (the cast back to 16-bit comes after they go)
     return fwd, bwd
 
+
+
+# ---- no-grad forwards: the reference policy (DPO, GRPO with beta) and GRPO's rollouts ---------------------------
+def nograd_layer_bytes(req: PlanRequest, i: int, b: float, span: int, packed: bool) -> float:
+    """Bytes per token alive at the peak of layer i's forward without autograd (each temporary freed when used):
+    the residual stream and the normed input, plus the attention's or the MLP's working set, whichever is larger.
+    b: bytes per activation; span: keys per query (eager scores); packed: SDPA's block-diagonal mask as a float bias."""
+    a = req.arch
+    h = a.hidden
+    norm = h * 4 + h * b  # RMSNorm's fp32 upcast and its output
+    if a.mla:
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        # q (+ the rotated/concatenated copy), kv_a out, kv_b out (kept as the value view), expanded keys, output
+        attn = 2 * a.heads * qk + a.kv_lora_rank + a.qk_rope_head_dim + a.heads * (a.qk_nope_head_dim + a.v_head_dim)
+        attn = (attn + a.heads * qk + a.o_dim) * b
+    else:
+        kv = a.kv_heads * a.hd
+        attn = (2 * (a.q_dim + 2 * kv) + a.o_dim) * b  # q, k, v and their rotated copies, the output
+    if req.attn == "eager":
+        attn += a.heads * span * 2 * b  # scores and probabilities
+    if packed:
+        attn += span * (1 + b)  # the bool block mask and its float bias
+    if a.is_moe_layer(i):
+        k, mi = a.experts_per_token, a.moe_intermediate
+        w = mi * a.n_shared_experts
+        mlp = 3 * w * b + k * (3 * mi + h) * b + a.n_routed_experts * 4 * 2 + k * 3 * 8
+    else:
+        mlp = 3 * a.intermediate * b  # silu(gate), up and their product (gate freed by silu)
+    return 2 * h * b + max(norm, attn, mlp)
+
+
+def nograd_forward_bytes(req: PlanRequest, tokens: float, b: float, span: int, packed: bool) -> float:
+    """Peak bytes of a no-grad forward of `tokens` through the decoder (the largest layer's working set)."""
+    return tokens * max(nograd_layer_bytes(req, i, b, span, packed) for i in range(req.arch.layers))
+
+
+def reference_forward_bytes(req: PlanRequest) -> float:
+    """Transient peak of the reference log-probs, computed inside the loss after the policy's (dsft's
+    LogProbLoss.token_logps under no_grad: the decoder forward, then the LM head in chunks on labelled tokens):
+    the larger of a decoder layer's working set and the last hidden state + gathered rows + one chunk's logits
+    (16-bit, fp32 copy and fp32 log-softmax)."""
+    if not req.reference_forward:
+        return 0.0
+    a = req.arch
+    ab = act_bytes(req)
+    decoder = nograd_forward_bytes(req, req.tokens, ab, req.row_len, packed_mask(req))
+    sel = req.labelled_tokens
+    c = min(req.loss_chunk, sel)
+    head = req.tokens * a.hidden * ab + sel * a.hidden * ab + sel * 4 + c * a.vocab * (ab + 4 + 4)
+    return max(decoder, head)
+
+
+def kv_bytes_per_token(req: PlanRequest) -> float:
+    """KV-cache bytes per token per layer during generation, in the model's stored dtype (generation runs outside
+    autocast). transformers 5's DeepSeek-V2/V3 MLA caches the compressed latent (kv_lora_rank + qk_rope_head_dim,
+    one head), not the per-head K/V (it re-expands them through kv_b_proj at every step); other models cache K and
+    V per KV head."""
+    a = req.arch
+    gb = weight_bytes(req)
+    if a.mla:
+        return (a.kv_lora_rank + a.qk_rope_head_dim) * gb
+    return 2 * a.kv_heads * a.hd * gb
+
+
+def rollout_kv_cache(req: PlanRequest, length: int | None = None) -> float:
+    """KV cache of one prompt's G completions at `length` tokens (default prompt + max completion): layers × G ×
+    length × per-token bytes (dsft samples one prompt at a time: generate(num_return_sequences=G))."""
+    if not req.grpo:
+        return 0.0
+    n = req.rollout_len if length is None else length
+    return req.arch.layers * req.num_generations * n * kv_bytes_per_token(req)
+
+
+def rollout_work(req: PlanRequest) -> tuple[float, float]:
+    """(prefill, last decode step) transient bytes of generating one prompt's G completions, beside the cache:
+    prefill = a no-grad forward of G × prompt tokens; decode at full length = MLA's per-layer re-expansion of the
+    whole cache (kv_b_proj out + keys, per head) or the growing cache's copy of one layer (torch.cat), plus the
+    sampling logits (16-bit, fp32 copy, scaled, softmax) of G rows."""
+    if not req.grpo:
+        return 0.0, 0.0
+    a = req.arch
+    gb = weight_bytes(req)
+    G, P, T = req.num_generations, req.rollout_prompt, req.rollout_len
+    prefill = nograd_forward_bytes(req, G * P, gb, P, False) + G * a.vocab * (gb + 3 * 4)
+    if a.mla:
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        step = G * T * a.heads * (a.qk_nope_head_dim + a.v_head_dim + qk) * gb
+    else:
+        step = G * T * a.kv_heads * a.hd * gb
+    decode = step + G * a.vocab * (gb + 3 * 4)
+    return prefill, decode

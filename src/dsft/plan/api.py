@@ -28,6 +28,7 @@ from dsft.plan.guidance import split_batch
 from dsft.plan.hardware import GPUS, Gpu, cpu_device, parse_gpu
 from dsft.plan.models import BUILTIN, Arch, arch_from_hf_config, resolve_arch
 from dsft.plan.plan import Plan, fit_micro_batch, make_plan, plan_json
+from dsft.plan.request import GRPO_DEFAULT_PROMPT
 
 __all__ = [
     "Arch", "BUILTIN", "Estimate", "GPUS", "Gpu", "Plan", "PlanRequest", "arch_from_hf_config", "auto_micro_batch",
@@ -41,11 +42,14 @@ _FIELDS = (("method", "method"), ("seq_len", "seq_len"), ("batch", "micro_batch"
            ("precision", "precision"), ("optimizer", "optimizer"), ("gc", "gradient_checkpointing"),
            ("packing", "packing"), ("gpus", "num_gpus"), ("lora_rank", "lora_rank"), ("lora_dropout", "lora_dropout"),
            ("lora_targets", "lora_targets"), ("freeze_layers", "freeze_layers"), ("attn", "attn"), ("mfu", "mfu"),
-           ("trainer", "trainer"), ("label_fraction", "label_fraction"), ("interconnect", "interconnect"))
+           ("trainer", "trainer"), ("label_fraction", "label_fraction"), ("interconnect", "interconnect"),
+           ("objective", "objective"), ("num_generations", "num_generations"),
+           ("max_completion_length", "max_completion_length"), ("prompt_length", "prompt_length"), ("beta", "beta"))
 
 
 def _check_numbers(o: Mapping[str, Any]) -> None:
-    for name in ("seq_len", "batch", "grad_accum", "gpus", "lora_rank", "freeze_layers", "examples"):
+    for name in ("seq_len", "batch", "grad_accum", "gpus", "lora_rank", "freeze_layers", "examples",
+                 "max_completion_length", "prompt_length"):
         v = o.get(name)
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} {v}: expected a positive integer")
@@ -53,6 +57,12 @@ def _check_numbers(o: Mapping[str, Any]) -> None:
         v = o.get(name)
         if v is not None and (not isinstance(v, int | float) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} {v}: expected a positive number")
+    g = o.get("num_generations")
+    if g is not None and (not isinstance(g, int) or g < 2):
+        raise ConfigError(f"--num-generations {g}: expected an integer ≥ 2 (completions per prompt)")
+    b = o.get("beta")
+    if b is not None and (not isinstance(b, int | float) or not b >= 0):
+        raise ConfigError(f"--beta {b}: expected a number ≥ 0")
     if o.get("zero") is not None and o["zero"] not in (0, 1, 2, 3):
         raise ConfigError(f"--zero {o['zero']}: expected a ZeRO stage 0, 1, 2 or 3")
 
@@ -110,9 +120,13 @@ def request_from_options(options: Mapping[str, Any]) -> tuple[PlanRequest, dict[
         changes["cpu_offload"] = True
     if changes.get("precision") == "amp":
         changes["precision"] = "amp-bf16"
-    req = replace(req, **changes).validate()
+    req = replace(req, **changes)
+    if req.grpo and not o.get("config") and o.get("seq_len") is None:
+        # no CONFIG and no --seq-len: room for a 512-token prompt (or --prompt-length) next to the completion
+        req = replace(req, seq_len=(req.prompt_length or GRPO_DEFAULT_PROMPT) + req.max_completion_length)
+    req = req.validate()
     if extra["examples"] and not extra["avg_tokens"]:
-        extra["avg_tokens"] = float(req.seq_len)
+        extra["avg_tokens"] = float(req.rollout_prompt if req.grpo else req.seq_len)
     return req, extra
 
 

@@ -13,6 +13,10 @@ EXAMPLE = """examples:
   dsft plan /models/DeepSeek-V3 --method lora   # a downloaded checkpoint: config.json, FP8 blocks, index, MTP
   dsft plan examples/demo.yaml                 # the setup of a dsft config (as `dsft train` runs it)
   dsft plan --model ./my-model/config.json --examples 20000 --avg-tokens 300 --mfu 0.4
+  dsft plan --model deepseek-llm-7b --objective dpo --batch 4 --gpu A100-80GB    # 4 pairs = 8 sequences a forward
+  dsft plan --model deepseek-llm-7b --method full --objective dpo --gpu H100     # + a frozen reference copy
+  dsft plan --model deepseek-llm-7b --objective grpo --num-generations 8 --max-completion-length 512 --json
+  dsft plan --model deepseek-v2-lite --objective grpo --num-generations 16 --max-completion-length 1024 --beta 0.04
 """
 
 
@@ -31,7 +35,9 @@ def register(sub) -> None:
     p.add_argument("--model", help="built-in name (deepseek-llm-7b, DeepSeek-13B, deepseek-v3, deepseek-r1, "
                                    "r1-distill-qwen-7b …), a model folder or a config.json path")
     p.add_argument("--method", help="lora | qlora | dora | full | freeze (default lora)")
-    p.add_argument("--seq-len", type=int, help="sequence length in tokens (default 512)")
+    p.add_argument("--seq-len", type=int, help="sequence length in tokens (default 512): one sequence — an SFT sample, "
+                                               "a pair's chosen or rejected side, a GRPO prompt + completion "
+                                               "(data.max_seq_length)")
     p.add_argument("--batch", "--micro-batch", dest="batch", type=int, help="micro-batch per GPU (default 1)")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
     p.add_argument("--precision", help="bf16 | fp16 | fp32 | amp-bf16 | amp-fp16 (amp: fp32 master weights; default bf16)")
@@ -56,8 +62,23 @@ def register(sub) -> None:
     p.add_argument("--trainer", help="dsft (the step `dsft train` runs: logits only on labelled tokens, chunked) | "
                                      "hf (a Hugging Face Trainer step: logits for every token) (default dsft)")
     p.add_argument("--label-fraction", type=float, help="share of tokens with a loss target (default 1.0)")
+    p.add_argument("--objective", help="sft | dpo | orpo | simpo | grpo (train.objective; default sft). dpo/orpo/simpo: "
+                                       "--batch counts pairs, each forward holds chosen + rejected (×2 sequences); "
+                                       "dpo adds the reference (a frozen copy of the model under full/freeze, the "
+                                       "base with adapters disabled under LoRA) and its no-grad forward. grpo: "
+                                       "--batch counts prompts, each forward holds --num-generations rollouts of "
+                                       "prompt + completion; generation holds the rollout KV cache")
+    p.add_argument("--num-generations", type=int, help="grpo: completions sampled per prompt, G (grpo.num_generations; "
+                                                       "default 8)")
+    p.add_argument("--max-completion-length", type=int, help="grpo: new tokens per completion (grpo."
+                                                             "max_completion_length; default 1024)")
+    p.add_argument("--prompt-length", type=int, help="grpo: prompt tokens (default: what --seq-len leaves next to the "
+                                                     "completion; without --seq-len or CONFIG, 512)")
+    p.add_argument("--beta", type=float, help="grpo: KL coefficient (grpo.beta; default 0): > 0 adds the reference "
+                                              "forward (and a frozen copy under full/freeze)")
     p.add_argument("--examples", type=int, help="training examples per epoch (for tokens and time per epoch)")
-    p.add_argument("--avg-tokens", type=float, help="mean tokens per example (default: seq-len)")
+    p.add_argument("--avg-tokens", type=float, help="mean tokens per example (default: seq-len); pairs: per side; "
+                                                    "grpo: per prompt (completions at full length)")
     p.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed for time (default 0.35)")
     p.add_argument("--tflops", type=float, help="peak TFLOPS per GPU (default: the GPU type's dense bf16 peak)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (for tools)")

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from dsft.plan.activations import activations, logits_phases
+from dsft.plan.activations import (
+    activations,
+    logits_phases,
+    reference_forward_bytes,
+    rollout_kv_cache,
+    rollout_work,
+)
 from dsft.plan.hardware import GiB
 from dsft.plan.models import fmt_count
 from dsft.plan.request import (  # noqa: F401  (PlanRequest and the constants are part of this module's API)
@@ -57,21 +63,40 @@ class Estimate:
     trainable_params: int = 0
     total_params: int = 0
     notes: list[str] = field(default_factory=list)
+    reference: float = 0.0
+    """A frozen copy of the model as the reference policy (DPO / GRPO with beta > 0 under full or freeze)."""
+    reference_forward: float = 0.0
+    """The reference's no-grad forward inside the loss, when the peak is there."""
+    kv_cache: float = 0.0
+    """GRPO: the rollout KV cache, when the peak is during generation."""
+    rollout_work: float = 0.0
+    """GRPO: generation's transient tensors (prefill forward / re-expanded MLA keys, sampling logits) at that peak."""
+    objective_keys: tuple[str, ...] = ()
+    """The objective's own breakdown lines (shown even when 0 at the peak)."""
+    objective_terms: dict[str, float] = field(default_factory=dict)
+    """Each objective term at its own largest moment, and the allocated bytes of the objective's moments."""
 
     @property
     def allocated(self) -> float:
         """What torch's allocator holds at the peak (compare with torch.cuda.max_memory_allocated)."""
-        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.logits
+        return (self.weights + self.adapter + self.reference + self.gradients + self.optimizer + self.activations
+                + self.logits + self.reference_forward + self.kv_cache + self.rollout_work)
 
     @property
     def peak(self) -> float:
         return self.allocated + self.overhead
 
     def breakdown(self) -> dict[str, float]:
-        return {"weights": self.weights, "adapter": self.adapter, "gradients": self.gradients,
-                "optimizer": self.optimizer, "activations": self.activations, "logits_loss": self.logits,
-                "overhead": self.overhead}
-
+        extra = {"reference_model": self.reference, "reference_forward": self.reference_forward,
+                 "rollout_kv_cache": self.kv_cache, "rollout_work": self.rollout_work}
+        d = {"weights": self.weights, "adapter": self.adapter}
+        if "reference_model" in self.objective_keys:
+            d["reference_model"] = self.reference
+        d.update({"gradients": self.gradients, "optimizer": self.optimizer, "activations": self.activations,
+                  "logits_loss": self.logits})
+        d.update({k: extra[k] for k in self.objective_keys if k != "reference_model"})
+        d["overhead"] = self.overhead
+        return d
 
 
 # ---- resident state: weights, adapter, optimizer ----------------------------------------------------------------
@@ -88,6 +113,7 @@ class Resident:
     offload_grads: float  # share of the gradients on the GPU at once (CPU offload streams them out)
     trainable: int
     notes: list[str]
+    reference: float = 0.0  # frozen reference copy (DPO / GRPO with beta, full or freeze)
 
 
 def _optimizer_state(req: PlanRequest, train_n: int, param_bytes: int) -> float:
@@ -165,7 +191,15 @@ def resident(req: PlanRequest) -> Resident:
         notes.append("paged optimizer: its state can spill to CPU memory under pressure")
     step_tmp = _step_temporaries(req, train_n, param_bytes)
     weights += _gathered_params(req, notes)
-    return Resident(weights, adapter, opt, pageable, step_tmp, param_bytes, offload_grads, train_n, notes)
+    return Resident(weights, adapter, opt, pageable, step_tmp, param_bytes, offload_grads, train_n, notes,
+                    reference_copy(req))
+
+
+def reference_copy(req: PlanRequest) -> float:
+    """Bytes of the reference policy's own weights: dsft's Reference deep-copies the model as it is held (stored
+    dtype, fp32 under AMP or fp16 master weights, FP8 blocks kept) before DDP/FSDP/DeepSpeed wrap it, so the copy
+    is whole on every GPU; with adapters the reference is the base with adapters disabled (nothing extra)."""
+    return base_weight_bytes(req) if req.reference_copy else 0.0
 
 
 # ---- gradients and per-layer temporaries ------------------------------------------------------------------------
@@ -219,29 +253,50 @@ def _layer_temporaries(req: PlanRequest) -> tuple[float, float]:
     recompute_tmp = 0.0
     if req.adapter and ab != 4:
         widest = max((lin.d_in for i in range(a.layers) for lin in targets(req, i)), default=0)
-        copies = 2 if (req.trainer == "dsft" and req.lora_dropout > 0) else 1
+        copies = 2 if (req.trainer == "dsft" and req.dropout > 0) else 1
         recompute_tmp = widest * 4 * copies * req.tokens
     return layer_tmp, recompute_tmp
 
 
 # ---- the timeline ----------------------------------------------------------------------------------------------
-Moment = tuple[float, str, float, float, float]  # (total bytes, phase, activations, logits/loss, gradients)
+@dataclass
+class Moment:
+    """Allocated bytes at one moment of the step beyond the resident state (weights, adapter, reference copy,
+    optimizer state)."""
+
+    phase: str
+    activations: float = 0.0
+    logits: float = 0.0
+    gradients: float = 0.0
+    step_tmp: float = 0.0
+    reference_forward: float = 0.0
+    kv_cache: float = 0.0
+    rollout_work: float = 0.0
+
+    @property
+    def transient(self) -> float:
+        return (self.activations + self.logits + self.gradients + self.step_tmp + self.reference_forward
+                + self.kv_cache + self.rollout_work)
 
 
 def _moments(req: PlanRequest, res: Resident) -> list[Moment]:
-    """Allocated bytes at each moment of the step: end of forward, loss backward, each layer's backward, optimizer."""
+    """Allocated bytes at each moment of the step: GRPO's generation (prefill, last decode step), end of forward,
+    the reference forward (DPO, GRPO with beta), loss backward, each layer's backward, optimizer step."""
     a = req.arch
     acts = activations(req)
     lfwd, lbwd = logits_phases(req)
     layer_grad, head_grad, embed_grad = _gradients(req, res)
     layer_tmp, recompute_tmp = _layer_temporaries(req)
-    static = res.weights + res.adapter + res.optimizer
     hid = req.tokens * a.hidden * act_bytes(req)
     saved_total = sum(acts.saved) + acts.final
-    moments: list[Moment] = [
-        (static + saved_total + lfwd, "forward (loss)", saved_total, lfwd, 0.0),
-        (static + saved_total + lbwd + head_grad + hid, "backward (loss)", saved_total + hid, lbwd, head_grad),
-    ]
+    moments = _rollout_moments(req)
+    moments.append(Moment("forward (loss)", activations=saved_total, logits=lfwd))
+    if req.reference_forward:
+        # the policy's chunked log-probs stay (their fp32 log-softmax is saved for backward) while the reference runs
+        kept = lfwd - _loss_chunk_bytes(req)
+        moments.append(Moment("reference forward (loss)", activations=saved_total, logits=kept,
+                              reference_forward=reference_forward_bytes(req)))
+    moments.append(Moment("backward (loss)", activations=saved_total + hid, logits=lbwd, gradients=head_grad))
     grads = head_grad
     live = saved_total
     for i in reversed(range(a.layers)):
@@ -249,11 +304,54 @@ def _moments(req: PlanRequest, res: Resident) -> list[Moment]:
         # checkpointing: the peak is the recomputed layer (+ incoming gradient); else the layer's gradient buffers
         work = acts.recompute[i] + 3 * hid + recompute_tmp if req.gradient_checkpointing else acts.bwd_temp[i]
         work += layer_tmp
-        moments.append((static + live + work + grads, f"backward (layer {i})", live + work, 0.0, grads))
+        moments.append(Moment(f"backward (layer {i})", activations=live + work, gradients=grads))
         live -= acts.saved[i]
     grads += embed_grad
-    moments.append((static + grads + res.step_tmp, "optimizer step", 0.0, 0.0, grads))
+    moments.append(Moment("optimizer step", gradients=grads, step_tmp=res.step_tmp))
     return moments
+
+
+def _loss_chunk_bytes(req: PlanRequest) -> float:
+    """The dsft loss's per-chunk transients in its forward (16-bit logits + fp32 copy), gone after each chunk."""
+    if req.trainer != "dsft":
+        return 0.0
+    ab = act_bytes(req)
+    return min(req.loss_chunk, req.labelled_tokens) * req.arch.vocab * (ab + (4 if ab != 4 else 0))
+
+
+def _rollout_moments(req: PlanRequest) -> list[Moment]:
+    """GRPO: generation runs before the step's forward/backward (gradients already freed by the previous step's
+    zero_grad(set_to_none)), one prompt at a time with G sequences: after the prefill and at the last decode step."""
+    if not req.grpo:
+        return []
+    prefill, decode = rollout_work(req)
+    return [Moment("rollout generation (prefill)", kv_cache=rollout_kv_cache(req, req.rollout_prompt),
+                   rollout_work=prefill),
+            Moment("rollout generation (decode)", kv_cache=rollout_kv_cache(req), rollout_work=decode)]
+
+
+def _objective_terms(req: PlanRequest, res: Resident, moments: list[Moment]) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The objective's breakdown keys and its terms at their own moments (whatever phase holds the peak)."""
+    keys: tuple[str, ...] = ()
+    terms: dict[str, float] = {}
+    if req.objective == "sft":
+        return keys, terms
+    static = res.weights + res.adapter + res.optimizer + res.reference
+    by_phase = {m.phase: m for m in moments}
+    if req.reference_forward:
+        keys += ("reference_model", "reference_forward")
+        ref = by_phase["reference forward (loss)"]
+        terms.update(reference_model=res.reference, reference_forward=ref.reference_forward,
+                     reference_forward_allocated=static + ref.transient)
+    if req.grpo:
+        keys += ("rollout_kv_cache", "rollout_work")
+        gen = max((by_phase[p] for p in ("rollout generation (prefill)", "rollout generation (decode)")),
+                  key=lambda m: m.transient)
+        terms.update(rollout_kv_cache=rollout_kv_cache(req), rollout_work=max(rollout_work(req)),
+                     rollout_allocated=static + gen.transient)
+    train = [m for m in moments if not m.phase.startswith("rollout")]
+    terms["train_allocated"] = static + max(m.transient for m in train)
+    return keys, terms
 
 
 def _notes(req: PlanRequest) -> list[str]:
@@ -262,8 +360,8 @@ def _notes(req: PlanRequest) -> list[str]:
     notes: list[str] = []
     if req.attn == "eager":
         notes.append("eager attention keeps the S×S score matrix per head")
-    if packed_mask(req) and req.seq_len >= 2048:
-        m = a.layers * req.tokens * req.seq_len * act_bytes(req)
+    if packed_mask(req) and req.row_len >= 2048:
+        m = a.layers * req.tokens * req.row_len * act_bytes(req)
         notes.append(f"packing through SDPA keeps an S×S float mask per layer ({m / GiB:.1f} GiB); "
                      f"attn_implementation flash_attention_2 (varlen) avoids it")
     if fused_expert_lora(req):
@@ -301,13 +399,17 @@ def estimate(req: PlanRequest) -> Estimate:
     """Per-GPU peak memory of one steady-state optimizer step (after step 1 created the optimizer state)."""
     req.validate()
     res = resident(req)
-    total, phase, act_b, log_b, grad_b = max(_moments(req, res), key=lambda c: c[0])
-    opt_b = res.optimizer + (res.step_tmp if phase == "optimizer step" else 0.0)
-    alloc = res.weights + res.adapter + grad_b + opt_b + act_b + log_b
+    moments = _moments(req, res)
+    m = max(moments, key=lambda c: c.transient)
+    opt_b = res.optimizer + m.step_tmp
+    keys, terms = _objective_terms(req, res, moments)
+    alloc = res.weights + res.adapter + res.reference + opt_b + m.transient - m.step_tmp
     overhead = (CUDA_CONTEXT + FRAGMENTATION * alloc) if req.gpu.cuda else 0.0
-    return Estimate(weights=res.weights, adapter=res.adapter, gradients=grad_b, optimizer=opt_b, activations=act_b,
-                    logits=log_b, overhead=overhead, phase=phase, pageable=res.pageable, trainable_params=res.trainable,
-                    total_params=req.arch.total_params(), notes=res.notes + _notes(req))
+    return Estimate(weights=res.weights, adapter=res.adapter, gradients=m.gradients, optimizer=opt_b,
+                    activations=m.activations, logits=m.logits, overhead=overhead, phase=m.phase,
+                    pageable=res.pageable, trainable_params=res.trainable, total_params=req.arch.total_params(),
+                    notes=res.notes + _notes(req), reference=res.reference, reference_forward=m.reference_forward,
+                    kv_cache=m.kv_cache, rollout_work=m.rollout_work, objective_keys=keys, objective_terms=terms)
 
 
 def with_batch(req: PlanRequest, micro_batch: int) -> PlanRequest:

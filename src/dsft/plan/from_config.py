@@ -61,6 +61,7 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
         sharding = "fsdp" if t.strategy == "fsdp" else ("zero2" if t.strategy == "deepspeed" else "none")
     targets = cfg.lora.target_modules
     mts_cfg = getattr(cfg.lora, "modules_to_save", "auto")
+    g = cfg.grpo
     return PlanRequest(
         arch=arch, method=method, seq_len=cfg.data.max_seq_length, micro_batch=mb,
         grad_accum=t.gradient_accumulation_steps, precision=prec, optimizer=plan_cfg.optimizer,
@@ -70,6 +71,8 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
         lora_targets="all" if targets == "auto" else list(targets), freeze_layers=t.freeze_trainable_layers,
         attn=_attn_for(cfg, dev), mfu=plan_cfg.mfu, trainer="dsft", label_fraction=plan_cfg.label_fraction,
         modules_to_save=None if mts_cfg == "auto" else bool(mts_cfg), interconnect=plan_cfg.interconnect,
+        objective=t.objective, num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+        beta=g.beta,
     )
 
 

@@ -17,21 +17,23 @@ class Gpu:
     memory_bytes: int
     bf16_tflops: float | None  # dense peak; None for a bare memory size
     cuda: bool = True
+    hbm_gb_s: float | None = None  # memory bandwidth (vendor peak, GB/s): GRPO's decode time; None: unknown
 
     @property
     def memory_gib(self) -> float:
         return self.memory_bytes / GiB
 
 
-# Memory: total MiB that nvidia-smi shows; TFLOPS: vendor dense BF16/FP16 tensor-core peak (FP32 accumulate).
+# Memory: total MiB that nvidia-smi shows; TFLOPS: vendor dense BF16/FP16 tensor-core peak (FP32 accumulate);
+# bandwidth: vendor HBM/GDDR peak (SXM parts for A100/H100/H200).
 GPUS: dict[str, Gpu] = {g.name: g for g in [
-    Gpu("A100-40GB", 40960 * MiB, 312.0),
-    Gpu("A100-80GB", 81920 * MiB, 312.0),
-    Gpu("H100-80GB", 81559 * MiB, 989.0),
-    Gpu("H200-141GB", 143771 * MiB, 989.0),
-    Gpu("L40S-48GB", 46068 * MiB, 362.0),
-    Gpu("RTX4090-24GB", 24564 * MiB, 165.0),
-    Gpu("RTX3090-24GB", 24576 * MiB, 71.0),
+    Gpu("A100-40GB", 40960 * MiB, 312.0, hbm_gb_s=1555.0),
+    Gpu("A100-80GB", 81920 * MiB, 312.0, hbm_gb_s=2039.0),
+    Gpu("H100-80GB", 81559 * MiB, 989.0, hbm_gb_s=3350.0),
+    Gpu("H200-141GB", 143771 * MiB, 989.0, hbm_gb_s=4800.0),
+    Gpu("L40S-48GB", 46068 * MiB, 362.0, hbm_gb_s=864.0),
+    Gpu("RTX4090-24GB", 24564 * MiB, 165.0, hbm_gb_s=1008.0),
+    Gpu("RTX3090-24GB", 24576 * MiB, 71.0, hbm_gb_s=936.0),
 ]}
 _ALIASES = {
     "a100": "A100-80GB", "a10040": "A100-40GB", "a10040gb": "A100-40GB", "a10080": "A100-80GB", "a10080gb": "A100-80GB",

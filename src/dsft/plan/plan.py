@@ -8,11 +8,16 @@ from functools import cached_property
 from typing import Any
 
 from dsft.plan import checkpoint, guidance, scaling
+from dsft.plan.activations import kv_bytes_per_token
 from dsft.plan.estimate import Estimate, PlanRequest, estimate
 from dsft.plan.hardware import GPUS, SEARCH_ORDER, GiB, Gpu
 from dsft.plan.models import fmt_count
 from dsft.plan.recommend import Recommendation, recommend
-from dsft.plan.throughput import train_flops_per_token
+from dsft.plan.throughput import (
+    generation_seconds_per_prompt,
+    train_flops_per_token,
+    trained_tokens_per_example,
+)
 from dsft.report.numbers import fmt_duration
 
 MAX_MICRO_BATCH = 4096
@@ -81,18 +86,20 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
+        """Token positions the train forward/backward sees per optimizer step (pairs: both sequences; GRPO: G
+        rollouts per prompt)."""
         r = self.request
-        return r.micro_batch * r.seq_len * r.grad_accum * r.num_gpus
+        return r.tokens * r.grad_accum * r.num_gpus
 
     @property
     def tokens_per_epoch(self) -> int | None:
         if not self.examples or not self.avg_tokens:
             return None
         r = self.request
-        per = min(self.avg_tokens, r.seq_len)
-        if not r.packing:
-            per = min(per * PAD_FACTOR, r.seq_len)
-        return int(self.examples * per)
+        avg = self.avg_tokens
+        if not r.packing and not r.grpo:
+            avg = min(min(avg, r.seq_len) * PAD_FACTOR, r.seq_len)
+        return int(self.examples * trained_tokens_per_example(r, avg))
 
     @cached_property
     def scaling(self) -> dict[str, Any] | None:
@@ -105,23 +112,40 @@ class Plan:
         return s["efficiency"] if s else 1.0
 
     @property
+    def _tflops(self) -> float | None:
+        return self.tflops or self.request.gpu.bf16_tflops
+
+    def generation_seconds_per_prompt(self) -> float:
+        """GRPO: seconds of sampling per prompt on one GPU (0 otherwise; see dsft.plan.throughput)."""
+        r = self.request
+        prompt = self.avg_tokens if self.examples else None
+        return generation_seconds_per_prompt(r, self._tflops, prompt, r.gpu.hbm_gb_s)
+
+    @property
     def seconds_per_epoch(self) -> float | None:
         tok = self.tokens_per_epoch
-        tf = self.tflops or self.request.gpu.bf16_tflops
+        tf = self._tflops
         if tok is None or not tf:
             return None
         r = self.request
-        return tok * train_flops_per_token(r) / (r.num_gpus * tf * 1e12 * r.mfu) / self.efficiency
+        train = tok * train_flops_per_token(r) / (r.num_gpus * tf * 1e12 * r.mfu) / self.efficiency
+        # GRPO: every rank samples the whole step's prompts (same seeds, same completions; not sharded yet)
+        return train + self.examples * self.generation_seconds_per_prompt()
 
     @property
     def tokens_per_second(self) -> float | None:
         """Trained tokens per second over all GPUs at the stated MFU and the multi-GPU scaling efficiency (None
-        when the device's FLOPS are unknown)."""
-        tf = self.tflops or self.request.gpu.bf16_tflops
+        when the device's FLOPS are unknown); GRPO counts the sampling time of each prompt's G rollouts."""
+        tf = self._tflops
         if not tf:
             return None
         r = self.request
-        return r.num_gpus * tf * 1e12 * r.mfu / train_flops_per_token(r) * self.efficiency
+        rate = r.num_gpus * tf * 1e12 * r.mfu / train_flops_per_token(r) * self.efficiency
+        gen = self.generation_seconds_per_prompt()
+        if not gen:
+            return rate
+        per_prompt = trained_tokens_per_example(r, self.avg_tokens or r.rollout_prompt)
+        return per_prompt / (per_prompt / rate + gen)  # generation is not sharded over the GPUs
 
     def to_dict(self) -> dict[str, Any]:
         r, e = self.request, self.estimate
@@ -137,7 +161,8 @@ class Plan:
                       "gpu": r.gpu.name, "gpu_memory_bytes": r.gpu.memory_bytes,
                       "interconnect": r.interconnect or scaling.default_interconnect(r.gpu),
                       "lora_rank": r.rank if r.adapter else None, "trainable_params": e.trainable_params,
-                      "trainer": r.trainer, "label_fraction": r.label_fraction},
+                      "trainer": r.trainer, "label_fraction": r.label_fraction, "objective": r.objective},
+            "objective": self.objective(),
             "memory_bytes": {**{k: int(v) for k, v in e.breakdown().items()}, "allocated": int(e.allocated),
                              "peak": int(e.peak), "pageable": int(e.pageable)},
             "peak_phase": e.phase,
@@ -155,10 +180,68 @@ class Plan:
 
     def throughput(self) -> dict[str, Any]:
         r = self.request
-        return {"tokens_per_step": self.tokens_per_step, "tokens_per_epoch": self.tokens_per_epoch,
-                "flops_per_token": train_flops_per_token(r), "mfu": r.mfu,
-                "tflops_per_gpu": self.tflops or r.gpu.bf16_tflops, "scaling_efficiency": self.efficiency,
-                "seconds_per_epoch": self.seconds_per_epoch, "tokens_per_second": self.tokens_per_second}
+        d = {"tokens_per_step": self.tokens_per_step, "tokens_per_epoch": self.tokens_per_epoch,
+             "flops_per_token": train_flops_per_token(r), "mfu": r.mfu,
+             "tflops_per_gpu": self.tflops or r.gpu.bf16_tflops, "scaling_efficiency": self.efficiency,
+             "seconds_per_epoch": self.seconds_per_epoch, "tokens_per_second": self.tokens_per_second}
+        if r.grpo:
+            d["generation_seconds_per_prompt"] = self.generation_seconds_per_prompt() or None
+            d["hbm_gb_s"] = r.gpu.hbm_gb_s
+        return d
+
+    def objective(self) -> dict[str, Any] | None:
+        """What the training objective adds (None for SFT): sequences per micro-batch, the reference, rollouts."""
+        r, e = self.request, self.estimate
+        if r.objective == "sft":
+            return None
+        t = {k: int(v) for k, v in e.objective_terms.items()}
+        ref = None
+        if r.reference_forward:
+            ref = "frozen copy of the model" if r.reference_copy else "base, adapters disabled"
+        d: dict[str, Any] = {
+            "name": r.objective, "sequences_per_micro_batch": r.sequences, "tokens_per_micro_batch": r.tokens,
+            "reference": ref, **{f"{k}_bytes": v for k, v in t.items()}}
+        if r.pairs:
+            d["pairs"] = {"micro_batch": r.micro_batch, "sequences": r.sequences,
+                          "note": "chosen + rejected of each pair packed into one forward (×2)"}
+        if r.grpo:
+            d["rollout"] = {"num_generations": r.num_generations, "prompt_tokens": r.rollout_prompt,
+                            "max_completion_length": r.max_completion_length, "sequence_tokens": r.rollout_len,
+                            "generation_batch": r.num_generations, "beta": r.beta,
+                            "kv_cache_bytes_per_token_per_layer": kv_bytes_per_token(r),
+                            "kv_cache": "compressed MLA latent (transformers 5)" if r.arch.mla else "K and V per KV head"}
+        return d
+
+    def _objective_lines(self) -> list[str]:
+        r, e = self.request, self.estimate
+        o = self.objective()
+        if o is None:
+            return []
+        t = e.objective_terms
+        line = f"objective: {r.objective}"
+        if r.pairs:
+            line += (f" — pairs ×2: {r.micro_batch} pair(s) per micro-batch = {r.sequences} sequences "
+                     f"(chosen + rejected) of ≤ {r.seq_len} tokens in one forward")
+        if r.grpo:
+            line += (f" — {r.num_generations} completions per prompt: {r.micro_batch} prompt(s) per micro-batch = "
+                     f"{r.sequences} rollouts of {r.rollout_prompt} prompt + {r.max_completion_length} completion "
+                     f"tokens in the train forward")
+        if o["reference"]:
+            line += f"; reference: {o['reference']}"
+        elif r.objective in ("orpo", "simpo"):
+            line += "; no reference model"
+        elif r.grpo:
+            line += "; beta 0: no reference forward"
+        lines = [line]
+        if r.reference_forward:
+            lines.append(f"  reference forward (no grad, inside the loss): {t['reference_forward'] / GiB:.2f} GiB "
+                         f"transient, {t['reference_forward_allocated'] / GiB:.2f} GiB allocated then")
+        if r.grpo:
+            lines.append(f"  rollout generation (one prompt × {r.num_generations} sequences, before the step): KV cache "
+                         f"{t['rollout_kv_cache'] / GiB:.2f} GiB at {r.rollout_len} tokens, "
+                         f"{t['rollout_allocated'] / GiB:.2f} GiB allocated at its peak; "
+                         f"train forward/backward {t['train_allocated'] / GiB:.2f} GiB")
+        return lines
 
     def verdict(self) -> str:
         r, e = self.request, self.estimate
@@ -190,8 +273,10 @@ class Plan:
                      f"{'gradient checkpointing' if r.gradient_checkpointing else 'no checkpointing'}, "
                      f"{'packing' if r.packing else 'padding'}, sharding {r.sharding}{', CPU offload' if r.cpu_offload else ''}, "
                      f"{'dsft train' if r.trainer == 'dsft' else 'HF Trainer'} step"
+                     + (f", objective {r.objective}" if r.objective != "sft" else "")
                      + (f" (loss on {100 * r.label_fraction:.0f} % of tokens)" if r.trainer == "dsft" and r.label_fraction < 1 else ""))
         lines.append(f"trainable: {fmt_count(e.trainable_params)} of {fmt_count(e.total_params)} params")
+        lines += self._objective_lines()
         lines += self._memory_lines()
         lines.append(f"verdict: {self.verdict()}")
         lines.append(f"largest micro-batch that fits at seq {r.seq_len}: {self.max_micro_batch or 'none (even 1 does not fit)'}")
@@ -206,13 +291,21 @@ class Plan:
     def _memory_lines(self) -> list[str]:
         r, e = self.request, self.estimate
         lines = [f"per-GPU peak memory (at {e.phase}):"]
+        acts = "activations"
+        if r.pairs:
+            acts = "activations (pairs ×2)"
+        elif r.grpo:
+            acts = f"activations (×{r.num_generations} rollouts)"
         labels = {"weights": "weights", "adapter": "adapter", "gradients": "gradients", "optimizer": "optimizer state",
-                  "activations": "activations", "logits_loss": "logits / loss", "overhead": "framework overhead"}
+                  "activations": acts, "logits_loss": "logits / loss", "overhead": "framework overhead",
+                  "reference_model": "reference model", "reference_forward": "reference forward",
+                  "rollout_kv_cache": "rollout KV cache", "rollout_work": "rollout generation"}
+        w = max(20, *(len(labels[k]) for k in e.breakdown()))
         for k, v in e.breakdown().items():
-            lines.append(f"  {labels[k]:<20} {v / GiB:9.2f} GiB")
-        lines.append(f"  {'total':<20} {e.peak / GiB:9.2f} GiB   (device: {r.gpu.name}, {r.gpu.memory_gib:.1f} GiB)")
+            lines.append(f"  {labels[k]:<{w}} {v / GiB:9.2f} GiB")
+        lines.append(f"  {'total':<{w}} {e.peak / GiB:9.2f} GiB   (device: {r.gpu.name}, {r.gpu.memory_gib:.1f} GiB)")
         if e.pageable:
-            lines.append(f"  {'pageable (paged opt.)':<20} {e.pageable / GiB:9.2f} GiB")
+            lines.append(f"  {'pageable (paged opt.)':<{w}} {e.pageable / GiB:9.2f} GiB")
         return lines
 
     def _hardware_lines(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,9 @@ METHODS = ("lora", "qlora", "dora", "full", "freeze")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd")
 SHARDING = ("none", "zero1", "zero2", "zero3", "fsdp")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo")  # train.objective
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")
+GRPO_DEFAULT_PROMPT = 512  # `dsft plan --objective grpo` without --seq-len: 512 prompt tokens + the completion
 
 CUDA_CONTEXT = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 FRAGMENTATION = 0.05  # caching-allocator slack on top of max_memory_allocated
@@ -54,6 +58,18 @@ class PlanRequest:
     """nvlink | pcie | network | a rate like 50GB/s; None: NVLink for A100/H100/H200, else PCIe (multi-GPU time)."""
     modules_to_save: bool | None = None
     """Embeddings, LM head and norms trained fully next to LoRA; None: dsft's rule (tiny models < 100 M)."""
+    objective: str = "sft"
+    """train.objective: sft | dpo | orpo | simpo (micro_batch counts pairs: chosen + rejected sequences packed in
+    one forward) | grpo (micro_batch counts prompts: G rollouts each in the train forward, sampled one prompt at a
+    time before it). seq_len stays data.max_seq_length: one sequence (SFT sample, chosen or rejected, rollout)."""
+    num_generations: int = 8
+    """grpo.num_generations: G completions sampled per prompt."""
+    max_completion_length: int = 1024
+    """grpo.max_completion_length: new tokens per completion (planned at full length: the upper bound)."""
+    prompt_length: int | None = None
+    """GRPO prompt tokens; None: what seq_len leaves next to the completion (the longest prompt dsft keeps)."""
+    beta: float = 0.0
+    """grpo.beta: KL coefficient; > 0 adds the reference forward (and, for full/freeze, a frozen copy)."""
 
     def validate(self) -> PlanRequest:
         def bad(key: str, value: Any, accepted: str) -> ConfigError:
@@ -93,7 +109,32 @@ class PlanRequest:
             from dsft.plan.scaling import link
 
             link(self.interconnect, self.gpu)  # raises a one-line ConfigError naming what is accepted
+        self._validate_objective(bad)
         return self
+
+    def _validate_objective(self, bad: Callable[[str, Any, str], ConfigError]) -> None:
+        """train.objective and the GRPO shape (dsft train's own limits), one-line errors as the fields above."""
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", self.objective, "one of " + ", ".join(OBJECTIVES))
+        if self.objective != "sft" and self.trainer != "dsft":
+            raise bad("trainer", self.trainer, f"dsft with objective {self.objective} (dsft train runs it)")
+        if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise bad("num-generations", self.num_generations, "an integer ≥ 2 (completions per prompt)")
+        for key in ("max_completion_length", "prompt_length"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise bad(key.replace("_", "-"), v, "a positive integer")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, int | float) or not self.beta >= 0:
+            raise bad("beta", self.beta, "a number ≥ 0")
+        if self.objective != "grpo":
+            return
+        room = self.seq_len - self.max_completion_length
+        if room < 8:  # dsft train refuses this too (GrpoObjective.encode)
+            raise bad("max-completion-length", self.max_completion_length,
+                      f"at most seq-len {self.seq_len} − 8, so prompt + completion fit in one sequence")
+        if self.prompt_length is not None and self.prompt_length > room:
+            raise bad("prompt-length", self.prompt_length,
+                      f"at most {room} (seq-len {self.seq_len} − max-completion-length {self.max_completion_length})")
 
     @property
     def rank(self) -> int:
@@ -108,8 +149,76 @@ class PlanRequest:
         return self.method in ("lora", "qlora", "dora")
 
     @property
+    def dropout(self) -> float:
+        """LoRA dropout as the step runs it: DPO/ORPO/SimPO/GRPO set every dropout to 0 (disable_dropout)."""
+        return self.lora_dropout if self.objective == "sft" else 0.0
+
+    @property
+    def pairs(self) -> bool:
+        return self.objective in PAIR_OBJECTIVES
+
+    @property
+    def grpo(self) -> bool:
+        return self.objective == "grpo"
+
+    @property
+    def rollout_prompt(self) -> int:
+        """GRPO: prompt tokens of one rollout (default: all that seq_len leaves next to the completion)."""
+        return self.prompt_length or self.seq_len - self.max_completion_length
+
+    @property
+    def rollout_len(self) -> int:
+        """GRPO: tokens of one rollout, prompt + a completion at max_completion_length (≤ seq_len)."""
+        return self.rollout_prompt + self.max_completion_length
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in one micro-batch's forward: SFT samples, 2 per pair (chosen + rejected, packed together by
+        dsft's collate_pairs), G per prompt for GRPO (the loop's micro = micro-batch × num_generations)."""
+        if self.pairs:
+            return 2 * self.micro_batch
+        if self.grpo:
+            return self.micro_batch * self.num_generations
+        return self.micro_batch
+
+    @property
+    def rows(self) -> int:
+        """Rows of the forward's batch: one per sequence, or GRPO's rollouts packed into rows of seq_len."""
+        if self.grpo and self.packing:
+            return -(-self.sequences // max(1, self.seq_len // self.rollout_len))
+        return self.sequences
+
+    @property
+    def row_len(self) -> int:
+        """Width of one row (the S of attention masks and scores)."""
+        if not self.grpo:
+            return self.seq_len
+        if not self.packing:
+            return self.rollout_len
+        return min(self.sequences, max(1, self.seq_len // self.rollout_len)) * self.rollout_len
+
+    @property
     def tokens(self) -> int:
-        return self.micro_batch * self.seq_len
+        """Token positions in one micro-batch's forward (every row at full width: the upper bound)."""
+        return self.rows * self.row_len
+
+    @property
+    def labelled_tokens(self) -> float:
+        """Tokens with a loss target in one micro-batch: GRPO's completions (all at full length), else
+        label_fraction of the tokens."""
+        if self.grpo:
+            return min(self.label_fraction * self.tokens, self.sequences * self.max_completion_length)
+        return self.tokens * self.label_fraction
+
+    @property
+    def reference_forward(self) -> bool:
+        """Whether the step runs a no-grad reference forward inside the loss (DPO always, GRPO with beta > 0)."""
+        return self.objective == "dpo" or (self.grpo and self.beta > 0)
+
+    @property
+    def reference_copy(self) -> bool:
+        """Whether that reference is a frozen copy of the model (full/freeze); adapters just get disabled."""
+        return self.reference_forward and not self.adapter
 
     @property
     def mts(self) -> bool:

@@ -120,7 +120,7 @@ def scaling(req: PlanRequest, tflops: float | None) -> dict[str, Any] | None:
         lk = Link(f"{lk.name} inside nodes, network between them", NETWORK_GBS * GBPS, LATENCY["network"],
                   f"over {GPUS_PER_NODE} GPUs the ring crosses the network (200 Gb/s per GPU)")
     rate = tf * 1e12 * req.mfu
-    tokens = req.micro_batch * req.seq_len
+    tokens = req.tokens  # pairs: both sequences; GRPO: G rollouts per prompt
     micro = tokens * train_flops_per_token(req) / rate
     backward = micro - tokens * forward_flops_per_token(req) / rate
     t = traffic(req, lk)

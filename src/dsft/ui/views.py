@@ -9,8 +9,10 @@ from typing import Any
 
 from dsft.ui.runs import config_text, manifests, read_json, read_log
 
-MEMORY_PARTS = [("weights", "weights"), ("adapter", "adapter"), ("gradients", "gradients"),
-                ("optimizer", "optimizer state"), ("activations", "activations"), ("logits_loss", "logits / loss"),
+MEMORY_PARTS = [("weights", "weights"), ("adapter", "adapter"), ("reference_model", "reference model"),
+                ("gradients", "gradients"), ("optimizer", "optimizer state"), ("activations", "activations"),
+                ("logits_loss", "logits / loss"), ("reference_forward", "reference forward"),
+                ("rollout_kv_cache", "rollout KV cache"), ("rollout_work", "rollout generation"),
                 ("overhead", "framework overhead")]
 HISTOGRAM_MAX_RECORDS = 20_000  # records read from train/test.jsonl for the length histogram
 SIDE_BY_SIDE = 12
