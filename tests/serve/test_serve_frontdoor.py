@@ -80,7 +80,7 @@ def _health_latencies(client: httpx.Client, busy: cf.Future | None = None, n: in
         t0 = time.perf_counter()
         assert client.get("/health").status_code == 200
         out.append(time.perf_counter() - t0)
-        time.sleep(0.02)
+        time.sleep(0.01)
     return out
 
 
@@ -100,6 +100,8 @@ def test_health_answers_while_a_huge_prompt_is_processed(server, size):
         lat = _health_latencies(client, busy)
         r = busy.result()
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
-    assert len(lat) >= 3, lat  # /health was asked while the prompt was in the server
+    # /health was asked while the prompt was in the server (the 15 MB body can be refused in ~0.1 s on a quiet
+    # machine, so only one or two fit; on the event loop it took ~10 s and the bound below would catch it)
+    assert len(lat) >= 1, lat
     # 0.5 s, plus what an idle /health takes on this (shared, possibly busy) machine
     assert max(lat) < 0.5 + max(idle), (max(lat), max(idle))
