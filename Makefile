@@ -39,9 +39,9 @@ $(REAL_DIR)/dsft_import.json: | $(STAMP)
 demo-real: $(REAL_DIR)/dsft_import.json
 	$(VENV)/bin/dsft run examples/demo_real.yaml --force
 
-# make test: ruff + every test not marked slow (~15 min on 2 cores); make test-slow: the end-to-end ones (the
+# make test: ruff + every test not marked slow (~10 min on 2 cores); make test-slow: the end-to-end ones (the
 # demo, multi-process DDP/FSDP/DeepSpeed, the FP8 export chain, the browser UI, torch.compile, the seed's config;
-# ~7 min). .ci/run runs both.
+# ~9 min). .ci/run runs both.
 test: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --timeout 900 --durations=30 -m "not slow" tests
