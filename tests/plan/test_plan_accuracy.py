@@ -23,7 +23,8 @@ def test_matrix_covers_the_issue(rows):
     specs = validation_specs()
     assert len(specs) >= 8
     assert {s.arch for s in specs} == {"llama", "qwen2", "deepseek_v3", "deepseek_v2"}
-    assert {s.method for s in specs} == {"lora", "full", "freeze"}
+    assert {s.method for s in specs} == {"lora", "full", "freeze", "dora"}
+    assert {s.method for s in specs if s.fp8} == {"lora", "dora"}  # DeepSeek-V3 as shipped: FP8 experts + LoRA
     assert {s.gc for s in specs} == {True, False}
     assert len({s.seq_len for s in specs}) >= 2 and len({s.batch for s in specs}) >= 2
     assert {s.dtype for s in specs} == {"float32", "bfloat16"} and {s.trainer for s in specs} == {"dsft", "hf"}

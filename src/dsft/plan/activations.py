@@ -5,19 +5,146 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsft.plan.request import (
+    MLP_NAMES,
     PlanRequest,
     act_bytes,
+    fp8_expert_lora,
     freeze_first,
     fused_expert_lora,
     packed_mask,
+    target_names,
     targets,
     weight_bytes,
 )
 
 
 # ---- activations -----------------------------------------------------------------------------------------------
-# One long function on purpose (~115 lines): it walks one decoder layer's forward in order, one line per tensor
-# autograd saves; split into pieces, the order that makes each line checkable against the HF code would be lost.
+# Each function below walks one block of a decoder layer's forward in order, one line per tensor autograd saves, so
+# each line stays checkable against the Hugging Face modelling code.
+@dataclass
+class _Saved:
+    """What one layer's linears and norms keep for backward, per token, under a training mode."""
+
+    req: PlanRequest
+    full: bool  # every weight of the layer trains
+    lora: bool  # frozen base + adapters
+    tset: set[str]  # names of the adapted linears
+    p: float  # LoRA dropout
+    r: int  # LoRA rank
+    ab: float  # bytes per activation
+    li: float  # bytes of a LoRA input copy
+    mask: float  # bytes per element of a dropout mask
+    cast: bool  # 16-bit activations: adapters get an fp32 (or autocast) copy of their input
+    norm_w: bool  # the norms' weights train
+
+    @classmethod
+    def of(cls, req: PlanRequest, i: int, mode: str) -> _Saved:
+        ab, f32 = act_bytes(req), 4.0
+        lora = mode == "lora"
+        cast = ab != f32
+        # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
+        # base computes in 16-bit); dropout then copies it again and keeps a mask. Under autocast (dsft train in
+        # 16-bit) the adapter matmuls run in 16-bit, so what lora_A keeps is a 16-bit cast of that copy.
+        # CUDA's fused dropout keeps a bool mask (1 byte); the CPU path keeps a full-precision noise tensor.
+        return cls(req=req, full=mode == "full", lora=lora,
+                   tset={lin.name for lin in targets(req, i)} if lora else set(),
+                   p=req.dropout if lora else 0.0, r=req.rank if lora else 0, ab=ab,
+                   li=ab if (cast and req.trainer == "dsft") else f32, mask=1.0 if req.gpu.cuda else f32,
+                   cast=cast, norm_w=mode == "full" or (lora and req.mts))
+
+    def lin_in(self, name: str, width: int, already_saved: bool, grad_in: bool = True, tset=None) -> float:
+        """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
+        if self.full:
+            return 0.0 if already_saved else width * self.ab
+        if name in (self.tset if tset is None else tset):
+            if self.p > 0:
+                return width * self.li + (width * self.mask if grad_in else 0.0) + self.r * self.li
+            return self.r * self.li + (width * self.li if self.cast else (0.0 if already_saved else width * self.ab))
+        return 0.0
+
+    def lin_group(self, names: list[str], width: int, grad_in: bool = True, tset=None) -> float:
+        """Several linears reading the same input (q/k/v, gate/up)."""
+        if self.full:
+            return width * self.ab
+        ts = [n for n in names if n in (self.tset if tset is None else tset)]
+        if not ts:
+            return 0.0
+        if self.p > 0:
+            return len(ts) * (width * self.li + (width * self.mask if grad_in else 0.0) + self.r * self.li)
+        if self.cast:
+            return len(ts) * (width * self.li + self.r * self.li)
+        return width * self.ab + len(ts) * self.r * 4.0
+
+    def norm(self, width: int, grad_in: bool) -> float:
+        """RMSNorm upcasts to fp32 and keeps that input and rsqrt (when the input needs grad), and the normalized
+        value cast back (when the weight trains)."""
+        return (width * 4.0 + 4.0 if grad_in else 0.0) + (width * self.ab if self.norm_w else 0.0)
+
+
+def _attention_bytes(sv: _Saved, input_grad: bool) -> float:
+    """Input norm + self-attention (MLA or multi-head/GQA) + the second norm, per token."""
+    req, a, ab, f32 = sv.req, sv.req.arch, sv.ab, 4.0
+    h = a.hidden
+    s = sv.norm(h, input_grad)
+    if a.mla:
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        qa = a.q_lora_rank or 0
+        first = ["q_a_proj", "kv_a_proj_with_mqa"] if qa else ["q_proj", "kv_a_proj_with_mqa"]
+        s += sv.lin_group(first, h, input_grad)
+        if qa:
+            s += sv.norm(qa, True) + sv.lin_in("q_b_proj", qa, False)  # q_a out kept by q_a_layernorm
+        kvr = a.kv_lora_rank + a.qk_rope_head_dim
+        # kv_a out (its split view is upcast for kv_a_layernorm; in fp32 the view keeps all of kv_a out alive)
+        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if sv.norm_w else 0.0)
+        s += sv.lin_in("kv_b_proj", a.kv_lora_rank, False)
+        s += 2 * a.heads * qk * ab  # query_states (cat) and key_states (new_empty + copy) kept by attention
+        s += a.heads * (a.qk_nope_head_dim + a.v_head_dim) * ab  # kv_b out, alive through the value view
+        s += a.o_dim * ab + a.heads * f32  # attention output + logsumexp
+        s += sv.lin_in("o_proj", a.o_dim, False)  # the (B,H,S,D) output is copied to (B,S,H·D) for o_proj
+    else:
+        s += sv.lin_group(["q_proj", "k_proj", "v_proj"], h, input_grad)
+        packed = req.attn == "dsft_packed"  # dsft's CPU packed path: SDPA per sample, outputs concatenated
+        gqa_repeat = a.kv_heads != a.heads and req.attn in ("eager", "dsft_packed")
+        kv = a.q_dim if gqa_repeat else a.kv_heads * a.hd
+        s += (a.q_dim + 2 * kv) * ab  # rotated q, k and v kept by attention
+        s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
+        s += sv.lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
+    if req.attn == "eager":
+        s += a.heads * req.row_len * 2 * ab  # softmax probabilities (+ the scores they came from)
+    if packed_mask(req):
+        s += req.row_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
+    return s + sv.norm(h, True)  # residual after attention, kept by the second norm
+
+
+def _moe_bytes(sv: _Saved) -> tuple[float, float, float]:
+    """A MoE block: shared experts, router, routed experts. (per token, backward transient per token, per layer)."""
+    req, a, ab, f32 = sv.req, sv.req.arch, sv.ab, 4.0
+    h, k, mi = a.hidden, a.experts_per_token, a.moe_intermediate
+    fused = sv.lora and fused_expert_lora(req)
+    w = mi * a.n_shared_experts
+    s = 0.0
+    if w:
+        s += sv.lin_group(["gate_proj", "up_proj"], h)
+        s += 3 * w * ab + sv.lin_in("down_proj", w, False)  # gate (silu input), silu out, up; product for down
+    if sv.full:
+        s += 0.0 if w else h * ab  # the router's fp32 input when nothing else keeps the normed input
+    # router (fp32): sigmoid scores, group/top-k indices, normalised weights
+    s += a.n_routed_experts * (f32 + 1) + k * (8 + 2 * f32) + 8 * 2 + f32
+    s += k * 3 * 8  # sort permutation, gather index, inverse permutation (int64)
+    s += k * (2 * mi + mi + h) * ab + k * f32  # gate_up out, silu out, down out (kept to apply routing weights)
+    if sv.full or fused:
+        s += k * (h + mi) * ab  # gathered inputs and products, kept for the expert weights' gradients
+    if sv.lora and fp8_expert_lora(req):
+        # FP8 base: one FP8 expert MLP per expert, PEFT LoRA on each projection: the adapters keep their inputs
+        # (the gathered tokens for gate/up, the product for down) and the per-expert token indices (int64)
+        ex = target_names(req) & MLP_NAMES
+        s += k * (sv.lin_group(["gate_proj", "up_proj"], h, tset=ex) + sv.lin_in("down_proj", mi, False, tset=ex) + 2 * 8)
+        if req.method == "dora":  # DoRA keeps the base and LoRA outputs (fp32) of each adapted projection
+            s += k * sum(2 * (h if n == "down_proj" else mi) * f32 for n in ex)
+    per_layer = a.n_routed_experts * a.expert_params() * ab if fused else 0.0  # PEFT's W + ΔW, kept for backward
+    return s, (2 * h + 2 * k * mi + 2 * w) * ab, per_layer
+
+
 def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -> tuple[float, float, float]:
     """Bytes per token of layer i: (saved for backward, transient in its backward) and bytes per layer that do
     not scale with tokens (PEFT's W+ΔW of fused experts, kept for backward).
@@ -27,110 +154,20 @@ def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) ->
     first norm and the first dropouts save nothing.
     """
     a = req.arch
-    h = a.hidden
-    ab = act_bytes(req)
-    f32 = 4.0
-    # CUDA's fused dropout keeps a bool mask (1 byte); the CPU path keeps a full-precision noise tensor
-    mask = 1.0 if req.gpu.cuda else f32  # (LoRA inputs are fp32: PEFT's adapters are fp32)
-    full = mode == "full"
-    lora = mode == "lora"
-    norm_w = full or (lora and req.mts)  # the norms' weights train (full, or LoRA with modules_to_save)
-    p = req.dropout if lora else 0.0
-    tset = {lin.name for lin in targets(req, i)} if lora else set()
-    r = req.rank if lora else 0
-    fused = lora and fused_expert_lora(req) and a.is_moe_layer(i)
-
-    # PEFT keeps adapters in fp32 and casts each LoRA input to fp32 first (a separate copy per module when the
-    # base computes in 16-bit); dropout then copies it again and keeps a mask. Under autocast (dsft train in
-    # 16-bit) the adapter matmuls run in 16-bit, so what lora_A keeps is a 16-bit cast of that copy.
-    cast = ab != f32
-    li = ab if (cast and req.trainer == "dsft") else f32
-
-    def lin_in(name: str, width: int, already_saved: bool, grad_in: bool = True) -> float:
-        """Bytes a linear keeps of its input: full → the input; LoRA → a dropout copy + mask (or the input)."""
-        if full:
-            return 0.0 if already_saved else width * ab
-        if name in tset:
-            if p > 0:
-                return width * li + (width * mask if grad_in else 0.0) + r * li
-            return r * li + (width * li if cast else (0.0 if already_saved else width * ab))
-        return 0.0
-
-    def lin_group(names: list[str], width: int, grad_in: bool = True) -> float:
-        """Several linears reading the same input (q/k/v, gate/up)."""
-        if full:
-            return width * ab
-        ts = [n for n in names if n in tset]
-        if not ts:
-            return 0.0
-        if p > 0:
-            return len(ts) * (width * li + (width * mask if grad_in else 0.0) + r * li)
-        if cast:
-            return len(ts) * (width * li + r * li)
-        return width * ab + len(ts) * r * f32
-
-    def norm(width: int, grad_in: bool) -> float:
-        """RMSNorm upcasts to fp32 and keeps that input and rsqrt (when the input needs grad), and the normalized
-        value cast back (when the weight trains)."""
-        return (width * f32 + f32 if grad_in else 0.0) + (width * ab if norm_w else 0.0)
-
-    s = norm(h, input_grad)
-    if a.mla:
-        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-        qa = a.q_lora_rank or 0
-        first = ["q_a_proj", "kv_a_proj_with_mqa"] if qa else ["q_proj", "kv_a_proj_with_mqa"]
-        s += lin_group(first, h, input_grad)
-        if qa:
-            s += norm(qa, True) + lin_in("q_b_proj", qa, False)  # q_a out kept by q_a_layernorm
-        kvr = a.kv_lora_rank + a.qk_rope_head_dim
-        # kv_a out (its split view is upcast for kv_a_layernorm; in fp32 the view keeps all of kv_a out alive)
-        s += (kvr * ab if ab == 4 else a.kv_lora_rank * f32) + f32 + (a.kv_lora_rank * ab if norm_w else 0.0)
-        s += lin_in("kv_b_proj", a.kv_lora_rank, False)
-        s += 2 * a.heads * qk * ab  # query_states (cat) and key_states (new_empty + copy) kept by attention
-        s += a.heads * (a.qk_nope_head_dim + a.v_head_dim) * ab  # kv_b out, alive through the value view
-        s += a.o_dim * ab + a.heads * f32  # attention output + logsumexp
-        s += lin_in("o_proj", a.o_dim, False)  # the (B,H,S,D) output is copied to (B,S,H·D) for o_proj
-    else:
-        s += lin_group(["q_proj", "k_proj", "v_proj"], h, input_grad)
-        packed = req.attn == "dsft_packed"  # dsft's CPU packed path: SDPA per sample, outputs concatenated
-        gqa_repeat = a.kv_heads != a.heads and req.attn in ("eager", "dsft_packed")
-        kv = a.q_dim if gqa_repeat else a.kv_heads * a.hd
-        s += (a.q_dim + 2 * kv) * ab  # rotated q, k and v kept by attention
-        s += a.q_dim * ab + a.heads * f32  # attention output (already (B,S,H,D)) + logsumexp
-        s += lin_in("o_proj", a.o_dim, not packed)  # the packed path's output is a fresh (B,S,H·D) copy
-    if req.attn == "eager":
-        s += a.heads * req.row_len * 2 * ab  # softmax probabilities (+ the scores they came from)
-    if packed_mask(req):
-        s += req.row_len * ab  # SDPA turns the packed block-diagonal bool mask into a float bias and keeps it
-    s += norm(h, True)  # residual after attention, kept by the second norm
+    sv = _Saved.of(req, i, mode)
+    s = _attention_bytes(sv, input_grad)
     per_layer = 0.0
     if a.is_moe_layer(i):
-        k = a.experts_per_token
-        mi = a.moe_intermediate
-        w = mi * a.n_shared_experts
-        if w:
-            s += lin_group(["gate_proj", "up_proj"], h)
-            s += 3 * w * ab + lin_in("down_proj", w, False)  # gate (silu input), silu out, up; product for down
-        if full:
-            s += 0.0 if w else h * ab  # the router's fp32 input when nothing else keeps the normed input
-        # router (fp32): sigmoid scores, group/top-k indices, normalised weights
-        s += a.n_routed_experts * (f32 + 1) + k * (8 + 2 * f32) + 8 * 2 + f32
-        s += k * 3 * 8  # sort permutation, gather index, inverse permutation (int64)
-        experts_train = full or fused
-        s += k * (2 * mi + mi + h) * ab + k * f32  # gate_up out, silu out, down out (kept to apply routing weights)
-        if experts_train:
-            s += k * (h + mi) * ab  # gathered inputs and products, kept for the expert weights' gradients
-        if fused:
-            per_layer = a.n_routed_experts * a.expert_params() * ab  # PEFT's W + ΔW, kept for backward
-        bwd = (2 * h + 2 * k * mi + 2 * w) * ab
+        moe, bwd, per_layer = _moe_bytes(sv)
+        s += moe
     else:
         it = a.intermediate
-        s += lin_group(["gate_proj", "up_proj"], h)
-        s += 3 * it * ab + lin_in("down_proj", it, False)
-        bwd = (2 * h + 2 * it) * ab  # gradients of the MLP's inputs while its saved tensors are released
-    if lora and req.method == "dora":
+        s += sv.lin_group(["gate_proj", "up_proj"], a.hidden)
+        s += 3 * it * sv.ab + sv.lin_in("down_proj", it, False)
+        bwd = (2 * a.hidden + 2 * it) * sv.ab  # gradients of the MLP's inputs while its saved tensors are released
+    if sv.lora and req.method == "dora":
         # DoRA rescales the base output and the LoRA output by the magnitude: both (fp32) are kept for backward
-        s += sum(2 * lin.d_out * f32 for lin in targets(req, i))
+        s += sum(2 * lin.d_out * 4.0 for lin in targets(req, i))
     return s, bwd, per_layer
 
 

@@ -270,11 +270,27 @@ def fused_expert_lora(req: PlanRequest) -> bool:
     dsft: its adapters module targets them explicitly next to every nn.Linear (not with DoRA).
     hf: PEFT itself remaps the MLP target names onto them, and the dense MLPs / shared experts get no LoRA.
     """
-    if not (req.adapter and req.arch.moe and req.arch.family.startswith("deepseek")):
+    if not (req.adapter and req.arch.moe and req.arch.family.startswith("deepseek")) or fp8_base(req):
         return False
     if not target_names(req) & MLP_NAMES:
         return False
     return not (req.trainer == "dsft" and req.method == "dora")
+
+
+def fp8_expert_lora(req: PlanRequest) -> bool:
+    """Whether LoRA adapts the routed experts of an FP8 base: dsft loads them one FP8 expert MLP per expert (as
+    DeepSeek ships them), so each expert's gate/up/down_proj is an ordinary PEFT LoRA linear — no fused W + ΔW."""
+    return bool(req.adapter and req.arch.moe and fp8_base(req) and target_names(req) & MLP_NAMES)
+
+
+def fp8_expert_adapter(req: PlanRequest) -> int:
+    """LoRA (+ DoRA magnitude) params of one MoE layer's routed experts on an FP8 base: rank r per projection."""
+    a, r = req.arch, req.rank
+    dims = {"gate_proj": (a.hidden, a.moe_intermediate), "up_proj": (a.hidden, a.moe_intermediate),
+            "down_proj": (a.moe_intermediate, a.hidden)}
+    one = sum(r * (di + do) + (do if req.method == "dora" else 0)
+              for n, (di, do) in dims.items() if n in target_names(req))
+    return a.n_routed_experts * one
 
 
 def targets(req: PlanRequest, i: int) -> list:
@@ -303,6 +319,8 @@ def layer_adapter(req: PlanRequest, i: int) -> int:
     n = sum(r * (lin.d_in + lin.d_out) + (lin.d_out if req.method == "dora" else 0) for lin in targets(req, i))
     if fused_expert_lora(req) and req.arch.is_moe_layer(i):
         n += fused_expert_adapter(req)
+    if fp8_expert_lora(req) and req.arch.is_moe_layer(i):
+        n += fp8_expert_adapter(req)
     return n
 
 

@@ -62,6 +62,7 @@ class Spec:
     shape: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
+    fp8: bool = False  # DeepSeek-V3 only: the base as DeepSeek ships it (e4m3 + 128×128 block scales), LoRA on top
 
     @property
     def label(self) -> str:
@@ -70,10 +71,13 @@ class Spec:
                 f"b{self.batch}{' gc' if self.gc else ''}"
                 + (f" vocab{self.shape['vocab_size']}" if "vocab_size" in self.shape else "")
                 + (" p0" if self.method == "lora" and self.lora_dropout == 0 else "")
-                + (" bf16" if self.dtype == "bfloat16" else "") + (" packed" if self.packed else ""))
+                + (" bf16" if self.dtype == "bfloat16" else "") + (" packed" if self.packed else "")
+                + (" fp8-base" if self.fp8 else ""))
 
     def hf_config(self) -> dict[str, Any]:
-        return {**TINY_SHAPES[self.arch], **self.shape}
+        quant = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}} if self.fp8 else {}
+        return {**TINY_SHAPES[self.arch], **self.shape, **quant}
 
 
 def plan_request(spec: Spec):
@@ -112,15 +116,40 @@ def dsft_config(spec: Spec):
                  "target_modules": "auto" if spec.lora_targets == "all" else _lora_names(spec)}})
 
 
-def _build(spec: Spec):
-    """The model as the trainer sets it up: `dsft.train.setup` for trainer dsft; plain PEFT for trainer hf."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config(spec: Spec):
+    from transformers import AutoConfig
 
-    raw = spec.hf_config()
-    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    with torch.device(spec.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, spec.dtype), attn_implementation="sdpa")
+    raw = {k: v for k, v in spec.hf_config().items() if k != "quantization_config"}
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def write_fp8_base(spec: Spec, out: Path) -> Path:
+    """The spec's model (seeded) written as DeepSeek ships V3: FP8 e4m3 linears + block scales, per-expert tensors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsft.model.shipped import save_as_shipped
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_config(spec), dtype=torch.float32)
+    return save_as_shipped(model, out)
+
+
+def _build(spec: Spec, fp8_dir: Path | None = None):
+    """The model as the trainer sets it up: `dsft.train.setup` for trainer dsft; plain PEFT for trainer hf.
+    fp8_dir: the FP8 base folder (spec.fp8), loaded as `dsft train` loads it (e4m3 kept, dequantized per module)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(spec)
+    if fp8_dir is not None:
+        from dsft.model.load import load_model
+
+        model = load_model(fp8_dir, dtype=spec.dtype, attn_implementation="sdpa").to(spec.device)
+    else:
+        with torch.device(spec.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, spec.dtype), attn_implementation="sdpa")
     if spec.trainer == "dsft":
         from dsft.train import setup
 
@@ -205,6 +234,15 @@ def _steps(spec: Spec, model) -> float:
 
 def measure(spec: Spec) -> dict[str, Any]:
     """Peak bytes torch held during model build + `steps` optimizer steps of this spec."""
+    if spec.fp8:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return _measure(spec, write_fp8_base(spec, Path(tmp) / "fp8"))
+    return _measure(spec)
+
+
+def _measure(spec: Spec, fp8_dir: Path | None = None) -> dict[str, Any]:
     import torch
 
     from dsft.train.setup import release_buffers
@@ -216,7 +254,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-            model = _build(spec)
+            model = _build(spec, fp8_dir)
             loss = _steps(spec, model)
             del model
         events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
@@ -230,7 +268,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        model = _build(spec)
+        model = _build(spec, fp8_dir)
         loss = _steps(spec, model)
         peak = torch.cuda.max_memory_allocated() - base
         del model
@@ -282,12 +320,14 @@ if __name__ == "__main__":
 
 
 _SMALL_VOCAB = {"vocab_size": 128}  # activations, not logits, set the peak
+_MANY_EXPERTS = {**_SMALL_VOCAB, "n_routed_experts": 16, "moe_intermediate_size": 128}  # routed experts dominate
 
 
 def validation_specs() -> list[Spec]:
     """The CPU validation matrix: Llama, Qwen2 (GQA), DeepSeek-V3 and -V2 (MLA + MoE) × lora/full/freeze ×
     seq 64/128/256 × batch 1/2/4 × with/without gradient checkpointing, as `dsft train` runs them (plus two
-    HF-Trainer-style steps); peaks land in the loss, in a layer's backward and in the optimizer step."""
+    HF-Trainer-style steps, and LoRA/DoRA on an FP8 DeepSeek-V3 base); peaks land in the loss, in a layer's
+    backward and in the optimizer step."""
     return [
         Spec("llama", "lora", 128, 2),
         Spec("llama", "full", 64, 1),
@@ -310,4 +350,8 @@ def validation_specs() -> list[Spec]:
         # 16-bit under autocast, as dsft train runs bf16 (fp32 norm upcasts, PEFT's fp32 adapter casts)
         Spec("qwen2", "lora", 128, 2, gc=True, shape=_SMALL_VOCAB, dtype="bfloat16"),
         Spec("deepseek_v3", "full", 128, 2, shape=_SMALL_VOCAB, dtype="bfloat16"),
+        # DeepSeek-V3 as shipped (FP8 blocks): LoRA/DoRA on every routed expert's own projections, no fused W + ΔW
+        Spec("deepseek_v3", "lora", 256, 4, shape=_MANY_EXPERTS, lora_dropout=0.0, fp8=True),
+        Spec("deepseek_v3", "lora", 256, 2, shape=_MANY_EXPERTS, dtype="bfloat16", fp8=True),
+        Spec("deepseek_v3", "dora", 128, 2, shape=_MANY_EXPERTS, lora_dropout=0.0, fp8=True),
     ]
