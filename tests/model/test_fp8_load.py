@@ -167,3 +167,53 @@ def test_broken_fp8_folders_fail_in_one_line(fp8_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match=r"experts\.0\.(gate|up|down)_proj\.weight: .*expected \((128, 256|256, 128)\)"):
         load_model(d, dtype="float32")
+
+
+def test_dora_with_dropout_keeps_no_dequantized_weight_and_equals_peft(fp8_model):
+    """PEFT's DoRA with dropout recomputes the base term as F.linear(x, dequant(W)) and autograd keeps that dense W
+    for backward — per adapted module, the full-precision copy an FP8 base avoids. dsft routes the term through the
+    FP8 module: no saved tensor has an FP8 weight's shape, and loss and gradients equal PEFT's own path."""
+    import copy
+
+    from dsft.config import LoraConfig
+    from dsft.model.adapters import attach_lora
+    from dsft.model.fp8_dora import FP8DoraLinearLayer
+
+    shapes = {tuple(m.weight_fp8.shape) for _, m in fp8_modules(fp8_model)}
+
+    def run(switch_back: bool):
+        torch.manual_seed(0)
+        pm, _ = attach_lora(copy.deepcopy(fp8_model), LoraConfig(r=4, dropout=0.1), use_dora=True)
+        mags = [m for m in pm.modules() if isinstance(m, FP8DoraLinearLayer)]
+        assert len(mags) == len(fp8_modules(fp8_model))  # every FP8 module's DoRA layer is switched
+        if switch_back:  # PEFT's own DoRA layer (the reference)
+            from peft.tuners.lora.dora import DoraLinearLayer
+
+            for m in mags:
+                m.__class__ = DoraLinearLayer
+        for n, p in pm.named_parameters():  # a non-zero B, so the LoRA term and its gradients are not trivial
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+        pm.train()
+        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pm(IDS, labels=IDS)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        dense = [s for s, dt in saved if s in shapes and dt.is_floating_point and dt != torch.float8_e4m3fn]
+        return out.loss.detach(), grads, dense
+
+    loss, grads, dense = run(False)
+    ref_loss, ref_grads, ref_dense = run(True)
+    assert not dense, f"{len(dense)} dequantized weights kept for backward, e.g. {dense[0]}"
+    assert ref_dense, "the reference (PEFT's DoRA with dropout) keeps dense weights: the check can fail"
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any("lora_magnitude" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -197,6 +197,13 @@ def attach_lora(model, cfg, *, targets: AdapterTargets | None = None, modules_to
             if isinstance(drops, nn.ModuleDict) and isinstance(getattr(mod, "base_layer", None), nn.Linear):
                 for key in list(drops.keys()):
                     drops[key] = nn.Dropout(p=dropout)
+    if use_dora:
+        from dsft.model.fp8_linear import has_fp8
+
+        if has_fp8(pm):  # DoRA + dropout would keep a dequantized copy of every FP8 weight for backward
+            from dsft.model.fp8_dora import use_fp8_dora
+
+            use_fp8_dora(pm)
     return pm, targets
 
 

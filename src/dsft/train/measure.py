@@ -353,5 +353,5 @@ def validation_specs() -> list[Spec]:
         # DeepSeek-V3 as shipped (FP8 blocks): LoRA/DoRA on every routed expert's own projections, no fused W + ΔW
         Spec("deepseek_v3", "lora", 256, 4, shape=_MANY_EXPERTS, lora_dropout=0.0, fp8=True),
         Spec("deepseek_v3", "lora", 256, 2, shape=_MANY_EXPERTS, dtype="bfloat16", fp8=True),
-        Spec("deepseek_v3", "dora", 128, 2, shape=_MANY_EXPERTS, lora_dropout=0.0, fp8=True),
+        Spec("deepseek_v3", "dora", 128, 2, shape=_MANY_EXPERTS, fp8=True),  # dropout: fp8_dora.py's base term
     ]
