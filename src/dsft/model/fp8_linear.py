@@ -121,8 +121,9 @@ class FP8Experts(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+            # one extra class: index num_experts is "no expert" (transformers' V3.2 router may emit it); skipped
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask[: self.num_experts].sum(dim=(-1, -2)), 0).nonzero()
         for e in hit.flatten().tolist():
             top_k_pos, token_idx = torch.where(mask[e])
             out = self[e](hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]

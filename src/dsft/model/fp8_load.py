@@ -22,7 +22,7 @@ from dsft.model.base_checkpoint import weight_map
 from dsft.model.fp8_linear import FP8Experts, FP8Linear
 
 log = logging.getLogger(__name__)
-FP8_MODEL_TYPES = ("deepseek_v3",)  # DeepSeek-V3, R1, V3.1 (V3.2's sparse-attention indexer is not covered)
+FP8_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")  # DeepSeek-V3, R1, V3.1; V3.2 (+ the sparse-attention indexer)
 
 
 def _skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str):
@@ -33,7 +33,7 @@ def _skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str):
     config = AutoConfig.from_pretrained(str(model_dir))
     if config.model_type not in FP8_MODEL_TYPES:
         raise ModelError(f"{model_dir}: FP8 checkpoints load for model_type {', '.join(FP8_MODEL_TYPES)} "
-                         f"(DeepSeek-V3/R1/V3.1), got '{config.model_type}'")
+                         f"(DeepSeek-V3/R1/V3.1/V3.2), got '{config.model_type}'")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model

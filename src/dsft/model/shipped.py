@@ -49,9 +49,13 @@ V2_LITE_SHAPE = dict(
     max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=0.02, rms_norm_eps=1e-6,
     topk_method="greedy", scoring_func="softmax", vocab_size=102400,
 )
+# DeepSeek-V3.2(-Exp): V3 plus DeepSeek Sparse Attention's indexer per layer (wq_b, wk FP8; k_norm and weights_proj
+# unquantized); index_topk 4 so the sparse path is taken on short test prompts.
+V32_SHAPE = dict(V3_SHAPE, index_n_heads=8, index_head_dim=64, index_topk=4)
 SHAPES = {"v3": ("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek-v3", V3_SHAPE),
+          "v3.2": ("deepseek_v32", "DeepseekV32ForCausalLM", "deepseek-v3.2", V32_SHAPE),
           "v2-lite": ("deepseek_v2", "DeepseekV2ForCausalLM", "deepseek-v2", V2_LITE_SHAPE)}
-_UNQUANTIZED = re.compile(r"(norm|embed_tokens|lm_head|shared_head\.head|mlp\.gate)\.weight$")
+_UNQUANTIZED = re.compile(r"(norm|embed_tokens|lm_head|shared_head\.head|mlp\.gate|indexer\.weights_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -100,7 +104,7 @@ def write_shipped(out_dir: str | Path, *, shape: str = "v3", variant: str = "fp8
                   shards: int = 3, seed: int = 0) -> Path:
     """Write a tiny DeepSeek checkpoint in the shipped layout; returns the folder.
 
-    shape: "v3" (DeepSeek-V3/R1 shape) or "v2-lite"; variant: "fp8" (V3 as shipped) or "bf16" (fp8_cast_bf16.py's
+    shape: "v3" (DeepSeek-V3/R1 shape), "v3.2" (V3 + the sparse-attention indexer) or "v2-lite"; variant: "fp8" (V3 as shipped) or "bf16" (fp8_cast_bf16.py's
     output; V2-Lite ships BF16); mtp: keep the MTP layer (V3 only). The same seed gives the same model in every variant.
     """
     if shape not in SHAPES:
@@ -155,8 +159,9 @@ def _config(model_type: str, arch: str, dims: dict, tok_ids: dict, *, mtp: bool,
            "bos_token_id": tok_ids["bos_token_id"], "eos_token_id": tok_ids["eos_token_id"],
            "attention_bias": False, "attention_dropout": 0.0, "rope_theta": 10000, "use_cache": True,
            "torch_dtype": "bfloat16"}
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "deepseek_v32"):
         cfg["num_nextn_predict_layers"] = 1 if mtp else 0
+    if model_type == "deepseek_v3":
         cfg["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                            "AutoModel": "modeling_deepseek.DeepseekV3Model",
                            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}

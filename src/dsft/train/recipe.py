@@ -139,8 +139,18 @@ def _tokenizer(cfg: Config, model_dir: Path):
     return tok
 
 
+MASK_READING_TYPES = ("deepseek_v32",)
+
+
 def _packed_attention(model, tc, device: torch.device) -> str | None:
-    """Per-sample attention for packed rows (train.packed_attention; CPU default); the previous implementation."""
+    """Per-sample attention for packed rows (train.packed_attention; CPU default); the previous implementation.
+    DeepSeek-V3.2's sparse-attention indexer reads the (block-diagonal) mask itself, so it keeps transformers' masked
+    path: per-sample segments would hand it no mask."""
+    if tc.packing and model.config.model_type in MASK_READING_TYPES:
+        if tc.packed_attention == "segments":
+            raise TrainError(f"train.packed_attention segments: {model.config.model_type} (DeepSeek-V3.2's sparse-attention "
+                             f"indexer) needs the attention mask; use auto or mask")
+        return None
     if tc.packing and (tc.packed_attention == "segments" or (tc.packed_attention == "auto" and device.type == "cpu")):
         from dsft.train.attention import use_packed_attention
 
