@@ -8,6 +8,8 @@ from dsft.plan.request import (
     MLP_NAMES,
     PlanRequest,
     act_bytes,
+    esft_first,
+    esft_selected,
     fp8_expert_lora,
     freeze_first,
     fused_expert_lora,
@@ -145,6 +147,20 @@ def _moe_bytes(sv: _Saved) -> tuple[float, float, float]:
     return s, (2 * h + 2 * k * mi + 2 * w) * ab, per_layer
 
 
+def _esft_expert_bytes(req: PlanRequest, i: int, input_grad: bool) -> float:
+    """method esft, per token: the k·share token-slots that reach a selected expert run through its trainable copy
+    (dsft.train.esft): the gathered input (for gate_up's weight gradient), gate_up out, silu out, the product (down's
+    input), down out (kept by the routing-weight multiply when the weights need grad), the slot's routing weight and
+    int64 token/slot indices; plus the frozen kernel's masked routing weights (k fp32)."""
+    a = req.arch
+    if not esft_selected(req, i):
+        return 0.0
+    ab, h, k, mi = act_bytes(req), a.hidden, a.experts_per_token, a.moe_intermediate
+    share = min(1.0, req.esft_top_p)
+    per_slot = (h + 2 * mi + mi + mi + (h if input_grad else 0)) * ab + 4 + 2 * 8
+    return k * share * per_slot + (k * 4 if input_grad else 0.0)
+
+
 def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) -> tuple[float, float, float]:
     """Bytes per token of layer i: (saved for backward, transient in its backward) and bytes per layer that do
     not scale with tokens (PEFT's W+ΔW of fused experts, kept for backward).
@@ -155,7 +171,12 @@ def layer_bytes(req: PlanRequest, i: int, mode: str, input_grad: bool = True) ->
     """
     a = req.arch
     sv = _Saved.of(req, i, mode)
+    if mode == "esft" and not input_grad:  # the first trained layer: only its selected experts keep anything
+        mi = a.moe_intermediate
+        return _esft_expert_bytes(req, i, False), (2 * a.hidden + 2 * a.experts_per_token * mi) * sv.ab, 0.0
     s = _attention_bytes(sv, input_grad)
+    if mode == "esft":
+        s += _esft_expert_bytes(req, i, True)
     per_layer = 0.0
     if a.is_moe_layer(i):
         moe, bwd, per_layer = _moe_bytes(sv)
@@ -176,6 +197,8 @@ def layer_mode(req: PlanRequest, i: int) -> str:
         return "full"
     if req.method == "freeze":
         return "full" if i >= freeze_first(req) else "none"
+    if req.method == "esft":  # frozen layers that pass gradients down to the first trained experts
+        return "esft" if i >= esft_first(req) else "none"
     return "lora"
 
 
@@ -192,17 +215,21 @@ def activations(req: PlanRequest) -> Activations:
     ab = act_bytes(req)
     tok = req.tokens
     saved, rec, bwd = [], [], []
+    # dsft's checkpointing makes the embedding output require grad (enable_input_require_grads)
+    emb_grad = req.mts or (req.gradient_checkpointing and (req.adapter or req.method == "esft")
+                           and req.trainer == "dsft")
     for i in range(a.layers):
         mode = layer_mode(req, i)
+        if req.method == "esft" and emb_grad:
+            mode = "esft"  # gradients flow to the embedding output through every layer
         if mode == "none":
             saved.append(0.0)
             rec.append(0.0)
             bwd.append(0.0)
             continue
-        # dsft's checkpointing makes the embedding output require grad (enable_input_require_grads)
-        emb_grad = req.mts or (req.gradient_checkpointing and req.adapter and req.trainer == "dsft")
         first_trainable = (i == 0 and req.method != "full" and not emb_grad) or (
-            req.method == "freeze" and i == freeze_first(req))
+            req.method == "freeze" and i == freeze_first(req)) or (
+            req.method == "esft" and not emb_grad and i == esft_first(req))
         per_tok, tmp, per_layer = layer_bytes(req, i, mode, input_grad=not first_trainable)
         full_layer = per_tok * tok + per_layer
         if req.gradient_checkpointing:

@@ -44,12 +44,13 @@ _FIELDS = (("method", "method"), ("seq_len", "seq_len"), ("batch", "micro_batch"
            ("lora_targets", "lora_targets"), ("freeze_layers", "freeze_layers"), ("attn", "attn"), ("mfu", "mfu"),
            ("trainer", "trainer"), ("label_fraction", "label_fraction"), ("interconnect", "interconnect"),
            ("objective", "objective"), ("num_generations", "num_generations"),
-           ("max_completion_length", "max_completion_length"), ("prompt_length", "prompt_length"), ("beta", "beta"))
+           ("max_completion_length", "max_completion_length"), ("prompt_length", "prompt_length"), ("beta", "beta"),
+           ("esft_experts", "esft_experts"), ("esft_top_p", "esft_top_p"))
 
 
 def _check_numbers(o: Mapping[str, Any]) -> None:
     for name in ("seq_len", "batch", "grad_accum", "gpus", "lora_rank", "freeze_layers", "examples",
-                 "max_completion_length", "prompt_length"):
+                 "max_completion_length", "prompt_length", "esft_experts"):
         v = o.get(name)
         if v is not None and (not isinstance(v, int) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} {v}: expected a positive integer")

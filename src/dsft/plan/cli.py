@@ -17,6 +17,7 @@ EXAMPLE = """examples:
   dsft plan --model deepseek-llm-7b --method full --objective dpo --gpu H100     # + a frozen reference copy
   dsft plan --model deepseek-llm-7b --objective grpo --num-generations 8 --max-completion-length 512 --json
   dsft plan --model deepseek-v2-lite --objective grpo --num-generations 16 --max-completion-length 1024 --beta 0.04
+  dsft plan --model deepseek-v2-lite --method esft --esft-top-p 0.2   # ESFT: only the selected experts train
 """
 
 
@@ -34,7 +35,7 @@ def register(sub) -> None:
                    help="override a config value (with CONFIG), e.g. --set train.method=full")
     p.add_argument("--model", help="built-in name (deepseek-llm-7b, DeepSeek-13B, deepseek-v3, deepseek-r1, "
                                    "r1-distill-qwen-7b …), a model folder or a config.json path")
-    p.add_argument("--method", help="lora | qlora | dora | full | freeze (default lora)")
+    p.add_argument("--method", help="lora | qlora | dora | full | freeze | esft (default lora)")
     p.add_argument("--seq-len", type=int, help="sequence length in tokens (default 512): one sequence — an SFT sample, "
                                                "a pair's chosen or rejected side, a GRPO prompt + completion "
                                                "(data.max_seq_length)")
@@ -76,6 +77,10 @@ def register(sub) -> None:
                                                      "completion; without --seq-len or CONFIG, 512)")
     p.add_argument("--beta", type=float, help="grpo: KL coefficient (grpo.beta; default 0): > 0 adds the reference "
                                               "forward (and a frozen copy under full/freeze)")
+    p.add_argument("--esft-experts", type=int, help="esft: routed experts trained per MoE layer (default: "
+                                                    "ceil(--esft-top-p × routed experts))")
+    p.add_argument("--esft-top-p", type=float, help="esft: share of the routed token-slots reaching the trained "
+                                                    "experts (ESFT-Token's top_p; default 0.2)")
     p.add_argument("--examples", type=int, help="training examples per epoch (for tokens and time per epoch)")
     p.add_argument("--avg-tokens", type=float, help="mean tokens per example (default: seq-len); pairs: per side; "
                                                     "grpo: per prompt (completions at full length)")

@@ -33,6 +33,7 @@ from dsft.plan.request import (  # noqa: F401  (PlanRequest and the constants ar
     PlanRequest,
     act_bytes,
     base_weight_bytes,
+    esft_selected,
     fp8_base,
     freeze_first,
     fused_expert_lora,
@@ -168,6 +169,9 @@ def resident(req: PlanRequest) -> Resident:
         # PEFT keeps adapter weights in fp32; modules_to_save are trainable copies in the weights' dtype
         adapter = ((train_n - mts_n) * 4.0 + mts_n * wb) / par_div
         param_bytes = 4
+    elif req.method == "esft":  # the selected experts' trainable copies, beside the frozen fused tensors
+        adapter = train_n * wb / par_div
+        param_bytes = wb
     else:
         adapter = 0.0
         param_bytes = wb
@@ -212,6 +216,8 @@ def _gradients(req: PlanRequest, res: Resident) -> tuple[list[float], float, flo
     for i in range(a.layers):
         if req.adapter:
             g = layer_adapter(req, i) * 4.0
+        elif req.method == "esft":
+            g = esft_selected(req, i) * a.expert_params() * res.param_bytes
         elif req.method == "full" or i >= freeze_first(req):
             g = a.layer_params(i) * res.param_bytes
         else:

@@ -72,8 +72,28 @@ def request_from_config(cfg, model_dir: str | Path | None = None, *, gpu: Gpu | 
         attn=_attn_for(cfg, dev), mfu=plan_cfg.mfu, trainer="dsft", label_fraction=plan_cfg.label_fraction,
         modules_to_save=None if mts_cfg == "auto" else bool(mts_cfg), interconnect=plan_cfg.interconnect,
         objective=t.objective, num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-        beta=g.beta,
+        beta=g.beta, **(_esft_request(cfg) if t.method == "esft" else {}),
     )
+
+
+def _esft_request(cfg) -> dict:
+    """method esft: experts per layer and their token share — from esft.experts, else from this run's profile
+    (`<run_dir>/esft/expert_scores.json`: its selection and the selected experts' token-selection ratios), else
+    esft.top_p alone (ceil(top_p × experts) per MoE layer)."""
+    import json
+
+    e = cfg.esft
+    if e.experts:
+        return {"esft_experts": {int(k): len(v) for k, v in e.experts.items()}, "esft_top_p": e.top_p}
+    prof = Path(cfg.run_dir) / "esft" / "expert_scores.json"
+    try:
+        scores = json.loads(prof.read_text(encoding="utf-8"))
+        chosen = {int(k): v for k, v in scores["selection"]["experts"].items()}
+        share = [sum(scores["layers"][str(li)]["token"][x] for x in ids) for li, ids in chosen.items() if ids]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {"esft_top_p": e.top_p}
+    return {"esft_experts": {li: len(ids) for li, ids in chosen.items()},
+            "esft_top_p": sum(share) / len(share) if share else e.top_p}
 
 
 def effective_batch(cfg, model_dir: str | Path | None = None) -> int:

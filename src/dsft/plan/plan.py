@@ -13,6 +13,7 @@ from dsft.plan.estimate import Estimate, PlanRequest, estimate
 from dsft.plan.hardware import GPUS, SEARCH_ORDER, GiB, Gpu
 from dsft.plan.models import fmt_count
 from dsft.plan.recommend import Recommendation, recommend
+from dsft.plan.request import esft_selected
 from dsft.plan.throughput import (
     generation_seconds_per_prompt,
     train_flops_per_token,
@@ -161,6 +162,9 @@ class Plan:
                       "gpu": r.gpu.name, "gpu_memory_bytes": r.gpu.memory_bytes,
                       "interconnect": r.interconnect or scaling.default_interconnect(r.gpu),
                       "lora_rank": r.rank if r.adapter else None, "trainable_params": e.trainable_params,
+                      **({"esft_experts": {str(i): esft_selected(r, i) for i in range(r.arch.layers)
+                                           if esft_selected(r, i)}, "esft_token_share": r.esft_top_p}
+                         if r.method == "esft" else {}),
                       "trainer": r.trainer, "label_fraction": r.label_fraction, "objective": r.objective},
             "objective": self.objective(),
             "memory_bytes": {**{k: int(v) for k, v in e.breakdown().items()}, "allocated": int(e.allocated),
@@ -268,6 +272,10 @@ class Plan:
         if r.arch.fp8_block or r.arch.mtp_layers or r.arch.extra.get("checkpoint"):
             lines.append(f"checkpoint: {checkpoint.describe(r.arch)}")
         meth = r.method + (f" r={r.rank}" if r.adapter else "") + (f" (last {r.freeze_layers} layers)" if r.method == "freeze" else "")
+        if r.method == "esft":
+            n = [esft_selected(r, i) for i in range(r.arch.layers)]
+            meth += (f" ({sum(n)} routed experts in {sum(1 for x in n if x)} MoE layers, "
+                     f"{r.esft_top_p:.0%} of the token-slots)")
         lines.append(f"setup: {meth}, seq {r.seq_len} × micro-batch {r.micro_batch} × accum {r.grad_accum} × "
                      f"{r.num_gpus} GPU, {r.precision}, {r.optimizer}, "
                      f"{'gradient checkpointing' if r.gradient_checkpointing else 'no checkpointing'}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from dsft.errors import ConfigError
 from dsft.plan.hardware import GiB, Gpu, cpu_device
 from dsft.plan.models import Arch
 
-METHODS = ("lora", "qlora", "dora", "full", "freeze")
+METHODS = ("lora", "qlora", "dora", "full", "freeze", "esft")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd")
 SHARDING = ("none", "zero1", "zero2", "zero3", "fsdp")
@@ -70,6 +71,12 @@ class PlanRequest:
     """GRPO prompt tokens; None: what seq_len leaves next to the completion (the longest prompt dsft keeps)."""
     beta: float = 0.0
     """grpo.beta: KL coefficient; > 0 adds the reference forward (and, for full/freeze, a frozen copy)."""
+    esft_experts: int | dict[int, int] | None = None
+    """method esft: routed experts trained per MoE layer ({layer: count}, or one count for every MoE layer);
+    None: ceil(esft_top_p × routed experts), the most a top_p selection can take on an evenly routed layer."""
+    esft_top_p: float = 0.2
+    """method esft: share of the routed token-slots that reach the selected experts (ESFT-Token's top_p; the
+    profile's measured share when one exists)."""
 
     def validate(self) -> PlanRequest:
         def bad(key: str, value: Any, accepted: str) -> ConfigError:
@@ -99,6 +106,13 @@ class PlanRequest:
             if unknown or not target_names(self):
                 raise bad("lora-targets", ",".join(unknown) or self.lora_targets,
                           "all, attention, or names among " + ", ".join(sorted(known)))
+        if self.method == "esft":
+            if not self.arch.moe:
+                raise bad("method", "esft", "a MoE model (DeepSeek-V2/V3): ESFT trains routed experts")
+            if not 0 < self.esft_top_p <= 1:
+                raise bad("esft-top-p", self.esft_top_p, "a fraction in (0, 1]")
+            if self.trainer != "dsft":
+                raise bad("trainer", self.trainer, "dsft with method esft (dsft train runs it)")
         if self.trainer not in ("dsft", "hf"):
             raise bad("trainer", self.trainer, "dsft or hf")
         if not 0 < self.label_fraction <= 1:
@@ -339,10 +353,29 @@ def freeze_first(req: PlanRequest) -> int:
     return max(req.arch.layers - req.freeze_layers, 0)
 
 
+def esft_selected(req: PlanRequest, i: int) -> int:
+    """method esft: routed experts trained in layer i (0 in dense layers and for other methods)."""
+    a = req.arch
+    if req.method != "esft" or not a.is_moe_layer(i):
+        return 0
+    if isinstance(req.esft_experts, dict):
+        return int(req.esft_experts.get(i, 0))
+    if isinstance(req.esft_experts, int):
+        return min(req.esft_experts, a.n_routed_experts)
+    return min(a.n_routed_experts, max(1, math.ceil(req.esft_top_p * a.n_routed_experts - 1e-9)))
+
+
+def esft_first(req: PlanRequest) -> int:
+    """method esft: the first layer with trained experts (layers before it keep nothing for backward)."""
+    return next((i for i in range(req.arch.layers) if esft_selected(req, i)), req.arch.layers)
+
+
 def trainable_params(req: PlanRequest) -> int:
     a = req.arch
     if req.adapter:
         return adapter_params(req)
+    if req.method == "esft":  # trainable copies of the selected experts' rows (dsft.train.esft.split_out)
+        return sum(esft_selected(req, i) for i in range(a.layers)) * a.expert_params()
     if req.method == "freeze":
         return sum(a.layer_params(i) for i in range(freeze_first(req), a.layers))
     return a.total_params()

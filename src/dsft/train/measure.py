@@ -63,6 +63,7 @@ class Spec:
     device: str = "cpu"
     dtype: str = "float32"
     fp8: bool = False  # DeepSeek-V3 only: the base as DeepSeek ships it (e4m3 + 128×128 block scales), LoRA on top
+    esft: dict[int, list[int]] | None = None  # method esft: the selected routed experts {layer: [ids]}
 
     @property
     def label(self) -> str:
@@ -72,7 +73,8 @@ class Spec:
                 + (f" vocab{self.shape['vocab_size']}" if "vocab_size" in self.shape else "")
                 + (" p0" if self.method == "lora" and self.lora_dropout == 0 else "")
                 + (" bf16" if self.dtype == "bfloat16" else "") + (" packed" if self.packed else "")
-                + (" fp8-base" if self.fp8 else ""))
+                + (" fp8-base" if self.fp8 else "")
+                + (f" experts{sum(len(v) for v in self.esft.values())}" if self.esft else ""))
 
     def hf_config(self) -> dict[str, Any]:
         quant = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -87,7 +89,13 @@ def plan_request(spec: Spec):
     arch = arch_from_hf_config(spec.hf_config(), name=spec.arch)
     gpu = cpu_device() if spec.device == "cpu" else Gpu("cuda", GPUS["H200-141GB"].memory_bytes, 989.0)
     prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[spec.dtype]
-    return PlanRequest(arch=arch, method=spec.method, seq_len=spec.seq_len, micro_batch=spec.batch, precision=prec,
+    esft = {}
+    if spec.method == "esft":  # the planner's inputs: experts per layer, and their share of the token-slots (a
+        # random router spreads tokens evenly, so the share is the selected fraction of the routed experts)
+        esft = {"esft_experts": {int(k): len(v) for k, v in (spec.esft or {}).items()},
+                "esft_top_p": sum(len(v) for v in (spec.esft or {}).values()) / max(1, len(spec.esft or {}))
+                / arch.n_routed_experts}
+    return PlanRequest(arch=arch, method=spec.method, seq_len=spec.seq_len, micro_batch=spec.batch, precision=prec, **esft,
                        gradient_checkpointing=spec.gc, gpu=gpu, lora_rank=spec.lora_rank,
                        lora_dropout=spec.lora_dropout, freeze_layers=spec.freeze_layers, attn="sdpa",
                        lora_targets=spec.lora_targets, trainer=spec.trainer,
@@ -109,11 +117,17 @@ def dsft_config(spec: Spec):
     from dsft.config import config_from_dict
 
     prec = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[spec.dtype]
-    return config_from_dict({
-        "train": {"method": spec.method, "gradient_checkpointing": spec.gc, "freeze_trainable_layers": spec.freeze_layers,
-                  "precision": prec, "packing": True, "report_to": ["none"]},
-        "lora": {"r": spec.lora_rank, "dropout": spec.lora_dropout,
-                 "target_modules": "auto" if spec.lora_targets == "all" else _lora_names(spec)}})
+    raw: dict[str, Any] = {
+        "train": {"method": spec.method, "gradient_checkpointing": spec.gc, "precision": prec, "packing": True,
+                  "report_to": ["none"]}}
+    if spec.method == "freeze":
+        raw["train"]["freeze_trainable_layers"] = spec.freeze_layers
+    if spec.method == "esft":
+        raw["esft"] = {"experts": {str(k): v for k, v in (spec.esft or {}).items()}}
+    else:
+        raw["lora"] = {"r": spec.lora_rank, "dropout": spec.lora_dropout,
+                       "target_modules": "auto" if spec.lora_targets == "all" else _lora_names(spec)}
+    return config_from_dict(raw)
 
 
 def _config(spec: Spec):
@@ -321,12 +335,13 @@ if __name__ == "__main__":
 
 _SMALL_VOCAB = {"vocab_size": 128}  # activations, not logits, set the peak
 _MANY_EXPERTS = {**_SMALL_VOCAB, "n_routed_experts": 16, "moe_intermediate_size": 128}  # routed experts dominate
+_ESFT_SHAPE = {**_SMALL_VOCAB, "n_routed_experts": 8, "moe_intermediate_size": 128}
 
 
 def validation_specs() -> list[Spec]:
     """The CPU validation matrix: Llama, Qwen2 (GQA), DeepSeek-V3 and -V2 (MLA + MoE) × lora/full/freeze ×
     seq 64/128/256 × batch 1/2/4 × with/without gradient checkpointing, as `dsft train` runs them (plus two
-    HF-Trainer-style steps, and LoRA/DoRA on an FP8 DeepSeek-V3 base); peaks land in the loss, in a layer's
+    HF-Trainer-style steps, LoRA/DoRA on an FP8 DeepSeek-V3 base, and ESFT); peaks land in the loss, in a layer's
     backward and in the optimizer step."""
     return [
         Spec("llama", "lora", 128, 2),
@@ -354,4 +369,8 @@ def validation_specs() -> list[Spec]:
         Spec("deepseek_v3", "lora", 256, 4, shape=_MANY_EXPERTS, lora_dropout=0.0, fp8=True),
         Spec("deepseek_v3", "lora", 256, 2, shape=_MANY_EXPERTS, dtype="bfloat16", fp8=True),
         Spec("deepseek_v3", "dora", 128, 2, shape=_MANY_EXPERTS, fp8=True),  # dropout: fp8_dora.py's base term
+        # ESFT: only the selected routed experts train (split-out copies); layers before the first one keep nothing
+        Spec("deepseek_v3", "esft", 128, 2, esft={1: [0, 3], 2: [1], 3: [2, 5]}, shape=_ESFT_SHAPE),
+        Spec("deepseek_v3", "esft", 256, 4, gc=True, esft={1: [0], 2: [1], 3: [6]}, shape=_ESFT_SHAPE),
+        Spec("deepseek_v2", "esft", 256, 2, esft={2: [0, 1], 3: [3]}, shape=_ESFT_SHAPE, dtype="bfloat16"),
     ]
