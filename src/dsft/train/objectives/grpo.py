@@ -88,11 +88,10 @@ class GrpoLoss(LogProbLoss):
 
     def _record(self, units: list[int], sample: torch.Tensor, kl: torch.Tensor, clipped: torch.Tensor) -> None:
         """Each rollout's mean token KL and clipped share into `stats` (one pass over the batch, no per-unit loop)."""
-        n = len(units)
-        count = torch.zeros(n, dtype=torch.float64, device=kl.device).index_add_(0, sample, torch.ones_like(kl, dtype=torch.float64))
-        count = count.clamp_(min=1)
-        kls = (torch.zeros_like(count).index_add_(0, sample, kl.double()) / count).tolist()
-        clips = (torch.zeros_like(count).index_add_(0, sample, clipped.double()) / count).tolist()
+        zeros = torch.zeros(len(units), dtype=torch.float64, device=kl.device)
+        count = zeros.index_add(0, sample, torch.ones_like(kl, dtype=torch.float64)).clamp_(min=1)
+        kls = (zeros.index_add(0, sample, kl.double()) / count).tolist()
+        clips = (zeros.index_add(0, sample, clipped.double()) / count).tolist()
         for key, k, c in zip(units, kls, clips, strict=True):
             self.stats[str(key)] = {"kl": k, "clip": c}
 

@@ -3,9 +3,9 @@
 Sampling draws from a generator seeded by (train.seed, step, prompt slot), never from the global RNG, so the
 completions of step k are a function of the weights at step k alone: a run resumed from a checkpoint samples exactly
 what the uninterrupted run sampled, and the training RNG (dropout, data order) is never consumed by generation.
-`sample_groups` decodes a whole step's prompts in one batch and runs each prompt through the model once (its KV cache
-is shared by its G completions); it draws the same tokens as `sample_group` (transformers `generate`, one call per
-prompt), which stays for greedy answers.
+`sample_groups` decodes several prompts in one batch (GRPO passes a micro-batch of prompts) and runs each prompt
+through the model once (its KV cache is shared by its G completions); it draws the same tokens as `sample_group`
+(transformers `generate`, one call per prompt), which stays for greedy answers.
 """
 
 from __future__ import annotations
