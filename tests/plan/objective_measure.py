@@ -135,7 +135,8 @@ def _steps(spec: ObjSpec) -> float:
     obj = for_config(dcfg)
     r = types.SimpleNamespace(tc=dcfg.train, tok=_Tok(spec.hf_config()["vocab_size"]), device=torch.device("cpu"),
                               prev_attn=None)
-    s = types.SimpleNamespace(model=model, monitor=types.SimpleNamespace(event=lambda *a, **k: None))
+    s = types.SimpleNamespace(model=model, monitor=types.SimpleNamespace(event=lambda *a, **k: None),
+                              ladder=types.SimpleNamespace(micro_batch=spec.batch))  # prompts decoded together
     loss_mod = obj.build_loss(model, r)
     opt, _ = setup.make_optimizer(model, dcfg, hp)
     dist = setup.single_process("cpu")

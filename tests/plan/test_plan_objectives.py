@@ -106,8 +106,8 @@ def test_rollout_kv_cache_is_layers_x_g_x_length_x_per_token(arch, per_token, pr
     req = PlanRequest(arch=a, objective="grpo", seq_len=300, num_generations=6, max_completion_length=200,
                       prompt_length=64, precision=precision, gpu=parse_gpu("H100"), micro_batch=3)
     assert kv_bytes_per_token(req) == per_token * nbytes
-    # one prompt at a time (dsft: generate(num_return_sequences=G)), so the micro-batch does not multiply it
-    hand = a.layers * 6 * (64 + 200) * per_token * nbytes
+    # a micro-batch of 3 prompts decoded together, each prompt's cache repeated for its G = 6 rows
+    hand = a.layers * 3 * 6 * (64 + 200) * per_token * nbytes
     assert rollout_kv_cache(req) == hand
     e = estimate(req)
     assert e.objective_terms["rollout_kv_cache"] == hand

@@ -136,3 +136,122 @@ def test_oom_ladder_mid_grpo_retries_the_same_rollouts(tmp_path, warm):
     assert _rewards(tmp_path / "oom/train")[:2] == _rewards(tmp_path / "ref/train")[:2]
     la, lb = ([r["loss"] for r in lg if "loss" in r and "event" not in r] for lg in (log, ref))
     assert la[0] == lb[0] and abs(la[1] - lb[1]) < 1e-5
+
+
+def _prompt_ids(tok, n: int) -> list[list[int]]:
+    """Chat-templated toy prompts of different lengths (left padding in a batch is exercised)."""
+    out = []
+    for k, rec in enumerate(toy_prompts(n, offset=7)):
+        msgs = [{"role": "user", "content": rec["prompt"][0]["content"] + "请说明理由。" * (k % 3)}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_batched_sampler_draws_what_generate_draws(warm, temperature, top_p):
+    """sample_groups (all prompts in one batch, one prefill per prompt shared by its G rows) returns the same tokens
+    as transformers generate called per prompt with the same seed (sample_group), ended and truncated rows alike."""
+    from transformers import AutoTokenizer
+
+    from dsft.model.load import load_model, resolve_model_dir
+    from dsft.train.objectives.rollout import sample_group, sample_groups
+
+    for path in (warm, resolve_model_dir("embedded:tiny-deepseek-v3")):  # answers that end; random text that never does
+        model = load_model(path, dtype="float32").eval()
+        tok = AutoTokenizer.from_pretrained(str(path))
+        prompts = _prompt_ids(tok, 5)
+        assert len({len(p) for p in prompts}) == 3
+        seeds = [11 + 3 * k for k in range(5)]
+        old = [sample_group(model, tok, p, 4, max_new_tokens=6, temperature=temperature, top_p=top_p, seed=s)
+               for p, s in zip(prompts, seeds, strict=True)]
+        new = sample_groups(model, tok, prompts, 4, max_new_tokens=6, temperature=temperature, top_p=top_p,
+                            seeds=seeds)
+        assert [[(c.ids, c.text, c.truncated) for c in g] for g in new] == \
+            [[(c.ids, c.text, c.truncated) for c in g] for g in old]
+        ended = sum(not c.truncated for g in new for c in g)
+        assert (ended > 0) if path == warm else (ended == 0)
+
+
+def test_warp_scores_matches_transformers_warpers():
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from dsft.train.objectives.rollout import warp_scores
+
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    for temperature, top_p in [(1.0, 1.0), (0.6, 1.0), (1.0, 0.5), (1.3, 0.9), (1.0, 1e-6)]:
+        want = scores.clone()
+        if temperature != 1.0:
+            want = TemperatureLogitsWarper(temperature)(ids, want)
+        if top_p < 1.0:
+            want = TopPLogitsWarper(top_p)(ids, want)
+        got = warp_scores(scores.clone(), temperature=temperature, top_p=top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.allclose(got, want)
+    assert (torch.isfinite(warp_scores(scores, temperature=1.0, top_p=1e-6)).sum(dim=1) == 1).all()
+
+
+def _rollouts(n: int, seed: int) -> list:
+    """n rollouts of random prompt (5–9 tokens) + completion (1–4 tokens) ids, random advantages and weights."""
+    from dsft.train.encode import IGNORE
+    from dsft.train.objectives.grpo import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        p, c = (torch.randint(3, 7000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+                for lo, hi in ((5, 10), (1, 5)))
+        out.append(Rollout(p + c, [IGNORE] * len(p) + c, f"r{k}", key=100 + k,
+                           advantage=float(torch.randn(1, generator=g)), weight=float(torch.rand(1, generator=g))))
+    return out
+
+
+def _reference_loss(model, ref_model, units, cfg) -> tuple[torch.Tensor, list[float]]:
+    """The GRPO loss written out one rollout at a time from full-vocabulary logits: Σ weight × (−ρ·A + β·k3 KL) over
+    completion tokens, with ρ = exp(logp − logp.detach()) (μ = 1); returns (loss, each rollout's mean KL)."""
+    total, kls = torch.zeros(()), []
+    for u in units:
+        ids = torch.tensor([u.input_ids])
+        tgt = torch.tensor(u.labels[1:])
+        keep = tgt != -100
+        lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1] / cfg.temperature, -1)
+        lp = lp.gather(1, tgt.clamp(min=0)[:, None])[:, 0][keep]
+        with torch.no_grad():
+            rl = torch.log_softmax(ref_model(input_ids=ids, use_cache=False).logits[0, :-1] / cfg.temperature, -1)
+            rl = rl.gather(1, tgt.clamp(min=0)[:, None])[:, 0][keep]
+        kl = torch.exp(rl - lp) - (rl - lp) - 1
+        total = total + (u.weight * (-torch.exp(lp - lp.detach()) * u.advantage + cfg.beta * kl)).sum()
+        kls.append(float(kl.detach().mean()))
+    return total, kls
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_grpo_loss_and_gradients_match_a_written_out_reference(tmp_path, packing):
+    """GrpoLoss on a collated micro-batch (packed or padded) gives the loss, every parameter's gradient and the
+    per-rollout KL of the GRPO objective computed naively, rollout by rollout, from full logits."""
+    from dsft.model.load import load_model, resolve_model_dir
+    from dsft.train.objectives.common import Reference, disable_dropout
+    from dsft.train.objectives.grpo import GrpoLoss, collate_rollouts
+
+    model = load_model(resolve_model_dir("embedded:tiny-deepseek-v3"), dtype="float32").train()
+    disable_dropout(model)
+    cfg = grpo_cfg(tmp_path, "unused", beta=0.3, temperature=0.8).grpo
+    ref = Reference(model, adapters=False)
+    with torch.no_grad():  # the policy moves away from the reference so the KL term is not zero
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    units = _rollouts(10, seed=3)
+    loss_mod = GrpoLoss(model, cfg, reference=ref, chunk_size=7)
+    got = loss_mod(collate_rollouts(units, packing=packing, capacity=24, pad_id=0))
+    got.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want, kls = _reference_loss(model, ref.copy, units, cfg)
+    want.backward()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (float(got), float(want))
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and len(grads) > 20
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert float((grads[n] - p.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()) + 1e-8, n
+    assert [loss_mod.stats[str(u.key)]["kl"] for u in units] == pytest.approx(kls, rel=1e-4, abs=1e-7)
+    assert min(kls) > 0 and all(s["clip"] == 0 for s in loss_mod.stats.values())

@@ -78,3 +78,37 @@ def test_length_grouped_batches_pad_less_than_random_ones(setup):
     plain = StepPlan(len(exs), 4, 0)
     assert sorted(i for s in range(grouped.steps_per_epoch) for i in grouped.samples(s)) == list(range(len(exs)))
     assert padded_tokens(grouped) < padded_tokens(plain)
+
+
+def test_length_grouped_packed_attention_equals_one_sdpa_call_per_sample():
+    """packed_attention batches equal-length samples (across rows) into one SDPA call: its output and the gradients
+    of query, key and value equal causal SDPA run on every packed sample by itself (trailing padding included)."""
+    import torch.nn.functional as F
+
+    from dsft.train.attention import packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows = [[5, 3, 5, 2, 1], [3, 5, 4, 4]]  # sample lengths per row; the shorter row ends in a padding segment
+    L = max(sum(r) for r in rows)
+    pos = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, lens in enumerate(rows):
+        c = 0
+        for n in [*lens, L - sum(lens)]:
+            pos[b, c:c + n] = torch.arange(n)
+            c += n
+    q, k, v = (torch.randn(len(rows), 4, L, d, generator=g, requires_grad=True) for d in (8, 8, 6))
+    out, _ = packed_attention(None, q, k, v, position_ids=pos, scaling=0.3)
+    want = torch.zeros(len(rows), L, 4, 6)
+    for b, lens in enumerate(rows):
+        c = 0
+        for n in [*lens, L - sum(lens)]:
+            if n:
+                s = slice(c, c + n)
+                want[b, s] = F.scaled_dot_product_attention(q[b:b + 1, :, s], k[b:b + 1, :, s], v[b:b + 1, :, s],
+                                                            is_causal=True, scale=0.3)[0].transpose(0, 1)
+            c += n
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-6)
+    w = torch.randn(want.shape, generator=g)
+    got_grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got_grads, want_grads, strict=True))

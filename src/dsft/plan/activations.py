@@ -334,29 +334,31 @@ def kv_bytes_per_token(req: PlanRequest) -> float:
 
 
 def rollout_kv_cache(req: PlanRequest, length: int | None = None) -> float:
-    """KV cache of one prompt's G completions at `length` tokens (default prompt + max completion): layers × G ×
-    length × per-token bytes (dsft samples one prompt at a time: generate(num_return_sequences=G))."""
+    """KV cache of a micro-batch of prompts' G completions each at `length` tokens (default prompt + max completion):
+    layers × micro-batch × G × length × per-token bytes (dsft decodes a micro-batch of prompts together, each
+    prompt's cache repeated for its G rows)."""
     if not req.grpo:
         return 0.0
     n = req.rollout_len if length is None else length
-    return req.arch.layers * req.num_generations * n * kv_bytes_per_token(req)
+    return req.arch.layers * req.micro_batch * req.num_generations * n * kv_bytes_per_token(req)
 
 
 def rollout_work(req: PlanRequest) -> tuple[float, float]:
-    """(prefill, last decode step) transient bytes of generating one prompt's G completions, beside the cache:
-    prefill = a no-grad forward of G × prompt tokens; decode at full length = MLA's per-layer re-expansion of the
-    whole cache (kv_b_proj out + keys, per head) or the growing cache's copy of one layer (torch.cat), plus the
-    sampling logits (16-bit, fp32 copy, scaled, softmax) of G rows."""
+    """(prefill, last decode step) transient bytes of generating a micro-batch of prompts' G completions, beside the
+    cache: prefill = a no-grad forward of the prompts (once each, not G times) plus the sampling logits of their G
+    rows; decode at full length = MLA's per-layer re-expansion of the whole cache (kv_b_proj out + keys, per head)
+    or the growing cache's copy of one layer (torch.cat), plus the sampling logits (16-bit, fp32 copy, scaled,
+    softmax) of every row."""
     if not req.grpo:
         return 0.0, 0.0
     a = req.arch
     gb = weight_bytes(req)
-    G, P, T = req.num_generations, req.rollout_prompt, req.rollout_len
-    prefill = nograd_forward_bytes(req, G * P, gb, P, False) + G * a.vocab * (gb + 3 * 4)
+    rows, P, T = req.micro_batch * req.num_generations, req.rollout_prompt, req.rollout_len
+    prefill = nograd_forward_bytes(req, req.micro_batch * P, gb, P, False) + rows * a.vocab * (gb + 3 * 4)
     if a.mla:
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-        step = G * T * a.heads * (a.qk_nope_head_dim + a.v_head_dim + qk) * gb
+        step = rows * T * a.heads * (a.qk_nope_head_dim + a.v_head_dim + qk) * gb
     else:
-        step = G * T * a.kv_heads * a.hd * gb
-    decode = step + G * a.vocab * (gb + 3 * 4)
+        step = rows * T * a.kv_heads * a.hd * gb
+    decode = step + rows * a.vocab * (gb + 3 * 4)
     return prefill, decode

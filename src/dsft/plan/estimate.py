@@ -327,7 +327,8 @@ def _loss_chunk_bytes(req: PlanRequest) -> float:
 
 def _rollout_moments(req: PlanRequest) -> list[Moment]:
     """GRPO: generation runs before the step's forward/backward (gradients already freed by the previous step's
-    zero_grad(set_to_none)), one prompt at a time with G sequences: after the prefill and at the last decode step."""
+    zero_grad(set_to_none)), a micro-batch of prompts at a time with G sequences each: after the prefill and at the last
+    decode step."""
     if not req.grpo:
         return []
     prefill, decode = rollout_work(req)

@@ -241,7 +241,8 @@ class Plan:
             lines.append(f"  reference forward (no grad, inside the loss): {t['reference_forward'] / GiB:.2f} GiB "
                          f"transient, {t['reference_forward_allocated'] / GiB:.2f} GiB allocated then")
         if r.grpo:
-            lines.append(f"  rollout generation (one prompt × {r.num_generations} sequences, before the step): KV cache "
+            lines.append(f"  rollout generation ({r.micro_batch} prompt(s) × {r.num_generations} sequences, before the "
+                         f"step): KV cache "
                          f"{t['rollout_kv_cache'] / GiB:.2f} GiB at {r.rollout_len} tokens, "
                          f"{t['rollout_allocated'] / GiB:.2f} GiB allocated at its peak; "
                          f"train forward/backward {t['train_allocated'] / GiB:.2f} GiB")

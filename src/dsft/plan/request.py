@@ -61,7 +61,7 @@ class PlanRequest:
     """Embeddings, LM head and norms trained fully next to LoRA; None: dsft's rule (tiny models < 100 M)."""
     objective: str = "sft"
     """train.objective: sft | dpo | orpo | simpo (micro_batch counts pairs: chosen + rejected sequences packed in
-    one forward) | grpo (micro_batch counts prompts: G rollouts each in the train forward, sampled one prompt at a
+    one forward) | grpo (micro_batch counts prompts: G rollouts each in the train forward, sampled a micro-batch of prompts at a
     time before it). seq_len stays data.max_seq_length: one sequence (SFT sample, chosen or rejected, rollout)."""
     num_generations: int = 8
     """grpo.num_generations: G completions sampled per prompt."""

@@ -51,7 +51,9 @@ def generation_seconds_per_prompt(req: PlanRequest, tflops: float | None, prompt
                                   hbm_gb_s: float | None = None) -> float:
     """GRPO: seconds to sample G completions of max_completion_length for one prompt (0 for other objectives).
 
-    dsft samples one prompt at a time (generate with num_return_sequences=G). Prefill: G × prompt tokens at the
+    Counted per prompt as if it were decoded alone (dsft decodes a micro-batch of prompts together, which shares each
+    decode step's weight traffic among them and runs each prompt's prefill once: an upper bound). Prefill: G × prompt
+    tokens at the
     model FLOPs utilisation of training. Decode: max_completion_length steps, each the larger of its compute
     (G tokens × forward FLOPs at that MFU) and its memory traffic (the weights a step touches — every weight of a
     dense model, the routed experts G·k tokens can visit of an MoE — plus the KV cache read, at

@@ -23,9 +23,26 @@ def _segments(pos: torch.Tensor) -> list[int]:
     return [*starts, pos.numel()]
 
 
+def _length_groups(position_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The packed samples of all rows grouped by length: per length, a (samples, length) tensor of their token
+    indices into the flattened (rows × row length) batch."""
+    B, L = position_ids.shape
+    starts: dict[int, list[int]] = {}
+    for b in range(B):
+        bounds = _segments(position_ids[b])
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            if e > s:
+                starts.setdefault(e - s, []).append(b * L + s)
+    dev = position_ids.device
+    return [torch.tensor(v, device=dev)[:, None] + torch.arange(n, device=dev) for n, v in sorted(starts.items())]
+
+
 def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      position_ids=None, **kwargs):
-    """query (B, H, L, Dq), key (B, Hk, L, Dq), value (B, Hk, L, Dv) → ((B, L, H, Dv), None)."""
+    """query (B, H, L, Dq), key (B, Hk, L, Dq), value (B, Hk, L, Dv) → ((B, L, H, Dv), None).
+
+    Samples of equal length (in any row) run as one batched causal SDPA call: a step of GRPO rollouts or of
+    similar-length SFT samples costs a few kernel calls per layer instead of one per sample."""
     if key.shape[1] != query.shape[1]:  # grouped-query attention
         rep = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(rep, dim=1)
@@ -34,17 +51,19 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              is_causal=attention_mask is None, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    rows = []
-    for b in range(query.shape[0]):
-        bounds = _segments(position_ids[b])
-        parts = [
-            F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                           is_causal=True, dropout_p=dropout, scale=scaling)
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s
-        ]
-        rows.append(torch.cat(parts, dim=2))
-    out = torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    B, H, L, _ = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * L, H, t.shape[-1]) for t in (query, key, value))
+    parts, order = [], []
+    for idx in _length_groups(position_ids):
+        n, span = idx.shape
+        o = F.scaled_dot_product_attention(*(t[idx].transpose(1, 2) for t in (q, k, v)), is_causal=True,
+                                           dropout_p=dropout, scale=scaling)  # (n, H, span, Dv)
+        parts.append(o.transpose(1, 2).reshape(n * span, H, -1))
+        order.append(idx.flatten())
+    pos = torch.cat(order)
+    inverse = torch.empty_like(pos)
+    inverse[pos] = torch.arange(pos.numel(), device=pos.device)
+    return torch.cat(parts)[inverse].view(B, L, H, -1), None
 
 
 def register() -> str:

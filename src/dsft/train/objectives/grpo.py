@@ -24,7 +24,7 @@ from dsft.train.batching import collate_packed, collate_padded
 from dsft.train.encode import IGNORE, Encoded
 from dsft.train.objectives.common import LogProbLoss, Reference, disable_dropout, mean_stat
 from dsft.train.objectives.encode import PromptExample, encode_prompts
-from dsft.train.objectives.rollout import generation_mode, sample_group, sampler_seed
+from dsft.train.objectives.rollout import generation_mode, sample_group, sample_groups, sampler_seed
 
 
 @dataclass
@@ -76,16 +76,24 @@ class GrpoLoss(LogProbLoss):
         logps, sample = self.token_logps(batch, temperature=g.temperature)
         ref = None
         if g.beta:
-            with torch.no_grad(), self.reference[0].active() as ref_model:
+            with torch.inference_mode(), self.reference[0].active() as ref_model:
                 ref, _ = self.token_logps(batch, model=ref_model, temperature=g.temperature)
+            ref = ref.clone()  # a normal tensor again: autograd may not save inference-mode tensors
         adv, w = batch["advantage"][sample], batch["weight"][sample]
+        # μ = 1: the sampling ("old") policy is the current one, so old log-probs are these, detached
         loss, clipped, kl = token_losses(logps, logps.detach(), adv, eps_low=g.epsilon,
                                          eps_high=g.epsilon_high or g.epsilon, beta=g.beta, ref=ref)
-        for k, key in enumerate(batch["unit"].tolist()):
-            mine = sample == k
-            n = max(1, int(mine.sum()))
-            self.stats[str(key)] = {"kl": float(kl[mine].sum()) / n, "clip": float(clipped[mine].sum()) / n}
+        self._record(batch["unit"].tolist(), sample, kl, clipped)
         return (loss * w).sum()
+
+    def _record(self, units: list[int], sample: torch.Tensor, kl: torch.Tensor, clipped: torch.Tensor) -> None:
+        """Each rollout's mean token KL and clipped share into `stats` (one pass over the batch, no per-unit loop)."""
+        zeros = torch.zeros(len(units), dtype=torch.float64, device=kl.device)
+        count = zeros.index_add(0, sample, torch.ones_like(kl, dtype=torch.float64)).clamp_(min=1)
+        kls = (zeros.index_add(0, sample, kl.double()) / count).tolist()
+        clips = (zeros.index_add(0, sample, clipped.double()) / count).tolist()
+        for key, k, c in zip(units, kls, clips, strict=True):
+            self.stats[str(key)] = {"kl": k, "clip": c}
 
 
 def collate_rollouts(chunk: list[Rollout], *, packing: bool, capacity: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -151,11 +159,17 @@ class GrpoObjective:
         return units, norm
 
     def _sample(self, r, s, step: int, prompts: list[PromptExample]) -> list[list]:
-        g = self.g
+        """G completions of every prompt, decoded a micro-batch of prompts at a time (its rollouts' KV cache is far
+        smaller than their training activations, so a micro-batch that trains also generates)."""
+        g, per = self.g, max(1, s.ladder.micro_batch)
+        seeds = [sampler_seed(r.tc.seed, step, k) for k in range(len(prompts))]
+        groups: list[list] = []
         with generation_mode(s.model, r.prev_attn):
-            return [sample_group(s.model, r.tok, p.input_ids, g.num_generations, max_new_tokens=g.max_completion_length,
-                                 temperature=g.temperature, top_p=g.top_p, seed=sampler_seed(r.tc.seed, step, k),
-                                 device=r.device) for k, p in enumerate(prompts)]
+            for i in range(0, len(prompts), per):
+                groups += sample_groups(s.model, r.tok, [p.input_ids for p in prompts[i:i + per]], g.num_generations,
+                                        max_new_tokens=g.max_completion_length, seeds=seeds[i:i + per],
+                                        temperature=g.temperature, top_p=g.top_p, device=r.device)
+        return groups
 
     def _score(self, prompts: list[PromptExample], groups: list[list]) -> tuple[list[float], dict[str, float]]:
         rewards, parts = [], {}
