@@ -191,3 +191,44 @@ def test_merge_into_a_sharded_fp8_base_requantizes_only_the_trained_experts(tmp_
     _fp8_base_and_its_copy(build_moe(tmp_path / "src2", "deepseek_v3", seed=1), other, tmp_path / "other-copy", block)
     with pytest.raises(ModelError, match="holds other weights"):
         merge_delta(delta_dir, tmp_path / "merged2", base=other)
+
+
+def test_serve_esft_on_an_fp8_base_serves_what_the_fp8_merge_holds(tmp_path, records16):
+    """`dsft serve --esft DELTA --model FP8_BASE`: the base loads kept e4m3 (one FP8 module per expert), the trained
+    experts are re-quantized into its blocks exactly as `dsft esft merge --base FP8_BASE` writes them, so base +
+    delta and the merged FP8 folder give the same logits and the same answer over the OpenAI API."""
+    from openai import OpenAI
+
+    from dsft.config import ServeConfig
+    from dsft.model.esft_delta import apply_delta
+    from dsft.model.fp8_linear import has_fp8
+    from dsft.model.load import load_model
+    from dsft.serve.background import serve_in_background
+    from dsft.serve.settings import resolve
+
+    block = (32, 32)
+    _fp8_base_and_its_copy(build_moe(tmp_path / "src", "deepseek_v3"), tmp_path / "fp8", tmp_path / "bf16", block)
+    run_esft(tmp_path / "run", tmp_path / "bf16", records16, esft={"experts": {1: [3], 2: [0, 5]}}, max_steps=2)
+    delta = tmp_path / "run/train/esft"
+    merge_delta(delta, tmp_path / "merged", base=tmp_path / "fp8")
+    ids = torch.tensor([[1, 20, 300, 45, 7, 99, 12]])
+    base = load_model(tmp_path / "fp8", dtype="float32").eval()
+    assert has_fp8(base)
+    with torch.no_grad():
+        before = base(ids).logits
+        apply_delta(base, delta, base_dir=tmp_path / "fp8")
+        got = base(ids).logits
+        want = load_model(tmp_path / "merged", dtype="float32").eval()(ids).logits
+    assert torch.equal(got, want) and (got - before).abs().max() > 1e-4  # the delta changed the model
+
+    model, cfg = resolve(model=str(tmp_path / "fp8"), run=None, config=None, loras=[],
+                         flags={"esft_delta": str(delta), "port": 0})
+    texts = {}
+    for name, (mdir, scfg) in {"esft": (model, cfg), "merged": (str(tmp_path / "merged"), ServeConfig(port=0))}.items():
+        with serve_in_background(mdir, scfg) as url:
+            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            mid = client.models.list().data[0].id
+            r = client.chat.completions.create(model=mid, messages=[{"role": "user", "content": "头痛怎么办？"}],
+                                               max_tokens=8, temperature=0)
+            texts[name] = r.choices[0].message.content
+    assert texts["esft"] == texts["merged"] and texts["esft"]

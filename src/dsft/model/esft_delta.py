@@ -172,7 +172,8 @@ def check_base(base_dir: str | Path, meta: dict[str, Any], where: str) -> None:
 
 # ---------------------------------------------------------------- apply in memory / merge on disk
 def apply_delta(model, path: str | Path, *, base_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write a delta's tensors into a loaded transformers model (fused 3-D experts included); returns its json.
+    """Write a delta's tensors into a loaded transformers model (fused 3-D experts included; into an FP8 base's
+    e4m3 modules re-quantized into their blocks, as the FP8 merge writes them); returns its json.
     With `base_dir` (the folder the model was loaded from) the base is checked first."""
     import torch
 
@@ -180,8 +181,19 @@ def apply_delta(model, path: str | Path, *, base_dir: str | Path | None = None) 
     if base_dir is not None:
         check_base(base_dir, meta, str(path))
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, t in tensors.items():
+            mod = modules.get(name.removesuffix(".weight"))
+            if getattr(mod, "is_fp8", False):  # an FP8 base kept e4m3 (dsft.model.fp8_load): re-quantize into its
+                # blocks exactly as `dsft esft merge --base FP8_BASE` writes them, so both serve the same weights
+                from dsft.model.fp8 import quantize
+
+                if tuple(t.shape) != (mod.out_features, mod.in_features):
+                    raise ModelError(f"{path}: {name} has shape {tuple(t.shape)}, the model's "
+                                     f"{(mod.out_features, mod.in_features)}")
+                mod.set_fp8(*quantize(t.float(), mod.block))
+                continue
             m = _EXPERT_KEY.match(name)
             if m is None:
                 _target(params, name, tuple(t.shape), path).copy_(t)
