@@ -207,3 +207,28 @@ def test_cli_plans_a_checkpoint_folder_and_the_shipped_r1(tmp_path):
     b = json.loads(_dsft("--model", "deepseek-v3-bf16", "--method", "lora", "--lora-targets", "attention", "--json").stdout)
     assert d["memory_bytes"]["weights"] < 0.55 * b["memory_bytes"]["weights"]
     assert d["smallest_hardware"]["gpus"] < b["smallest_hardware"]["gpus"]
+
+
+def test_v32_checkpoint_with_the_indexer_is_planned_to_the_byte(tmp_path):
+    """DeepSeek-V3.2 adds DeepSeek Sparse Attention's indexer to every layer (wq_b and wk FP8 + scales, weights_proj
+    BF16, a LayerNorm): the planner counts it, and the bytes equal the tiny shipped V3.2 folder's, MTP included."""
+    from dsft.model.info import read_safetensors_header
+    from dsft.model.shipped import write_shipped
+
+    d = write_shipped(tmp_path / "v3.2", shape="v3.2")
+    size = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+    indexer = sum(size[e["dtype"]] * math.prod(e["shape"]) for f in d.glob("*.safetensors")
+                  for k, e in read_safetensors_header(f).items() if ".indexer." in k)
+    arch = resolve_arch(str(d))
+    assert arch.index_heads == 8 and arch.index_head_dim == 64
+    v3 = replace(arch, index_heads=0, index_head_dim=0)
+    assert indexer > 0 and checkpoint_bytes(arch) - checkpoint_bytes(v3) == indexer  # 4 layers (MTP's too), to the byte
+    lora = PlanRequest(arch, method="lora", gpu=parse_gpu("A100-80GB"))
+    assert estimate(lora).trainable_params == estimate(replace(lora, arch=v3)).trainable_params  # never adapted
+
+
+def test_builtin_v32_is_v3_plus_the_indexer():
+    v32, v3 = resolve_arch("deepseek-v3.2-exp"), resolve_arch("deepseek-v3")
+    assert (v32.index_heads, v32.index_head_dim) == (64, 128) and v32.fp8_block == (128, 128) and v32.mtp_layers == 1
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 7168 * 64 + 2 * 128  # wq_b, wk, weights_proj, k_norm
+    assert v32.total_params() - v3.total_params() == 61 * per_layer

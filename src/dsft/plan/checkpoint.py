@@ -27,7 +27,8 @@ def fp8_matrix_bytes(d_in: int, d_out: int, block: tuple[int, int]) -> int:
 def _layer_matrices(arch: Arch, i: int) -> list[tuple[int, int, int]]:
     """(d_in, d_out, count) of the linear weights of decoder layer i that DeepSeek ships in FP8: attention
     projections, the dense MLP or the shared experts, and every routed expert's gate/up/down."""
-    mats = [(lin.d_in, lin.d_out, 1) for lin in arch.layer_linears(i)]
+    # (V3.2's indexer: wq_b and wk FP8, weights_proj stored BF16)
+    mats = [(lin.d_in, lin.d_out, 1) for lin in arch.layer_linears(i) if lin.name != "weights_proj"]
     if arch.is_moe_layer(i):
         e, h, mi = arch.n_routed_experts, arch.hidden, arch.moe_intermediate
         mats += [(h, mi, 2 * e), (mi, h, e)]

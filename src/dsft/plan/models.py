@@ -56,6 +56,9 @@ class Arch:
     moe_intermediate: int = 0
     first_k_dense: int = 0
     moe_layer_freq: int = 1
+    # DeepSeek Sparse Attention's indexer (DeepSeek-V3.2): heads × head dim of its q, 0 = no indexer
+    index_heads: int = 0
+    index_head_dim: int = 0
     # the checkpoint as stored: dtype, FP8 block quantization (DeepSeek-V3/R1/V3.1 ship float8_e4m3fn linears with a
     # float32 weight_scale_inv per block), multi-token-prediction layers stored after the decoder layers
     dtype: str = "bfloat16"
@@ -136,6 +139,10 @@ class Arch:
             Linear("kv_b_proj", self.kv_lora_rank, self.heads * (self.qk_nope_head_dim + self.v_head_dim), "attn"),
             Linear("o_proj", self.heads * self.v_head_dim, h, "attn"),
         ]
+        if self.index_heads:  # V3.2's indexer: runs without gradients, never a LoRA target
+            out += [Linear("wq_b", self.q_lora_rank or h, self.index_heads * self.index_head_dim, "indexer", lora=False),
+                    Linear("wk", h, self.index_head_dim, "indexer", lora=False),
+                    Linear("weights_proj", h, self.index_heads, "indexer", lora=False)]
         return out
 
     def attn_norm_params(self) -> int:
@@ -216,6 +223,7 @@ def _kind_linears(arch: Arch, moe: bool) -> tuple[Linear, ...]:
 
 def _kind_params(arch: Arch, moe: bool, active: bool) -> int:
     n = 2 * arch.hidden + arch.attn_norm_params() + sum(lin.params for lin in _kind_linears(arch, moe))
+    n += 2 * arch.index_head_dim  # V3.2's indexer LayerNorm (weight + bias; no gradient reaches it)
     if moe:
         n += arch.n_routed_experts * arch.hidden  # router
         k = arch.experts_per_token if active else arch.n_routed_experts
@@ -251,6 +259,12 @@ BUILTIN: dict[str, Arch] = {
              intermediate=18432, max_position=163840, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
              qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1, experts_per_token=8,
              moe_intermediate=2048, first_k_dense=3, fp8_block=(128, 128), mtp_layers=1),
+        # DeepSeek-V3.2(-Exp): V3 + DeepSeek Sparse Attention's indexer (64 heads × 128, top-2048 keys) in every layer
+        Arch(name="deepseek-v3.2", family="deepseek_v3", vocab=129280, hidden=7168, layers=61, heads=128, kv_heads=128,
+             intermediate=18432, max_position=163840, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1, experts_per_token=8,
+             moe_intermediate=2048, first_k_dense=3, fp8_block=(128, 128), mtp_layers=1, index_heads=64,
+             index_head_dim=128),
         # what DeepSeek's fp8_cast_bf16.py makes of the shipped checkpoint (MTP layer still there)
         Arch(name="deepseek-v3-bf16", family="deepseek_v3", vocab=129280, hidden=7168, layers=61, heads=128,
              kv_heads=128, intermediate=18432, max_position=163840, q_lora_rank=1536, kv_lora_rank=512,
@@ -273,6 +287,7 @@ ALIASES = {
     "deepseek-v2-lite-chat": "deepseek-v2-lite", "deepseek-v2-chat": "deepseek-v2", "deepseek-v3-base": "deepseek-v3",
     "deepseek-r1": "deepseek-v3", "deepseek-r1-0528": "deepseek-v3", "deepseek-v3-0324": "deepseek-v3",
     "deepseek-v3.1": "deepseek-v3", "deepseek-v3.1-base": "deepseek-v3", "deepseek-v3.1-terminus": "deepseek-v3",
+    "deepseek-v3.2-exp": "deepseek-v3.2",
     # the seed's size classes (its hardware table: 7B → 1 × A100-40GB, 13B → 2 ×, 34B → 4 ×)
     "deepseek-7b": "deepseek-llm-7b", "deepseek-34b": "deepseek-coder-33b",
     "deepseek-r1-distill-qwen-1.5b": "r1-distill-qwen-1.5b", "deepseek-r1-distill-qwen-7b": "r1-distill-qwen-7b",
@@ -342,6 +357,8 @@ def arch_from_hf_config(cfg: dict, name: str = "local", source: str = "config.js
             moe_intermediate=int(cfg.get("moe_intermediate_size") or 0),
             first_k_dense=int(cfg.get("first_k_dense_replace") or 0), moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
         )
+    if mtype == "deepseek_v32":  # DeepSeek Sparse Attention's indexer (transformers' defaults: 64 heads × 128)
+        kw.update(index_heads=int(cfg.get("index_n_heads") or 64), index_head_dim=int(cfg.get("index_head_dim") or 128))
     return Arch(**kw)
 
 
