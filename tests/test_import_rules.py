@@ -21,8 +21,6 @@ ALLOWED_EDGES = {
     ("train", "dsft.plan.api"): "train resolves `per_device_train_batch_size: auto` with the planner, and the "
                                 "planner's measurements (train/measure.py) use its request type and estimate",
     ("train", "dsft.eval.during_training"): "evaluation during training uses eval's public hook",
-    ("deploy", "dsft.serve.vllm_args"): "deploy writes the same vLLM flags serve uses",
-    ("eval", "dsft.serve.vllm_args"): "eval's vLLM backend sizes LoRA ranks as serve's vLLM engine does",
 }
 TOP_LEVEL_DRIVERS = ("pipeline", "cli", "cli_common", "cli_demo", "cli_run", "__main__")
 

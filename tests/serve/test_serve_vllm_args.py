@@ -6,7 +6,7 @@ import json
 import logging
 
 from dsft.config import ServeConfig
-from dsft.serve.vllm_args import vllm_args
+from dsft.model.vllm_args import vllm_args
 
 
 def _model(tmp_path, *, think_tokens: bool, template_file: bool):
@@ -54,7 +54,7 @@ def test_no_reasoning_parser_without_think_tokens_and_it_says_why(tmp_path, capl
 
 def test_lora_rank_rounds_up_to_a_rank_vllm_accepts(tmp_path):
     from dsft.model.adapters import lora_rank
-    from dsft.serve.vllm_args import vllm_max_lora_rank
+    from dsft.model.vllm_args import vllm_max_lora_rank
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text('{"r": 12}')

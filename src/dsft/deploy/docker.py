@@ -71,7 +71,7 @@ def dockerfile(model: str, serve: ServeConfig | None = None, *, engine: str = "t
     model_path = f"/models/{Path(model).name or 'model'}"
     bake = f"COPY {bake_model} {model_path}\n" if bake_model else ""
     if engine == "vllm":
-        from dsft.serve.vllm_args import vllm_args
+        from dsft.model.vllm_args import vllm_args
 
         cfg = s.model_copy(update={"host": "0.0.0.0", "port": port, "served_model_name": model_name})
         cmd = json.dumps(vllm_args(model_path, cfg))

@@ -80,7 +80,7 @@ def _container(o: K8sOptions) -> dict[str, Any]:
     s = o.serve
     env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": str(_threads(o.cpu_request))}]
     if o.engine == "vllm":
-        from dsft.serve.vllm_args import VLLM_MODULE, vllm_args
+        from dsft.model.vllm_args import VLLM_MODULE, vllm_args
 
         vcfg = s.model_copy(update={"host": "0.0.0.0", "port": o.port, "served_model_name": o.model_name,
                                     "tensor_parallel_size": max(1, o.gpus)})

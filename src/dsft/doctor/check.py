@@ -23,7 +23,7 @@ def serve_path(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
 
 
 def vllm_path(model_dir: Path, chat_template: str | None) -> PathFn:
-    from dsft.serve.vllm_args import vllm_chat_template
+    from dsft.model.vllm_args import vllm_chat_template
 
     template = vllm_chat_template(str(model_dir), chat_template)
 

@@ -77,7 +77,7 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
 
     from dsft.eval.predict import prompt_text
     from dsft.model.adapters import lora_rank
-    from dsft.serve.vllm_args import vllm_max_lora_rank
+    from dsft.model.vllm_args import vllm_max_lora_rank
 
     ids = [tok(prompt_text(tok, m), add_special_tokens=False)["input_ids"] for m in prompts]
     if max_prompt_length:

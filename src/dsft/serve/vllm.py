@@ -2,7 +2,7 @@
 
 vLLM serves the same API as dsft (/v1/chat/completions, /v1/completions, /v1/models with LoRA `parent`,
 /health, /metrics, the same error envelope), so clients do not change. The flag mapping is
-`dsft.serve.vllm_args`. Tested on vLLM's CPU build (`make test-vllm`: tests/serve/test_serve_vllm.py, tiny
+`dsft.model.vllm_args`. Tested on vLLM's CPU build (`make test-vllm`: tests/serve/test_serve_vllm.py, tiny
 Llama/Qwen2 on loopback); the GPU path (tensor parallel, GPU memory) is not run here. `--dry-run` prints the
 command.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dsft.config import ServeConfig
 from dsft.errors import ServeError
-from dsft.serve.vllm_args import vllm_command
+from dsft.model.vllm_args import vllm_command
 
 
 def vllm_device() -> str | None:

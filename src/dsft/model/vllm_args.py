@@ -1,4 +1,4 @@
-"""vLLM OpenAI-server arguments equivalent to a dsft serve configuration (public: deploy and eval use them).
+"""vLLM OpenAI-server arguments equivalent to a dsft serve configuration (shared: serve, deploy, eval and doctor use them).
 
 Mapping (dsft → vLLM):
     --model DIR                 → --model DIR
