@@ -363,6 +363,31 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order; [obj] in one process. Every rank must call it."""
+        if self.acc is None:
+            return [obj]
+        import torch
+
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def full_params(self, module):
+        """Generation outside the loss module's forward (GRPO rollouts): under FSDP2 the root unit's parameters
+        (embeddings, final norm, LM head) are all-gathered for the block (`FSDPModule.unshard`, the supported way
+        outside a forward); the decoder layers gather their own shards in their forward hooks. Under DeepSpeed ZeRO-3
+        every submodule's hooks gather. Every rank must enter it (collective)."""
+        if self.kind != "FSDP" or not hasattr(module, "unshard"):
+            yield
+            return
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
+
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0)[0] > 0
 

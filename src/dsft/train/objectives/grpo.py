@@ -151,11 +151,26 @@ class GrpoObjective:
         return units, norm
 
     def _sample(self, r, s, step: int, prompts: list[PromptExample]) -> list[list]:
-        g = self.g
-        with generation_mode(s.model, r.prev_attn):
-            return [sample_group(s.model, r.tok, p.input_ids, g.num_generations, max_new_tokens=g.max_completion_length,
-                                 temperature=g.temperature, top_p=g.top_p, seed=sampler_seed(r.tc.seed, step, k),
-                                 device=r.device) for k, p in enumerate(prompts)]
+        """Each prompt's G completions. Under --nproc N rank k samples prompts k, k+N, … (a group never splits across
+        ranks) from the seed of the prompt's slot in the step, so the step's rollouts are what one process samples;
+        the groups are then gathered on every rank, which score them and compute the group advantages alike."""
+        g, dist = self.g, r.dist
+        mine = list(range(dist.rank, len(prompts), dist.world))
+        pad = -(-len(prompts) // dist.world) - len(mine) if dist.lockstep else 0  # sharded: same number of calls
+
+        def sample(k: int) -> list:
+            return sample_group(s.model, r.tok, prompts[k].input_ids, g.num_generations,
+                                max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+                                seed=sampler_seed(r.tc.seed, step, k), device=r.device, synced=dist.lockstep)
+
+        with generation_mode(s.model, r.prev_attn), dist.full_params(s.loss_mod):
+            local = {k: sample(k) for k in mine}
+            for _ in range(pad):  # a short rank joins the others' collective forwards, its samples unused
+                sample(0)
+        groups: dict[int, list] = {}
+        for part in dist.gather_objects(local):
+            groups.update(part)
+        return [groups[k] for k in range(len(prompts))]
 
     def _score(self, prompts: list[PromptExample], groups: list[list]) -> tuple[list[float], dict[str, float]]:
         rewards, parts = [], {}
@@ -198,12 +213,12 @@ class GrpoObjective:
                 "grpo/clip_ratio": mean_stat(st, "clip")}
 
     def evaluate(self, r, s) -> dict[str, float]:
-        """Mean reward of greedy answers to the eval prompts."""
-        total = 0.0
-        with generation_mode(s.model, r.prev_attn):
+        """Mean reward of greedy answers to the eval prompts (every rank answers all of them, in lockstep)."""
+        total, dist = 0.0, r.dist
+        with generation_mode(s.model, r.prev_attn), dist.full_params(s.loss_mod):
             for p in r.eval_examples:
                 c = sample_group(s.model, r.tok, p.input_ids, 1, max_new_tokens=self.g.max_completion_length,
-                                 device=r.device, greedy=True)[0]
+                                 device=r.device, greedy=True, synced=dist.lockstep)[0]
                 total += score(self.rewards, c.text, p.record)[0]
         return {"eval_reward": total / max(1, len(r.eval_examples))}
 

@@ -50,10 +50,12 @@ def generation_mode(model, prev_attn: str | None) -> Iterator[None]:
 @torch.no_grad()
 def sample_group(model, tok, prompt_ids: list[int], n: int, *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, device: torch.device | str = "cpu",
-                 greedy: bool = False) -> list[Completion]:
-    """n completions of one prompt (transformers generate; greedy=True: one deterministic answer, n ignored)."""
+                 greedy: bool = False, synced: bool = False) -> list[Completion]:
+    """n completions of one prompt (transformers generate; greedy=True: one deterministic answer, n ignored).
+    synced: sharded ranks (FSDP, ZeRO-3) keep stepping until every rank's generate has ended (`synced_gpus`), since
+    every forward gathers parameters collectively."""
     inp = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, synced_gpus=synced,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     if greedy:
         kw.update(do_sample=False, num_return_sequences=1)
