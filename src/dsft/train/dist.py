@@ -174,6 +174,27 @@ def _fp32_partitions(zopt) -> list:
     return list(flat)
 
 
+def _moe_blocks_as_z3_leaves(module) -> int:
+    """ZeRO-3: the routed experts of each MoE block (the `experts` beside a router `gate`) are one leaf module
+    (DeepSpeed's `set_z3_leaf_modules`, meant for MoE): no hooks on its children. Which experts run, and how often
+    their activation module is called, depends on each rank's tokens; with hooks there, ZeRO-3's module trace differs
+    between ranks and their parameter all-gathers stop matching (a hang, seen with ESFT on 8 experts). Returns the
+    count."""
+    import torch
+    from deepspeed.utils import set_z3_leaf_modules_by_name
+
+    names = [f"{n}.experts" for n, m in module.named_modules()
+             if isinstance(getattr(m, "experts", None), torch.nn.Module) and getattr(m, "gate", None) is not None]
+    if names:
+        set_z3_leaf_modules_by_name(module, names)
+        # a leaf gathers its parameters again for backward through a hook on its inputs' gradients: make the
+        # embeddings' output require grad, so the leaves below the first trained layer get it too (ESFT)
+        from dsft.train.loss import unwrap
+
+        unwrap(getattr(module, "model", module)).enable_input_require_grads()
+    return len(names)
+
+
 def _full_numel(p) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
@@ -276,6 +297,8 @@ class Dist:
         # so take them out and write them into the partitions after initialize
         moments = {p: st for p, st in opt.state.items() if st}
         opt.state.clear()
+        if self.zero_stage == 3:
+            _moe_blocks_as_z3_leaves(module)
         engine, zopt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
         if not hasattr(engine, "managed_gradient_accumulation"):  # older DeepSpeed ignores the key: refuse
             from dsft.errors import TrainError
