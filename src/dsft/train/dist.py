@@ -405,6 +405,9 @@ class Dist:
         if self.kind != "FSDP" or not hasattr(module, "unshard"):
             yield
             return
+        # the root must be initialised as the root before any forward (at step 1 rollouts come first): FSDP2 does
+        # that lazily in the root's first forward, and a decoder layer run first would claim the root role
+        module._get_fsdp_state()._lazy_init()
         module.unshard()
         try:
             yield
