@@ -174,7 +174,7 @@ def _fp32_partitions(zopt) -> list:
     return list(flat)
 
 
-def _moe_blocks_as_z3_leaves(module) -> int:
+def _experts_as_z3_leaves(module) -> int:
     """ZeRO-3: the routed experts of each MoE block (the `experts` beside a router `gate`) are one leaf module
     (DeepSpeed's `set_z3_leaf_modules`, meant for MoE): no hooks on its children. Which experts run, and how often
     their activation module is called, depends on each rank's tokens; with hooks there, ZeRO-3's module trace differs
@@ -298,7 +298,7 @@ class Dist:
         moments = {p: st for p, st in opt.state.items() if st}
         opt.state.clear()
         if self.zero_stage == 3:
-            _moe_blocks_as_z3_leaves(module)
+            _experts_as_z3_leaves(module)
         engine, zopt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
         if not hasattr(engine, "managed_gradient_accumulation"):  # older DeepSpeed ignores the key: refuse
             from dsft.errors import TrainError
