@@ -4,14 +4,11 @@ same global batch, and a 2-process checkpoint resumes in one process."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from dist_helpers import losses, train_two
 from safetensors.torch import load_file
 from train_helpers import make_run, tiny_cfg
 
@@ -28,31 +25,16 @@ def _cfg(root, **kw):
     return c
 
 
-def _losses(stage: Path) -> dict[int, float]:
-    recs = [json.loads(ln) for ln in (stage / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r and "event" not in r}
-
-
-def _train_two(cfg_path: Path, cfg: dict, *extra: str) -> subprocess.CompletedProcess:
-    """`dsft train CFG --nproc 2 [extra]` in a real subprocess (accelerate launch, gloo); asserts it succeeded."""
-    cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    out = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg_path), "--nproc", "2", *extra], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
 def test_ddp_two_processes_match_one_and_resume_in_one(tmp_path, records16):
     make_run(tmp_path / "ddp", records16)
-    _train_two(tmp_path / "ddp.yaml", _cfg(tmp_path / "ddp"))
+    train_two(tmp_path / "ddp.yaml", _cfg(tmp_path / "ddp"))
     m2 = json.loads((tmp_path / "ddp/train/manifest.json").read_text())
     assert m2["processes"] == {"world": 2, "kind": "MULTI_CPU"} and m2["effective_batch"] == 4
     assert (tmp_path / "ddp/accelerate_multi_gpu.yaml").exists()
 
     one = make_run(tmp_path / "one", records16)
     train(config_from_dict(_cfg(tmp_path / "one", gradient_accumulation_steps=2)), one)
-    l2, l1 = _losses(tmp_path / "ddp/train"), _losses(tmp_path / "one/train")
+    l2, l1 = losses(tmp_path / "ddp/train"), losses(tmp_path / "one/train")
     assert l2.keys() == l1.keys() == set(range(1, 7))
     assert max(abs(l2[k] - l1[k]) for k in l1) < 1e-4
 
@@ -60,7 +42,7 @@ def test_ddp_two_processes_match_one_and_resume_in_one(tmp_path, records16):
     m = train(config_from_dict(_cfg(tmp_path / "res", gradient_accumulation_steps=2)), res,
               resume=str(tmp_path / "ddp/train/checkpoints/checkpoint-3"))
     assert m["steps"] == 6
-    lr = _losses(tmp_path / "res/train")
+    lr = losses(tmp_path / "res/train")
     assert set(lr) == {4, 5, 6} and max(abs(lr[k] - l2[k]) for k in lr) < 1e-4
 
 
@@ -89,7 +71,7 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
     c = _cfg(tmp_path / "fsdp", max_steps=4, save_steps=2)
     c["train"]["strategy"] = "fsdp"
     make_run(tmp_path / "fsdp", records16)
-    out = _train_two(tmp_path / "fsdp.yaml", c)
+    out = train_two(tmp_path / "fsdp.yaml", c)
     assert "plain data parallel" not in out.stdout + out.stderr
     m2 = json.loads((tmp_path / "fsdp/train/manifest.json").read_text())
     assert m2["processes"]["world"] == 2 and m2["processes"]["kind"] == "FSDP" and m2["effective_batch"] == 4
@@ -98,7 +80,7 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
 
     one = make_run(tmp_path / "one", records16)
     train(config_from_dict(_cfg(tmp_path / "one", max_steps=4, save_steps=2, gradient_accumulation_steps=2)), one)
-    l2, l1 = _losses(tmp_path / "fsdp/train"), _losses(tmp_path / "one/train")
+    l2, l1 = losses(tmp_path / "fsdp/train"), losses(tmp_path / "one/train")
     assert l2.keys() == l1.keys() == set(range(1, 5))
     assert max(abs(l2[k] - l1[k]) for k in l1) < 1e-4
     a2 = load_file(str(tmp_path / "fsdp/train/adapter/adapter_model.safetensors"))  # gathered, not one shard
@@ -110,7 +92,7 @@ def test_fsdp_two_processes_shard_on_cpu_match_one_and_resume_in_one(tmp_path, r
     m = train(config_from_dict(_cfg(tmp_path / "res", max_steps=4, save_steps=2, gradient_accumulation_steps=2)),
               res, resume=str(tmp_path / "fsdp/train/checkpoints/checkpoint-2"))
     assert m["steps"] == 4
-    lr = _losses(tmp_path / "res/train")
+    lr = losses(tmp_path / "res/train")
     assert set(lr) == {3, 4} and max(abs(lr[k] - l2[k]) for k in lr) < 1e-4
 
 
@@ -125,7 +107,7 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     c["train"].update(strategy="deepspeed", zero_stage=stage)
     make_run(tmp_path / name, records16)
     cfg_path = tmp_path / f"{name}.yaml"
-    out = _train_two(cfg_path, c)
+    out = train_two(cfg_path, c)
     assert "plain data parallel" not in out.stdout + out.stderr
     assert f"DeepSpeed ZeRO-{stage} on cpu (gloo)" in out.stdout and f"2 processes (DeepSpeed ZeRO-{stage})" in out.stdout
     m2 = json.loads((tmp_path / f"{name}/train/manifest.json").read_text())
@@ -139,7 +121,7 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
 
     one = make_run(tmp_path / "one", records16)
     train(config_from_dict(_cfg(tmp_path / "one", max_steps=4, save_steps=2, gradient_accumulation_steps=2)), one)
-    l2, l1 = _losses(tmp_path / f"{name}/train"), _losses(tmp_path / "one/train")
+    l2, l1 = losses(tmp_path / f"{name}/train"), losses(tmp_path / "one/train")
     assert l2.keys() == l1.keys() == set(range(1, 5))
     assert max(abs(l2[k] - l1[k]) for k in l1) < 1e-4
     g1 = {r["step"]: r["grad_norm"] for r in map(json.loads, (tmp_path / "one/train/log.jsonl").read_text().splitlines())
@@ -163,7 +145,7 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     m = train(config_from_dict(_cfg(tmp_path / "res", max_steps=4, save_steps=2, gradient_accumulation_steps=2)),
               res, resume=str(tmp_path / f"{name}/train/checkpoints/checkpoint-2"))
     assert m["steps"] == 4
-    lr = _losses(tmp_path / "res/train")
+    lr = losses(tmp_path / "res/train")
     assert set(lr) == {3, 4} and max(abs(lr[k] - l2[k]) for k in lr) < 1e-4
 
     # an interrupted 2-process run (only checkpoint-2 on disk) continues under DeepSpeed with --resume auto: weights
@@ -172,6 +154,6 @@ def test_deepspeed_zero_two_processes_on_cpu_match_one_and_resume_in_one(tmp_pat
     c["run_dir"] = str(tmp_path / "cont")
     make_run(tmp_path / "cont", records16)
     shutil.copytree(tmp_path / f"{name}/train/checkpoints/checkpoint-2", tmp_path / "cont/train/checkpoints/checkpoint-2")
-    _train_two(cfg_path, c, "--resume", "auto")
-    lc = _losses(tmp_path / "cont/train")
+    train_two(cfg_path, c, "--resume", "auto")
+    lc = losses(tmp_path / "cont/train")
     assert set(lc) == {3, 4} and max(abs(lc[k] - l2[k]) for k in lc) < 1e-6

@@ -174,6 +174,27 @@ def _fp32_partitions(zopt) -> list:
     return list(flat)
 
 
+def _experts_as_z3_leaves(module) -> int:
+    """ZeRO-3: the routed experts of each MoE block (the `experts` beside a router `gate`) are one leaf module
+    (DeepSpeed's `set_z3_leaf_modules`, meant for MoE): no hooks on its children. Which experts run, and how often
+    their activation module is called, depends on each rank's tokens; with hooks there, ZeRO-3's module trace differs
+    between ranks and their parameter all-gathers stop matching (a hang, seen with ESFT on 8 experts). Returns the
+    count."""
+    import torch
+    from deepspeed.utils import set_z3_leaf_modules_by_name
+
+    names = [f"{n}.experts" for n, m in module.named_modules()
+             if isinstance(getattr(m, "experts", None), torch.nn.Module) and getattr(m, "gate", None) is not None]
+    if names:
+        set_z3_leaf_modules_by_name(module, names)
+        # a leaf gathers its parameters again for backward through a hook on its inputs' gradients: make the
+        # embeddings' output require grad, so the leaves below the first trained layer get it too (ESFT)
+        from dsft.train.loss import unwrap
+
+        unwrap(getattr(module, "model", module)).enable_input_require_grads()
+    return len(names)
+
+
 def _full_numel(p) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
@@ -276,6 +297,8 @@ class Dist:
         # so take them out and write them into the partitions after initialize
         moments = {p: st for p, st in opt.state.items() if st}
         opt.state.clear()
+        if self.zero_stage == 3:
+            _experts_as_z3_leaves(module)
         engine, zopt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=cfg)
         if not hasattr(engine, "managed_gradient_accumulation"):  # older DeepSpeed ignores the key: refuse
             from dsft.errors import TrainError
@@ -362,6 +385,34 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order; [obj] in one process. Every rank must call it."""
+        if self.acc is None:
+            return [obj]
+        import torch
+
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def full_params(self, module):
+        """Generation outside the loss module's forward (GRPO rollouts): under FSDP2 the root unit's parameters
+        (embeddings, final norm, LM head) are all-gathered for the block (`FSDPModule.unshard`, the supported way
+        outside a forward); the decoder layers gather their own shards in their forward hooks. Under DeepSpeed ZeRO-3
+        every submodule's hooks gather. Every rank must enter it (collective)."""
+        if self.kind != "FSDP" or not hasattr(module, "unshard"):
+            yield
+            return
+        # the root must be initialised as the root before any forward (at step 1 rollouts come first): FSDP2 does
+        # that lazily in the root's first forward, and a decoder layer run first would claim the root role
+        module._get_fsdp_state()._lazy_init()
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
 
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0)[0] > 0

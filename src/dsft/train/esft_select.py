@@ -111,9 +111,6 @@ def selection_for_run(cfg, run_root: Path, model, model_dir: Path, examples: lis
     """The experts `dsft train` (method esft) trains: profile the run's training examples → `<run_dir>/esft/`."""
     from dsft.train.encode import dataset_fingerprint
 
-    if cfg.train.strategy in ("fsdp", "deepspeed") and cfg.train.nproc * cfg.train.num_machines > 1:
-        raise TrainError(f"train.method esft with train.strategy {cfg.train.strategy}: not supported yet (the "
-                         f"split-out experts are not gathered from shards); use strategy ddp or one process")
     return profile_and_select(cfg, Path(run_root) / "esft", model, model_dir, [e.input_ids for e in examples],
                               dataset_fingerprint(examples), pad_id=tok.pad_token_id or 0, write=is_main,
                               echo=print if is_main else None)

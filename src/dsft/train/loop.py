@@ -91,6 +91,8 @@ def one_step(r: Recipe, s: st.TrainState, step: int, trainable: list, fault_hook
     rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": gn, "tokens": toks,
            "epoch": round((step + 1) / r.plan.steps_per_epoch, 4), "micro_batch": s.ladder.micro_batch}
     if obj is not None:
+        if r.dist.world > 1:  # each rank recorded its own pairs' / rollouts' statistics: the step's are all ranks'
+            obj.loss.stats = {k: v for part in r.dist.gather_objects(obj.loss.stats) for k, v in part.items()}
         rec["objective"] = obj.step_metrics(step + 1)
     s.monitor.step(rec)  # raises on NaN/inf before the optimizer applies it
     apply_update(r.dist, s.opt, s.scaler)

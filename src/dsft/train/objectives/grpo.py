@@ -11,6 +11,7 @@ when completions are truncated, when no group has a reward spread for N steps, o
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,16 +161,34 @@ class GrpoObjective:
 
     def _sample(self, r, s, step: int, prompts: list[PromptExample]) -> list[list]:
         """G completions of every prompt, decoded a micro-batch of prompts at a time (its rollouts' KV cache is far
-        smaller than their training activations, so a micro-batch that trains also generates)."""
-        g, per = self.g, max(1, s.ladder.micro_batch)
-        seeds = [sampler_seed(r.tc.seed, step, k) for k in range(len(prompts))]
-        groups: list[list] = []
-        with generation_mode(s.model, r.prev_attn):
-            for i in range(0, len(prompts), per):
-                groups += sample_groups(s.model, r.tok, [p.input_ids for p in prompts[i:i + per]], g.num_generations,
-                                        max_new_tokens=g.max_completion_length, seeds=seeds[i:i + per],
-                                        temperature=g.temperature, top_p=g.top_p, device=r.device)
-        return groups
+        smaller than their training activations, so a micro-batch that trains also generates).
+
+        Under --nproc N rank k samples prompts k, k+N, … (a group never splits across ranks) from the seed of the
+        prompt's slot in the step, so the step's rollouts are what one process samples; the groups are then gathered
+        on every rank, which score them and compute the group advantages alike. Sharded ranks (FSDP, ZeRO-3) gather
+        parameters in every forward, so they make the same number of decode calls and steps: a rank with fewer
+        prompts decodes a dummy batch, and all keep stepping until every rank's rows have ended."""
+        g, dist, per = self.g, r.dist, max(1, s.ladder.micro_batch)
+        mine = list(range(dist.rank, len(prompts), dist.world))
+        chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
+        if dist.lockstep:
+            most = math.ceil(math.ceil(len(prompts) / dist.world) / per)  # the busiest rank's decode calls
+            chunks += [[]] * (most - len(chunks))
+        all_ended = (lambda ended: not dist.any(not ended)) if dist.lockstep else None
+        local: dict[int, list] = {}
+        with generation_mode(s.model, r.prev_attn), dist.full_params(s.loss_mod):
+            for chunk in chunks:
+                ks = chunk or [0]  # empty: a dummy decode that keeps this rank in the collective forwards
+                out = sample_groups(s.model, r.tok, [prompts[k].input_ids for k in ks], g.num_generations,
+                                    max_new_tokens=g.max_completion_length,
+                                    seeds=[sampler_seed(r.tc.seed, step, k) for k in ks], temperature=g.temperature,
+                                    top_p=g.top_p, device=r.device, all_ended=all_ended)
+                if chunk:
+                    local.update(zip(chunk, out, strict=True))
+        groups: dict[int, list] = {}
+        for part in dist.gather_objects(local):
+            groups.update(part)
+        return [groups[k] for k in range(len(prompts))]
 
     def _score(self, prompts: list[PromptExample], groups: list[list]) -> tuple[list[float], dict[str, float]]:
         rewards, parts = [], {}
@@ -212,12 +231,12 @@ class GrpoObjective:
                 "grpo/clip_ratio": mean_stat(st, "clip")}
 
     def evaluate(self, r, s) -> dict[str, float]:
-        """Mean reward of greedy answers to the eval prompts."""
-        total = 0.0
-        with generation_mode(s.model, r.prev_attn):
+        """Mean reward of greedy answers to the eval prompts (every rank answers all of them, in lockstep)."""
+        total, dist = 0.0, r.dist
+        with generation_mode(s.model, r.prev_attn), dist.full_params(s.loss_mod):
             for p in r.eval_examples:
                 c = sample_group(s.model, r.tok, p.input_ids, 1, max_new_tokens=self.g.max_completion_length,
-                                 device=r.device, greedy=True)[0]
+                                 device=r.device, greedy=True, synced=dist.lockstep)[0]
                 total += score(self.rewards, c.text, p.record)[0]
         return {"eval_reward": total / max(1, len(r.eval_examples))}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +55,12 @@ def generation_mode(model, prev_attn: str | None) -> Iterator[None]:
 @torch.no_grad()
 def sample_group(model, tok, prompt_ids: list[int], n: int, *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, device: torch.device | str = "cpu",
-                 greedy: bool = False) -> list[Completion]:
-    """n completions of one prompt (transformers generate; greedy=True: one deterministic answer, n ignored)."""
+                 greedy: bool = False, synced: bool = False) -> list[Completion]:
+    """n completions of one prompt (transformers generate; greedy=True: one deterministic answer, n ignored).
+    synced: sharded ranks (FSDP, ZeRO-3) keep stepping until every rank's generate has ended (`synced_gpus`), since
+    every forward gathers parameters collectively."""
     inp = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, synced_gpus=synced,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     if greedy:
         kw.update(do_sample=False, num_return_sequences=1)
@@ -106,8 +108,8 @@ def warp_scores(scores: torch.Tensor, *, temperature: float, top_p: float) -> to
 
 @torch.no_grad()
 def sample_groups(model, tok, prompts: list[list[int]], n: int, *, max_new_tokens: int, seeds: list[int],
-                  temperature: float = 1.0, top_p: float = 1.0, device: torch.device | str = "cpu"
-                  ) -> list[list[Completion]]:
+                  temperature: float = 1.0, top_p: float = 1.0, device: torch.device | str = "cpu",
+                  all_ended: Callable[[bool], bool] | None = None) -> list[list[Completion]]:
     """n sampled completions of each prompt, all prompts decoded together.
 
     The prompts are left-padded into one batch and run through the model once each (not n times); the KV cache is
@@ -115,6 +117,8 @@ def sample_groups(model, tok, prompts: list[list[int]], n: int, *, max_new_token
     max_new_tokens. Prompt i's rows draw with `torch.multinomial` from a generator seeded with seeds[i] exactly
     as `sample_group(..., seed=seeds[i])` does inside `generate` (same shapes, same order), so both return the same
     tokens up to float rounding of the logits (batched vs unbatched matmuls).
+    all_ended: sharded ranks (FSDP, ZeRO-3) pass a collective "has every rank's batch ended?" so they stop at the same
+    step (each forward gathers parameters together); rows that ended keep decoding pads, cut off after their end token.
     """
     dev = torch.device(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -143,7 +147,10 @@ def sample_groups(model, tok, prompts: list[list[int]], n: int, *, max_new_token
         tokens = tokens.masked_fill(done, pad)
         rows.append(tokens)
         done |= tokens == tok.eos_token_id
-        if t == max_new_tokens - 1 or bool(done.all()):
+        ended = bool(done.all())
+        if all_ended is not None:
+            ended = all_ended(ended)
+        if t == max_new_tokens - 1 or ended:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=nxt, use_cache=True,
