@@ -352,7 +352,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--ft-steps", type=int, default=60)
     ap.add_argument("--ft-records", type=int, default=1600)
     ap.add_argument("--lr", default="", help="one lr grid for every method (comma-separated); overrides the two below")
-    ap.add_argument("--lr-full", default="3e-4,1e-3,3e-3", help="full fine-tuning's lr grid")
+    ap.add_argument("--lr-full", default="1e-4,3e-4,1e-3", help="full fine-tuning's lr grid")
     ap.add_argument("--lr-adapter", default="1e-3,3e-3,1e-2", help="ESFT's and LoRA's lr grid")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8, help="fine-tuning batch (every method)")
