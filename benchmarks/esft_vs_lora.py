@@ -1,16 +1,20 @@
 """ESFT vs LoRA vs full fine-tuning on a small DeepSeek-V2-shape MoE (CPU): domain gain against general forgetting.
 
-1. Pre-train a random-init V2-shape MoE (8 routed experts top-2 + 1 shared, 4 MoE layers after 1 dense layer, the
-   embedded 8 k tokenizer) on a mixture of two real corpora — Chinese medical QA (`medical_dialogue_internal_medicine`)
-   and general Chinese instructions (`alpaca_zh_demo`) — with every weight trainable (router included) and a
-   Switch-style load-balancing loss, so routing can specialise. Routing statistics are reported per layer.
-2. Fine-tune the pre-trained model on held-apart medical QA with dsft's own `train` stage: ESFT-Token, ESFT-Gate,
-   LoRA and full fine-tuning, the same steps, batch, lr and seed, each in its own process (for its peak memory).
-3. Per method: held-out domain loss, held-out general loss before → after (forgetting), trainable parameters, the
-   file a user ships (delta / adapter / model), peak RSS, training time. Last line: JSON.
+1. Pre-train a random-init V2-shape MoE (8 routed experts top-2 + 1 shared, 4 MoE layers after 1 dense layer, hidden
+   128, the embedded 8 k tokenizer) on a mixture of two real corpora — Chinese medical QA
+   (`medical_dialogue_internal_medicine`) and general Chinese instructions (`alpaca_zh_demo`) — with every weight
+   trainable (router included) and a Switch-style load-balancing loss (weight `--balance`), one thread, 400 steps of
+   16 × 128 tokens by default. Routing statistics (entropy, medical/general overlap) are reported per layer.
+2. Fine-tune the pre-trained model on held-apart medical QA with dsft's own `dsft train` (its CLI, in a worker
+   process per method): ESFT-Token, ESFT-Gate, LoRA and full fine-tuning, the same steps, batch and seed. The lr is
+   chosen per method from a small grid by the loss on held-apart medical validation records (`--lr-full`,
+   `--lr-adapter`; `--lr` gives every method one grid); two workers run at a time, one thread each.
+3. Per method, for the chosen lr: held-out domain loss, held-out general loss before → after (forgetting), trainable
+   parameters, the file a user ships (delta / adapter / model), the worker's peak RSS, training time. Then wall
+   time, CPU time (this process + its workers) and the load average. Last line: JSON.
 
-    .venv/bin/python benchmarks/esft_vs_lora.py                        # the full run (≈ 15 min on a shared 2-core CPU)
-    .venv/bin/python benchmarks/esft_vs_lora.py --quick                # a smoke run (≈ 2 min)
+    PYTHONPATH=src .venv/bin/python benchmarks/esft_vs_lora.py            # the full run (≈ 7 min on an idle 2-core CPU)
+    PYTHONPATH=src .venv/bin/python benchmarks/esft_vs_lora.py --quick    # a smoke run (≈ 1 min of CPU)
 """
 
 from __future__ import annotations
