@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RotaryEmbedding
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3DecoderLayer,
+    DeepseekV3RotaryEmbedding,
+)
 
 from dsft.errors import ModelError
 from dsft.model.base_checkpoint import read_base_checkpoint
