@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3DecoderLayer,
     DeepseekV3RotaryEmbedding,
@@ -164,3 +165,23 @@ def test_attach_refuses_a_folder_without_mtp(tmp_path):
     model = load_model(folder, dtype="float32")
     with pytest.raises(ModelError, match="no MTP layer model.layers.3"):
         attach_mtp(model, folder, read_base_checkpoint(folder))
+
+
+@torch.no_grad()
+def test_an_adapter_with_mtp_lora_loads_for_eval_and_serve_without_the_mtp_layer(tmp_path, fp8_dir):
+    """eval/serve load the base without its MTP layer: the adapter's MTP LoRA is left out, the main logits agree."""
+    from dsft.config import config_from_dict
+    from dsft.model.adapters import attach_lora, load_adapter, save_adapter
+
+    trained = load_model(fp8_dir, dtype="float32")
+    attach_mtp(trained, fp8_dir, read_base_checkpoint(fp8_dir))
+    pm, _ = attach_lora(trained, config_from_dict({"run_dir": str(tmp_path)}).lora, r=4, alpha=8)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.normal_(std=0.02)
+    save_adapter(pm, tmp_path / "ad")
+    assert any(".layers.3.eh_proj.lora_B" in k for k in load_file(str(tmp_path / "ad/adapter_model.safetensors")))
+    served = load_adapter(load_model(fp8_dir, dtype="float32"), tmp_path / "ad").eval()
+    pm.eval()
+    assert mtp_layer(served) is None
+    assert torch.equal(served(input_ids=IDS).logits, pm(input_ids=IDS).logits)
