@@ -153,11 +153,11 @@ def test_packed_mtp_loss_equals_the_samples_alone(mtp_model):
     lm(collate_packed(exs, 64, 1))  # grad enabled: the MTP term is part of the training objective
     packed = lm.pop_mtp()
     alone = [(lm(collate_packed([e], 64, 1)), lm.pop_mtp())[1] for e in exs]
-    assert packed[1] == sum(n for _, n in alone) == sum(e.n_labels for e in exs)
-    assert abs(packed[0] - sum(s for s, _ in alone)) < 1e-4 * packed[0], (packed, alone)
+    assert packed[2] == sum(n for *_, n in alone) == sum(e.n_labels for e in exs)
+    assert abs(packed[1] - sum(a[1] for a in alone)) < 1e-4 * packed[1], (packed, alone)
     with torch.no_grad():  # evaluation: LM loss only, nothing accumulated
         lm(collate_packed(exs, 64, 1))
-    assert lm.pop_mtp() == (0.0, 0)
+    assert lm.pop_mtp() == (0.0, 0.0, 0)
 
 
 def test_attach_refuses_a_folder_without_mtp(tmp_path):
@@ -185,3 +185,33 @@ def test_an_adapter_with_mtp_lora_loads_for_eval_and_serve_without_the_mtp_layer
     pm.eval()
     assert mtp_layer(served) is None
     assert torch.equal(served(input_ids=IDS).logits, pm(input_ids=IDS).logits)
+
+
+def test_mtp_gradients_are_the_same_with_gradient_checkpointing(tmp_path, fp8_dir):
+    from dsft.config import config_from_dict
+    from dsft.model.adapters import attach_lora
+    from dsft.train.setup import enable_checkpointing
+
+    model = load_model(fp8_dir, dtype="float32")
+    attach_mtp(model, fp8_dir, read_base_checkpoint(fp8_dir))
+    lora = config_from_dict({"run_dir": str(tmp_path), "lora": {"dropout": 0.0}}).lora
+    pm, _ = attach_lora(model, lora, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    pm.train()
+    batch = collate_packed(_examples(), 64, 1)
+
+    def grads() -> dict[str, torch.Tensor]:
+        pm.zero_grad(set_to_none=True)
+        CausalLMLoss(pm, mtp_weight=0.3)(batch).backward()
+        return {n: p.grad.clone() for n, p in pm.named_parameters() if ".layers.3." in n and p.grad is not None}
+
+    plain = grads()
+    enable_checkpointing(pm)
+    assert mtp_layer(pm).gradient_checkpointing
+    ckpt = grads()
+    assert plain and plain.keys() == ckpt.keys()
+    assert any(".layers.3.eh_proj.lora_A" in n for n in plain)
+    assert all(torch.allclose(plain[n], ckpt[n], atol=1e-6, rtol=1e-4) for n in plain)

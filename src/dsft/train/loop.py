@@ -91,10 +91,10 @@ def one_step(r: Recipe, s: st.TrainState, step: int, trainable: list, fault_hook
     loss_sum, toks = _forward_backward_with_ladder(r, s, step, exs, n_lab, fault_hook)
     extra: dict = {}
     if mtp is not None:  # `loss` stays the LM loss; the differentiated objective is loss + λ · mtp_loss · (MTP/LM labels)
-        mtp_sum, mtp_n = mtp.pop_mtp()
+        lm_sum, mtp_sum, mtp_n = mtp.pop_mtp()
         if r.dist.world > 1:
-            mtp_sum, mtp_n = r.dist.sum(mtp_sum, float(mtp_n))
-        loss_sum -= mtp.mtp_weight * mtp_sum
+            lm_sum, mtp_sum, mtp_n = r.dist.sum(lm_sum, mtp_sum, float(mtp_n))
+        loss_sum = lm_sum
         extra = {"mtp_loss": mtp_sum / max(1, int(mtp_n)), "mtp_labels": int(mtp_n)}
     loss = loss_sum / max(1, n_lab)
     gn = unscale_and_clip(r.dist, s.opt, s.scaler, trainable, tc.max_grad_norm, loss_finite=math.isfinite(loss))

@@ -120,8 +120,9 @@ class CausalLMLoss(nn.Module):
     Logits are computed only for positions that have a target (assistant tokens), in chunks, and the
     cross-entropy in fp32: the LM head over a 100 k+ vocabulary dominates small/medium models otherwise.
     mtp_weight λ > 0 (a DeepSeek-V3 model with its MTP layer attached, `dsft.model.fp8_mtp`): while training
-    (grad enabled) the summed MTP cross-entropy (position i predicts t_{i+2}) × λ is added; `mtp_sum` /
-    `mtp_labels` accumulate it unweighted for logging (`pop_mtp`). Evaluation (no grad) stays the LM loss.
+    (grad enabled) the summed MTP cross-entropy (position i predicts t_{i+2}) × λ is added; `lm_sum`, `mtp_sum`
+    and `mtp_labels` accumulate the two terms unweighted for logging (`pop_mtp`). Evaluation (no grad) stays the
+    LM loss.
     """
 
     def __init__(self, model, chunk_size: int = 4096, mtp_weight: float = 0.0):
@@ -129,7 +130,7 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.mtp_weight = float(mtp_weight)
-        self.mtp_sum, self.mtp_labels = 0.0, 0
+        self.lm_sum, self.mtp_sum, self.mtp_labels = 0.0, 0.0, 0
 
     def hidden(self, batch: dict[str, torch.Tensor], *, pre_norm: dict | None = None) -> torch.Tensor:
         """The decoder's last hidden state; `pre_norm["h"]` receives it before the final norm when given."""
@@ -170,6 +171,7 @@ class CausalLMLoss(nn.Module):
         loss = self.head_ce(h[sel], batch["targets"][sel])
         if mtp:
             mtp_sum, n = self.mtp_ce(batch, pre["h"])
+            self.lm_sum += float(loss.detach())
             self.mtp_sum += float(mtp_sum.detach())
             self.mtp_labels += n
             loss = loss + self.mtp_weight * mtp_sum
@@ -188,10 +190,10 @@ class CausalLMLoss(nn.Module):
         hm = mtp_hidden(inner, layer, h_prev, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
         return self.head_ce(hm[sel], tg[sel]), int(sel.sum())
 
-    def pop_mtp(self) -> tuple[float, int]:
-        """(Σ MTP CE, MTP labels) since the last call; resets both."""
-        out = (self.mtp_sum, self.mtp_labels)
-        self.mtp_sum, self.mtp_labels = 0.0, 0
+    def pop_mtp(self) -> tuple[float, float, int]:
+        """(Σ LM CE, Σ MTP CE, MTP labels) of the training forwards since the last call; resets them."""
+        out = (self.lm_sum, self.mtp_sum, self.mtp_labels)
+        self.lm_sum, self.mtp_sum, self.mtp_labels = 0.0, 0.0, 0
         return out
 
 
