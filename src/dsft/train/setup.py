@@ -75,6 +75,11 @@ def check_mtp(cfg: Config, model_dir: Path) -> None:
     if cfg.train.objective != "sft":
         raise TrainError(f"train.mtp_loss_weight {w}: the MTP loss is added to the sft objective only, not "
                          f"{cfg.train.objective}")
+    from dsft.model.load import model_type_of
+
+    if model_type_of(model_dir) != "deepseek_v3":
+        raise TrainError(f"train.mtp_loss_weight {w}: implemented for model_type deepseek_v3 (DeepSeek-V3/R1/V3.1), "
+                         f"not {model_type_of(model_dir)}")
 
 
 def load_qlora_base(cfg: Config, model_dir: Path, device: torch.device):
