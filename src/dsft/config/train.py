@@ -64,6 +64,10 @@ class TrainConfig(Section):
     early_stopping_delta: float = Field(0.001, ge=0)
     """Minimum improvement of the metric that resets patience (the seed's min delta 0.001; HF's
     early_stopping_threshold)."""
+    mtp_loss_weight: float = Field(0.0, ge=0, le=10)
+    """λ of DeepSeek-V3's multi-token-prediction loss (the report used 0.3, then 0.1). 0: the MTP layer stays on disk
+    (default). > 0 on an FP8 DeepSeek-V3/R1 base with an MTP layer: the MTP block is loaded (FP8 kept e4m3), gets
+    LoRA like the main layers, and λ × its cross-entropy (predicting token i+2) is added to the loss."""
     packing: bool = True
     gradient_checkpointing: bool = False
     freeze_trainable_layers: int = Field(2, gt=0)

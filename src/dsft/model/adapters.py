@@ -26,6 +26,7 @@ from dsft.errors import ModelError
 MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLA_PROJECTIONS)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+MTP_PROJECTIONS = ("eh_proj",)  # DeepSeek-V3's MTP layer, attached for train.mtp_loss_weight > 0 (dsft.model.fp8_mtp)
 # Never adapted: the MoE router (kept frozen and fp32), the LM head and embeddings (trained fully via
 # modules_to_save when asked), and anything named like a router.
 _ROUTER_RE = re.compile(r"(^|\.)(gate|router|shared_expert_gate)$")
@@ -55,6 +56,8 @@ def _kind(name: str) -> str:
     if "shared_expert" in name:
         return "shared_experts"
     leaf = name.rsplit(".", 1)[-1]
+    if leaf in MTP_PROJECTIONS:
+        return "mtp"
     if leaf in ATTN_PROJECTIONS:
         return "attention"
     if leaf in MLP_PROJECTIONS:
@@ -80,7 +83,7 @@ def auto_target_modules(model, *, include_experts: bool = True) -> AdapterTarget
             if _ROUTER_RE.search(name):
                 out.skipped[name] = "router (kept frozen)"
                 continue
-            if leaf in ATTN_PROJECTIONS or leaf in MLP_PROJECTIONS:
+            if leaf in ATTN_PROJECTIONS or leaf in MLP_PROJECTIONS or leaf in MTP_PROJECTIONS:
                 out.modules.append(name)
             else:
                 out.skipped[name] = "not a known projection"

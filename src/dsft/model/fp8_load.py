@@ -39,7 +39,7 @@ def _skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str):
     return model
 
 
-def _swap_fp8_modules(model, fp8_weights: set[str], block: tuple[int, int]) -> None:
+def swap_fp8_modules(model, fp8_weights: set[str], block: tuple[int, int]) -> None:
     """nn.Linear → FP8Linear where the checkpoint stores FP8; fused experts → FP8Experts (one expert at a time)."""
     for name, mod in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
@@ -52,7 +52,7 @@ def _swap_fp8_modules(model, fp8_weights: set[str], block: tuple[int, int]) -> N
             model.get_submodule(parent_name).register_module(leaf, new)
 
 
-def _install(model, name: str, tensor: torch.Tensor) -> None:
+def install_tensor(model, name: str, tensor: torch.Tensor) -> None:
     """Put one stored tensor into the model: FP8 pairs as stored, everything else in its parameter's dtype."""
     mod_name, _, attr = name.rpartition(".")
     try:
@@ -100,7 +100,7 @@ def load_fp8_model(model_dir: str | Path, ckpt: dict[str, Any], *, dtype: torch.
     if not fp8_weights:
         raise ModelError(f"{model_dir}: config.json declares FP8 but the weights have no weight_scale_inv tensors")
     model = _skeleton(model_dir, dtype, attn_implementation)
-    _swap_fp8_modules(model, fp8_weights, block)
+    swap_fp8_modules(model, fp8_weights, block)
     by_shard: dict[str, list[str]] = {}
     for name, shard in wmap.items():
         if not (mtp and name.startswith(mtp)):
@@ -109,7 +109,7 @@ def load_fp8_model(model_dir: str | Path, ckpt: dict[str, Any], *, dtype: torch.
         try:
             with safe_open(str(model_dir / shard), framework="pt") as f:
                 for name in names:
-                    _install(model, name, f.get_tensor(name))
+                    install_tensor(model, name, f.get_tensor(name))
         except (OSError, RuntimeError) as err:
             raise ModelError(f"{model_dir / shard}: cannot read ({type(err).__name__}: {str(err)[:200]})") from err
     if model.config.tie_word_embeddings:

@@ -85,11 +85,21 @@ def one_step(r: Recipe, s: st.TrainState, step: int, trainable: list, fault_hook
     cur_lr = r.hp.learning_rate * lr_factor(step, r.total_steps, r.warmup, tc.lr_scheduler, tc.cycle_fraction)
     for g in s.opt.param_groups:
         g["lr"] = cur_lr
+    mtp = _mtp_module(s)
+    if mtp is not None:
+        mtp.pop_mtp()
     loss_sum, toks = _forward_backward_with_ladder(r, s, step, exs, n_lab, fault_hook)
+    extra: dict = {}
+    if mtp is not None:  # `loss` stays the LM loss; the differentiated objective is loss + λ · mtp_loss · (MTP/LM labels)
+        lm_sum, mtp_sum, mtp_n = mtp.pop_mtp()
+        if r.dist.world > 1:
+            lm_sum, mtp_sum, mtp_n = r.dist.sum(lm_sum, mtp_sum, float(mtp_n))
+        loss_sum = lm_sum
+        extra = {"mtp_loss": mtp_sum / max(1, int(mtp_n)), "mtp_labels": int(mtp_n)}
     loss = loss_sum / max(1, n_lab)
     gn = unscale_and_clip(r.dist, s.opt, s.scaler, trainable, tc.max_grad_norm, loss_finite=math.isfinite(loss))
     rec = {"step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": gn, "tokens": toks,
-           "epoch": round((step + 1) / r.plan.steps_per_epoch, 4), "micro_batch": s.ladder.micro_batch}
+           "epoch": round((step + 1) / r.plan.steps_per_epoch, 4), "micro_batch": s.ladder.micro_batch, **extra}
     if obj is not None:
         if r.dist.world > 1:  # each rank recorded its own pairs' / rollouts' statistics: the step's are all ranks'
             obj.loss.stats = {k: v for part in r.dist.gather_objects(obj.loss.stats) for k, v in part.items()}
@@ -97,6 +107,14 @@ def one_step(r: Recipe, s: st.TrainState, step: int, trainable: list, fault_hook
     s.monitor.step(rec)  # raises on NaN/inf before the optimizer applies it
     apply_update(r.dist, s.opt, s.scaler)
     return rec
+
+
+def _mtp_module(s: st.TrainState):
+    """The CausalLMLoss under DDP / torch.compile wrappers when it adds an MTP loss, else None."""
+    m = s.loss_mod
+    for attr in ("_orig_mod", "module", "_orig_mod"):
+        m = getattr(m, attr, m)
+    return m if getattr(m, "mtp_weight", 0.0) > 0 else None
 
 
 def _forward_backward_with_ladder(r: Recipe, s: st.TrainState, step: int, exs: list, n_lab: int,
@@ -114,6 +132,8 @@ def _forward_backward_with_ladder(r: Recipe, s: st.TrainState, step: int, exs: l
                                     scaler=s.scaler, fault_hook=fault_hook, step=step + 1, **kw)
         except torch.OutOfMemoryError:
             s.opt.zero_grad(set_to_none=True)
+            if _mtp_module(s) is not None:
+                _mtp_module(s).pop_mtp()  # the retried step counts its MTP loss afresh
             if r.device.type == "cuda":
                 torch.cuda.empty_cache()
             rung = _next_rung(r, s, step)

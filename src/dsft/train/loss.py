@@ -119,36 +119,82 @@ class CausalLMLoss(nn.Module):
 
     Logits are computed only for positions that have a target (assistant tokens), in chunks, and the
     cross-entropy in fp32: the LM head over a 100 k+ vocabulary dominates small/medium models otherwise.
+    mtp_weight λ > 0 (a DeepSeek-V3 model with its MTP layer attached, `dsft.model.fp8_mtp`): while training
+    (grad enabled) the summed MTP cross-entropy (position i predicts t_{i+2}) × λ is added; `lm_sum`, `mtp_sum`
+    and `mtp_labels` accumulate the two terms unweighted for logging (`pop_mtp`). Evaluation (no grad) stays the
+    LM loss.
     """
 
-    def __init__(self, model, chunk_size: int = 4096):
+    def __init__(self, model, chunk_size: int = 4096, mtp_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.mtp_weight = float(mtp_weight)
+        self.lm_sum, self.mtp_sum, self.mtp_labels = 0.0, 0.0, 0
 
-    def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def hidden(self, batch: dict[str, torch.Tensor], *, pre_norm: dict | None = None) -> torch.Tensor:
+        """The decoder's last hidden state; `pre_norm["h"]` receives it before the final norm when given."""
         inner = unwrap(self.model)
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
-        # use_cache=False matters: with a cache, transformers skips packed-sequence detection (NOTES.md)
-        return inner.get_decoder()(**kwargs).last_hidden_state
+        dec = inner.get_decoder()
+        hook = None
+        if pre_norm is not None:
+            hook = dec.norm.register_forward_pre_hook(lambda _m, args: pre_norm.__setitem__("h", args[0]))
+        try:
+            # use_cache=False matters: with a cache, transformers skips packed-sequence detection (NOTES.md)
+            return dec(**kwargs).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self.hidden(batch)
-        sel = batch["targets"] != IGNORE
-        hs, tg = h[sel], batch["targets"][sel]
+    def head_ce(self, hs: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        """Σ CE(LM head(hs), tg) over the given rows, fused and chunked when training a plain head."""
         head = unwrap(self.model).get_output_embeddings()
         if torch.is_grad_enabled() and _plain_head(head) and tg.numel():
             w = head.weight
             # each chunk's fp32 logits ≈ 256 MB at most, whatever the vocabulary (bigger chunks: faster matmuls)
             chunk = max(16, min(self.chunk_size, (1 << 26) // w.shape[0]))
             return _fused_linear_ce(hs, w, getattr(head, "bias", None), tg, chunk)
-        total = h.new_zeros((), dtype=torch.float32)
+        total = hs.new_zeros((), dtype=torch.float32)
         for i in range(0, tg.numel(), self.chunk_size):
             logits = head(hs[i:i + self.chunk_size]).float()
             total = total + F.cross_entropy(logits, tg[i:i + self.chunk_size], reduction="sum")
         return total
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mtp = self.mtp_weight > 0 and torch.is_grad_enabled()
+        pre: dict | None = {} if mtp else None
+        h = self.hidden(batch, pre_norm=pre)
+        sel = batch["targets"] != IGNORE
+        loss = self.head_ce(h[sel], batch["targets"][sel])
+        if mtp:
+            mtp_sum, n = self.mtp_ce(batch, pre["h"])
+            self.lm_sum += float(loss.detach())
+            self.mtp_sum += float(mtp_sum.detach())
+            self.mtp_labels += n
+            loss = loss + self.mtp_weight * mtp_sum
+        return loss
+
+    def mtp_ce(self, batch: dict[str, torch.Tensor], h_prev: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(Σ MTP cross-entropy, its label count) of one batch, from the main model's pre-norm hidden states."""
+        from dsft.model.fp8_mtp import mtp_hidden, mtp_layer, mtp_targets
+
+        inner = unwrap(self.model)
+        layer = mtp_layer(inner)
+        if layer is None:
+            raise RuntimeError("mtp_weight > 0 but the model has no MTP layer attached")
+        tg = mtp_targets(batch["targets"], batch["sample_index"], IGNORE)
+        sel = tg != IGNORE
+        hm = mtp_hidden(inner, layer, h_prev, batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+        return self.head_ce(hm[sel], tg[sel]), int(sel.sum())
+
+    def pop_mtp(self) -> tuple[float, float, int]:
+        """(Σ LM CE, Σ MTP CE, MTP labels) of the training forwards since the last call; resets them."""
+        out = (self.lm_sum, self.mtp_sum, self.mtp_labels)
+        self.lm_sum, self.mtp_sum, self.mtp_labels = 0.0, 0.0, 0
+        return out
 
 
 @torch.compiler.disable

@@ -197,7 +197,7 @@ def build_state(r: Recipe, model, eval_fn) -> TrainState:
                   "nothing to offload", flush=True)
     if tc.gradient_checkpointing:
         setup.enable_checkpointing(model)
-    raw_loss = r.objective.build_loss(model, r) if r.objective is not None else setup.build_loss(model, tc.loss_chunk_size)
+    raw_loss = r.objective.build_loss(model, r) if r.objective is not None else setup.build_loss(model, tc.loss_chunk_size, tc.mtp_loss_weight)
     loss_mod = dist.prepare(raw_loss)
     if tc.compile and dist.world == 1:
         loss_mod = torch.compile(loss_mod, dynamic=True)

@@ -48,11 +48,38 @@ def load_base(cfg: Config, model_dir: Path, device: torch.device):
     if is_fp8_checkpoint(model_dir) and cfg.train.method not in ("lora", "dora"):  # the FP8 base stays frozen
         raise TrainError(f"train.method {cfg.train.method}: {model_dir} is an FP8 checkpoint, trained with lora or "
                          f"dora on the frozen e4m3 base; full/freeze/qlora need a BF16 copy (DeepSeek's fp8_cast_bf16.py)")
+    if cfg.train.mtp_loss_weight > 0:
+        check_mtp(cfg, model_dir)
     if cfg.train.method == "qlora":
         return load_qlora_base(cfg, model_dir, device)
     model = load_model(model_dir, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=cfg.model.attn_implementation)
+    if cfg.train.mtp_loss_weight > 0:
+        from dsft.model.base_checkpoint import read_base_checkpoint
+        from dsft.model.fp8_mtp import attach_mtp
+
+        attach_mtp(model, model_dir, read_base_checkpoint(model_dir) or {})
     return model.to(device)
+
+
+def check_mtp(cfg: Config, model_dir: Path) -> None:
+    """train.mtp_loss_weight > 0 needs an FP8 DeepSeek-V3 folder with its MTP layer and the sft objective."""
+    from dsft.model.base_checkpoint import read_base_checkpoint
+
+    w = cfg.train.mtp_loss_weight
+    ckpt = read_base_checkpoint(model_dir) or {}
+    if ckpt.get("format") != "fp8" or not ckpt.get("mtp_layers"):
+        raise TrainError(f"train.mtp_loss_weight {w}: {model_dir} is not a shipped FP8 DeepSeek-V3 folder with an MTP "
+                         f"layer (format {ckpt.get('format', 'unknown')}, MTP layers {ckpt.get('mtp_layers', [])}); "
+                         f"set train.mtp_loss_weight 0")
+    if cfg.train.objective != "sft":
+        raise TrainError(f"train.mtp_loss_weight {w}: the MTP loss is added to the sft objective only, not "
+                         f"{cfg.train.objective}")
+    from dsft.model.load import model_type_of
+
+    if model_type_of(model_dir) != "deepseek_v3":
+        raise TrainError(f"train.mtp_loss_weight {w}: implemented for model_type deepseek_v3 (DeepSeek-V3/R1/V3.1), "
+                         f"not {model_type_of(model_dir)}")
 
 
 def load_qlora_base(cfg: Config, model_dir: Path, device: torch.device):
@@ -190,9 +217,10 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 
 
 # ---------------------------------------------------------------- loss and optimizer
-def build_loss(model, chunk_size: int = 4096) -> CausalLMLoss:
-    """The loss module the loop differentiates: LM head + cross-entropy only where labels exist, in chunks."""
-    return CausalLMLoss(model, chunk_size)
+def build_loss(model, chunk_size: int = 4096, mtp_weight: float = 0.0) -> CausalLMLoss:
+    """The loss module the loop differentiates: LM head + cross-entropy only where labels exist, in chunks
+    (+ λ × the MTP cross-entropy when mtp_weight λ > 0 and the MTP layer is attached)."""
+    return CausalLMLoss(model, chunk_size, mtp_weight)
 
 
 def make_optimizer(model, cfg: Config, hp: Hyperparameters) -> tuple[torch.optim.AdamW, dict[int, str]]:
