@@ -133,13 +133,13 @@ def _steps(spec: ObjSpec) -> float:
     dcfg = dsft_config(spec)
     model, hp = _build(spec, dcfg)
     obj = for_config(dcfg)
-    r = types.SimpleNamespace(tc=dcfg.train, tok=_Tok(spec.hf_config()["vocab_size"]), device=torch.device("cpu"),
-                              prev_attn=None)
-    s = types.SimpleNamespace(model=model, monitor=types.SimpleNamespace(event=lambda *a, **k: None),
-                              ladder=types.SimpleNamespace(micro_batch=spec.batch))  # prompts decoded together
-    loss_mod = obj.build_loss(model, r)
-    opt, _ = setup.make_optimizer(model, dcfg, hp)
     dist = setup.single_process("cpu")
+    r = types.SimpleNamespace(tc=dcfg.train, tok=_Tok(spec.hf_config()["vocab_size"]), device=torch.device("cpu"),
+                              prev_attn=None, dist=dist)
+    loss_mod = obj.build_loss(model, r)
+    s = types.SimpleNamespace(model=model, monitor=types.SimpleNamespace(event=lambda *a, **k: None),
+                              ladder=types.SimpleNamespace(micro_batch=spec.batch), loss_mod=loss_mod)  # decoded together
+    opt, _ = setup.make_optimizer(model, dcfg, hp)
     params = [p for grp in opt.param_groups for p in grp["params"]]
     g = torch.Generator().manual_seed(0)
     loss = 0.0
