@@ -52,6 +52,10 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
                                              is_causal=attention_mask is None, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     B, H, L, _ = query.shape
+    if key.shape[2] != L:  # a decode step over a KV cache: this kernel only knows whole packed rows
+        raise RuntimeError(f"{NAME} attention is for packed training forwards (query and key of one length), got "
+                           f"{L} queries over {key.shape[2]} keys: generate with the model's own attention "
+                           f"(dsft.train.objectives.rollout.generation_mode)")
     q, k, v = (t.transpose(1, 2).reshape(B * L, H, t.shape[-1]) for t in (query, key, value))
     parts, order = [], []
     for idx in _length_groups(position_ids):

@@ -20,6 +20,7 @@ import torch
 
 from dsft.errors import TrainError
 from dsft.train import state as st
+from dsft.train.objectives.rollout import generation_mode
 from dsft.train.offload import activation_offload
 from dsft.train.progress import progress_bar
 from dsft.train.recipe import Recipe
@@ -194,8 +195,9 @@ def _evaluation_due(r: Recipe, done: int, eval_fn: EvalFn | None) -> bool:
 def evaluate(r: Recipe, s: st.TrainState, eval_fn: EvalFn | None) -> bool:
     """Evaluate after step s.step, log it, update early stopping; True when patience has run out."""
     done = s.step
-    if eval_fn is not None:
-        metrics = eval_fn(s.model, done)
+    if eval_fn is not None:  # it generates: the model's own attention (KV cache, padding mask), not the packed kernel
+        with generation_mode(s.model, r.prev_attn):
+            metrics = eval_fn(s.model, done)
     elif r.objective is not None:
         metrics = r.objective.evaluate(r, s)
     else:
