@@ -227,6 +227,7 @@ def test_grpo_learns_the_toy_task_with_vllm_rollouts(tmp_path, warm_llama):
 
     run = make_run(tmp_path, toy_prompts(24))
     cfg = _cfg(tmp_path, warm_llama, rollout_backend="vllm")
+    cfg.train.learning_rate, cfg.train.max_steps = 3e-3, 24  # the tiny Llama learns more slowly than the tiny V3
     m = train(cfg, run)
     rewards = _rewards(tmp_path / "train")
     assert rewards[0] < 0.3, rewards
