@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import TrainError
+from dsft.model.base_checkpoint import is_fp8_checkpoint
 from dsft.model.vllm_platform import vllm_device, vllm_dtype, vllm_memory_kwargs
 from dsft.train.objectives.policy_weights import policy_state_dict
 from dsft.train.objectives.rollout import Completion, to_completion
@@ -82,8 +83,8 @@ def refusal(cfg, world: int = 1, model_dir: Path | None = None) -> str | None:
     if world > 1:
         return (f"runs one engine in one process, not one per rank of {world} processes (--nproc / train.nproc, "
                 f"train.num_machines); train with --nproc 1")
-    if cfg.model.dtype == "fp8":
-        return "cannot reload an FP8 base in place (train with model.dtype bfloat16)"
+    if model_dir is not None and is_fp8_checkpoint(Path(model_dir)):
+        return "cannot merge LoRA into an FP8 (e4m3) base on the fly (train on a BF16 copy of the base)"
     arch = _unsyncable(model_dir)
     if arch:
         return (f"cannot sync the weights of {arch}: vLLM's in-place reload does not reproduce the policy there "
