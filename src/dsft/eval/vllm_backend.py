@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import ModelError
-from dsft.model.vllm_platform import vllm_available, vllm_device, vllm_dtype, vllm_memory_kwargs
+from dsft.model.vllm_platform import (
+    child_pids,
+    stop_engine,
+    vllm_available,
+    vllm_device,
+    vllm_dtype,
+    vllm_memory_kwargs,
+)
 
 __all__ = ["generate_vllm", "use_vllm", "vllm_available", "vllm_device"]
 
@@ -52,6 +59,7 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
         kw["max_model_len"] = max_model_len
     if adapter_dir is not None:
         kw.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(lora_rank(adapter_dir) or 16))
+    before = child_pids()
     llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=vllm_dtype(dtype),
               trust_remote_code=trust_remote_code, seed=0, **kw)
     try:
@@ -69,7 +77,7 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
     finally:
         # stop the engine-core process now (a second LLM — base, then fine-tuned — would otherwise start
         # beside it and hold a second KV cache)
-        llm.llm_engine.engine_core.shutdown()
+        stop_engine(llm, before)
         del llm
     texts = [o.outputs[0].text.strip() for o in outs]
     new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)

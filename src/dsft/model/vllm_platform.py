@@ -56,3 +56,22 @@ def vllm_memory_kwargs(device: str | None, gpu_memory_utilization: float,
     if device == "cpu":
         return {} if os.environ.get("VLLM_CPU_KVCACHE_SPACE") else {"kv_cache_memory_bytes": cpu_kv_cache_bytes}
     return {"gpu_memory_utilization": gpu_memory_utilization}
+
+
+def child_pids() -> set[int]:
+    """The pids of this process's live multiprocessing children (taken before an engine starts, see stop_engine)."""
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+
+
+def stop_engine(llm, before: set[int], timeout: float = 30.0) -> None:
+    """Shut a vllm.LLM's engine down and wait until the engine-core processes it started (children not in `before`)
+    have exited. vLLM's shutdown sends SIGTERM, waits 5 s, then SIGKILLs without waiting: on a loaded machine the
+    process can still be alive (tearing down its memory) when the next engine starts beside it."""
+    import multiprocessing
+
+    llm.llm_engine.engine_core.shutdown()
+    for p in multiprocessing.active_children():
+        if p.pid not in before:
+            p.join(timeout)
