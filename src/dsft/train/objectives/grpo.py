@@ -130,7 +130,8 @@ class GrpoObjective:
     def build_loss(self, model, r) -> GrpoLoss:
         from dsft.train.objectives.vllm_rollout import resolve_backend
 
-        self.backend = resolve_backend(self.cfg, r.device.type, r.dist.world, r.model_dir)  # refusals before any training
+        if self.g.rollout_backend != "transformers":  # refusals before any training
+            self.backend = resolve_backend(self.cfg, r.device.type, r.dist.world, r.model_dir)
         disable_dropout(model)
         ref = Reference(model, adapters=r.tc.method in ("lora", "dora", "qlora")) if self.g.beta else None
         self.loss = GrpoLoss(model, self.g, reference=ref, chunk_size=r.tc.loss_chunk_size)
