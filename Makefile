@@ -72,7 +72,8 @@ $(VSTAMP): pyproject.toml
 
 test-vllm: $(VSTAMP)
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -q --timeout 900 -p no:cacheprovider tests/serve/test_serve_vllm.py \
-		tests/eval/test_eval_vllm.py tests/serve/test_serve_vllm_args.py tests/deploy/test_deploy_docker.py
+		tests/eval/test_eval_vllm.py tests/serve/test_serve_vllm_args.py tests/deploy/test_deploy_docker.py \
+		tests/train/test_grpo_vllm.py
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -42,8 +42,28 @@ def broken_reward(completion: str, record: dict, **_) -> float:
     return {"7": 1.0}[completion.strip()]
 
 
-def warm_model(root, steps: int = 30):
-    """A tiny DeepSeek-V3 fully fine-tuned for a few steps on the toy task's format (answers end, digits 0–9)."""
+def tiny_llama(out, *, seed: int = 0):
+    """A random-init tiny Llama (dense, GQA) with the demo tokenizer and its chat template: a model vLLM's CPU build
+    runs (the embedded tiny DeepSeek-V3's MLA sizes are not ones its CPU kernel supports)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dsft.model.tokenizer import embedded_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def warm_model(root, steps: int = 30, base=None):
+    """A tiny model (default: the embedded DeepSeek-V3; `base`: a model folder) fully fine-tuned for a few steps on
+    the toy task's format (answers end, digits 0–9)."""
     from train_helpers import make_run, tiny_cfg
 
     from dsft.train import train
@@ -51,6 +71,8 @@ def warm_model(root, steps: int = 30):
     run = make_run(root, toy_warmup_records(60))
     cfg = tiny_cfg(root, method="full", max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3)
     cfg.data.max_seq_length = 64
+    if base is not None:
+        cfg.model.name_or_path = str(base)
     train(cfg, run)
     return root / "train" / "model"
 

@@ -75,3 +75,10 @@ class GrpoConfig(Section):
     """Stop when every group's rewards are all equal (no learning signal) for this many steps in a row."""
     guard_warmup_steps: int = Field(0, ge=0)
     """Steps at the start during which the truncation guard only warns."""
+    rollout_backend: Literal["transformers", "vllm", "auto"] = "transformers"
+    """What samples the G completions: transformers (the training model itself), vllm (an in-process vLLM engine
+    built from the base model folder, the policy's weights — LoRA merged on the fly — pushed into it before each
+    step's rollouts; must be usable here, else an error) or auto (vLLM only when it is usable and on a CUDA GPU).
+    Log-probs for the loss always come from the training model. See docs/preference.md."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    """rollout_backend vllm on a GPU: the share of GPU memory vLLM takes (weights + KV cache), beside training."""

@@ -8,38 +8,22 @@ by vLLM (merge the adapter first; see docs/eval.md).
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dsft.errors import ModelError
+from dsft.model.vllm_platform import (
+    child_pids,
+    stop_engine,
+    vllm_available,
+    vllm_device,
+    vllm_dtype,
+    vllm_memory_kwargs,
+)
 
-
-def vllm_device() -> str | None:
-    """'cuda' or 'cpu' when vLLM can generate here (vLLM's CUDA build with a GPU, or its CPU build), else None."""
-    if importlib.util.find_spec("vllm") is None:
-        return None
-    try:
-        from vllm.platforms import current_platform
-    except Exception:  # a broken install is "not usable", like a missing one
-        return None
-    if current_platform.is_cpu():
-        return "cpu"
-    if current_platform.is_cuda_alike():
-        try:
-            import torch
-
-            return "cuda" if torch.cuda.is_available() else None
-        except ImportError:  # pragma: no cover
-            return None
-    return None
-
-
-def vllm_available() -> bool:
-    """vllm importable and usable: a CUDA device, or vLLM's CPU build (its CPU platform is active)."""
-    return vllm_device() is not None
+__all__ = ["generate_vllm", "use_vllm", "vllm_available", "vllm_device"]
 
 
 def use_vllm(backend: str) -> bool:
@@ -53,16 +37,6 @@ def use_vllm(backend: str) -> bool:
     return ok
 
 
-def _vllm_dtype(dtype: str) -> str:
-    """dsft's dtype name → vLLM's, with 'auto' resolved as dsft's loader does (bf16 on a bf16 GPU, else fp32;
-    vLLM's own 'auto' would turn an fp32 checkpoint into bf16/fp16)."""
-    if dtype == "auto":
-        from dsft.model.load import torch_dtype
-
-        return str(torch_dtype("auto")).removeprefix("torch.")
-    return dtype
-
-
 def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, str]]], settings, *,
                   adapter_dir: str | Path | None = None, max_prompt_length: int | None = None,
                   gpu_memory_utilization: float = 0.5, trust_remote_code: bool = False,
@@ -71,8 +45,6 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
 
     On vLLM's CPU build the KV cache is sized in bytes ($VLLM_CPU_KVCACHE_SPACE GiB, else 4 GiB) instead of
     gpu_memory_utilization (which vLLM would read as a share of all RAM)."""
-    import os
-
     from vllm import LLM, SamplingParams
 
     from dsft.eval.predict import prompt_text
@@ -82,17 +54,13 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
     ids = [tok(prompt_text(tok, m), add_special_tokens=False)["input_ids"] for m in prompts]
     if max_prompt_length:
         ids = [x[-max_prompt_length:] for x in ids]
-    kw: dict[str, Any] = {}
-    if vllm_device() == "cpu":
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kw["kv_cache_memory_bytes"] = 4 << 30
-    else:
-        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    kw: dict[str, Any] = vllm_memory_kwargs(vllm_device(), gpu_memory_utilization)
     if max_model_len:
         kw["max_model_len"] = max_model_len
     if adapter_dir is not None:
         kw.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(lora_rank(adapter_dir) or 16))
-    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=_vllm_dtype(dtype),
+    before = child_pids()
+    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=vllm_dtype(dtype),
               trust_remote_code=trust_remote_code, seed=0, **kw)
     try:
         params = SamplingParams(max_tokens=settings.max_new_tokens,
@@ -109,7 +77,7 @@ def generate_vllm(model_dir: str | Path, tok, prompts: Sequence[list[dict[str, s
     finally:
         # stop the engine-core process now (a second LLM — base, then fine-tuned — would otherwise start
         # beside it and hold a second KV cache)
-        llm.llm_engine.engine_core.shutdown()
+        stop_engine(llm, before)
         del llm
     texts = [o.outputs[0].text.strip() for o in outs]
     new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)

@@ -57,7 +57,11 @@ def run(cfg: Config, run_dir: RunDir, *, force: bool = False, resume: str | None
     if dist.is_main:
         print_setup(r)
 
-    result = loop.train_loop(r, s, eval_fn=eval_fn, fault_hook=fault_hook, progress=progress)
+    try:
+        result = loop.train_loop(r, s, eval_fn=eval_fn, fault_hook=fault_hook, progress=progress)
+    finally:  # GRPO's vLLM rollout engine holds memory (weights, KV cache) until it is stopped
+        if hasattr(r.objective, "close"):
+            r.objective.close()
 
     adapter, model_dir = outputs.save_trained(r, s)
     s.monitor.plot(r.stage_dir / "loss.png")

@@ -117,6 +117,8 @@ class GrpoObjective:
         self.loss: GrpoLoss | None = None
         self.zero_steps = 0
         self.last: dict[str, Any] = {}
+        self.backend = "transformers"
+        self.engine = None  # the vLLM rollout engine (grpo.rollout_backend), built at the first step's rollouts
 
     def encode(self, tok, records: list[dict], max_len: int, *, source: str):
         room = max_len - self.g.max_completion_length
@@ -126,6 +128,10 @@ class GrpoObjective:
         return encode_prompts(tok, records, room, source=source)
 
     def build_loss(self, model, r) -> GrpoLoss:
+        from dsft.train.objectives.vllm_rollout import resolve_backend
+
+        if self.g.rollout_backend != "transformers":  # refusals before any training
+            self.backend = resolve_backend(self.cfg, r.device.type, r.dist.world, r.model_dir)
         disable_dropout(model)
         ref = Reference(model, adapters=r.tc.method in ("lora", "dora", "qlora")) if self.g.beta else None
         self.loss = GrpoLoss(model, self.g, reference=ref, chunk_size=r.tc.loss_chunk_size)
@@ -169,6 +175,8 @@ class GrpoObjective:
         parameters in every forward, so they make the same number of decode calls and steps: a rank with fewer
         prompts decodes a dummy batch, and all keep stepping until every rank's rows have ended."""
         g, dist, per = self.g, r.dist, max(1, s.ladder.micro_batch)
+        if self.backend == "vllm":
+            return self._sample_vllm(r, s, step, prompts)
         mine = list(range(dist.rank, len(prompts), dist.world))
         chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
         if dist.lockstep:
@@ -189,6 +197,25 @@ class GrpoObjective:
         for part in dist.gather_objects(local):
             groups.update(part)
         return [groups[k] for k in range(len(prompts))]
+
+    def _sample_vllm(self, r, s, step: int, prompts: list[PromptExample]) -> list[list]:
+        """G completions of every prompt from the colocated vLLM engine, after pushing the policy's weights into it
+        (one process: --nproc > 1 was refused by resolve_backend)."""
+        from dsft.train.objectives.vllm_rollout import VllmRollouts
+
+        g = self.g
+        if self.engine is None:
+            self.engine = VllmRollouts(self.cfg, r.model_dir, r.tok)
+        self.engine.sync(s.model)
+        return self.engine.sample([p.input_ids for p in prompts], g.num_generations,
+                                  max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+                                  seeds=[sampler_seed(r.tc.seed, step, k) for k in range(len(prompts))])
+
+    def close(self) -> None:
+        """Stop the vLLM rollout engine (if one was built)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
 
     def _score(self, prompts: list[PromptExample], groups: list[list]) -> tuple[list[float], dict[str, float]]:
         rewards, parts = [], {}

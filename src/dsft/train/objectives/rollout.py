@@ -71,10 +71,10 @@ def sample_group(model, tok, prompt_ids: list[int], n: int, *, max_new_tokens: i
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), **kw)
-    return [_completion(tok, row) for row in out[:, inp.shape[1]:].tolist()]
+    return [to_completion(tok, row) for row in out[:, inp.shape[1]:].tolist()]
 
 
-def _completion(tok, row: list[int]) -> Completion:
+def to_completion(tok, row: list[int]) -> Completion:
     """A generated row cut after its first end token (kept), or marked truncated when it has none."""
     if tok.eos_token_id in row:
         ids, cut = row[:row.index(tok.eos_token_id) + 1], False
@@ -157,4 +157,4 @@ def sample_groups(model, tok, prompts: list[list[int]], n: int, *, max_new_token
                     logits_to_keep=1, **{cache_kw: cache})
         logits, nxt = out.logits[:, -1].float(), nxt + 1
     gen = torch.stack(rows, dim=1).tolist()
-    return [[_completion(tok, gen[i * n + j]) for j in range(n)] for i in range(len(prompts))]
+    return [[to_completion(tok, gen[i * n + j]) for j in range(n)] for i in range(len(prompts))]
