@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from train_helpers import medical_records
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from train_helpers import Crash, crash_at, make_run, medical_records
 
 REFUSALS = ("抱歉，我无法回答这个问题。", "作为一个AI，我不能提供医疗建议，请咨询医生。", "这个问题我不清楚。")
 
@@ -87,3 +91,29 @@ def grpo_cfg(root, model_dir, **grpo):
                   "save_steps": 1000, "report_to": ["none"]},
         "grpo": {"num_generations": 8, "max_completion_length": 8, "beta": 0.1,
                  "rewards": [{"name": "numeric", "args": {"extract": False}}], **grpo}})
+
+
+def grpo_rewards(stage: Path) -> list[float]:
+    """The mean reward of every GRPO step, from a train stage's log.jsonl."""
+    return [json.loads(x)["objective"]["grpo/reward"] for x in (stage / "log.jsonl").read_text().splitlines()
+            if '"grpo/reward"' in x]
+
+
+def assert_grpo_resume_is_bit_exact(cfg: Callable, tmp_path: Path) -> None:
+    """cfg(root) → a 6-step GRPO config saving every 3 steps: a run killed at step 5 and resumed from checkpoint-3
+    logs the uninterrupted run's rewards and ends with bit-identical weights."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from dsft.train import train
+
+    train(cfg(tmp_path / "ref"), make_run(tmp_path / "ref", toy_prompts(24)))
+    run = make_run(tmp_path / "k", toy_prompts(24))
+    with pytest.raises(Crash):
+        train(cfg(tmp_path / "k"), run, fault_hook=crash_at(5))
+    train(cfg(tmp_path / "k"), run, resume="auto")
+    a = load_file(str(tmp_path / "ref/train/model/model.safetensors"))
+    b = load_file(str(tmp_path / "k/train/model/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert grpo_rewards(tmp_path / "ref/train") == grpo_rewards(tmp_path / "k/train")

@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from pref_helpers import grpo_cfg, toy_prompts, warm_model
-from safetensors.torch import load_file
-from train_helpers import Crash, crash_at, make_run
+from pref_helpers import assert_grpo_resume_is_bit_exact, grpo_cfg, grpo_rewards, toy_prompts, warm_model
+from train_helpers import make_run
 
 from dsft.errors import TrainError
 from dsft.eval.stage import evaluate
@@ -23,9 +22,7 @@ def warm(tmp_path_factory):
     return warm_model(tmp_path_factory.mktemp("warm"))
 
 
-def _rewards(stage) -> list[float]:
-    return [json.loads(x)["objective"]["grpo/reward"] for x in (stage / "log.jsonl").read_text().splitlines()
-            if '"grpo/reward"' in x]
+_rewards = grpo_rewards
 
 
 def test_group_advantages_and_clipped_surrogate():
@@ -71,16 +68,7 @@ def test_resume_mid_grpo_is_bit_exact(tmp_path, warm):
         c.train.max_steps, c.train.save_steps = 6, 3
         return c
 
-    run = make_run(tmp_path / "ref", toy_prompts(24))
-    train(cfg(tmp_path / "ref"), run)
-    run = make_run(tmp_path / "k", toy_prompts(24))
-    with pytest.raises(Crash):
-        train(cfg(tmp_path / "k"), run, fault_hook=crash_at(5))
-    train(cfg(tmp_path / "k"), run, resume="auto")
-    a = load_file(str(tmp_path / "ref/train/model/model.safetensors"))
-    b = load_file(str(tmp_path / "k/train/model/model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _rewards(tmp_path / "ref/train") == _rewards(tmp_path / "k/train")
+    assert_grpo_resume_is_bit_exact(cfg, tmp_path)
 
 
 def test_truncation_guard_stops_a_run_that_truncates(tmp_path):

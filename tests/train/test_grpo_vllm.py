@@ -8,10 +8,16 @@ The tests that need vLLM skip where it is not importable (the main `make test` v
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
-from pref_helpers import grpo_cfg, tiny_llama, toy_prompts, warm_model
+from pref_helpers import (
+    assert_grpo_resume_is_bit_exact,
+    grpo_cfg,
+    grpo_rewards,
+    tiny_llama,
+    toy_prompts,
+    warm_model,
+)
 from train_helpers import make_run
 
 from dsft.errors import TrainError
@@ -212,9 +218,7 @@ def warm_llama(tmp_path_factory):
     return warm_model(root, base=tiny_llama(root / "llama"))
 
 
-def _rewards(stage) -> list[float]:
-    return [json.loads(x)["objective"]["grpo/reward"] for x in (stage / "log.jsonl").read_text().splitlines()
-            if '"grpo/reward"' in x]
+_rewards = grpo_rewards
 
 
 @needs_vllm
@@ -243,23 +247,9 @@ def test_resume_mid_grpo_with_vllm_rollouts_is_bit_exact(tmp_path, warm_llama):
     """A run that crashes at step 5 and resumes from checkpoint-3 (a new engine, synced with the checkpoint's
     weights) samples what the uninterrupted run sampled: same rewards, bit-identical final weights. Building the
     engine leaves the training RNG untouched (vLLM reseeds it; dsft restores it)."""
-    import torch
-    from safetensors.torch import load_file
-    from train_helpers import Crash, crash_at
-
-    from dsft.train import train
-
     def cfg(root):
         c = _cfg(root, warm_llama, rollout_backend="vllm")
         c.train.max_steps, c.train.save_steps = 6, 3
         return c
 
-    train(cfg(tmp_path / "ref"), make_run(tmp_path / "ref", toy_prompts(24)))
-    run = make_run(tmp_path / "k", toy_prompts(24))
-    with pytest.raises(Crash):
-        train(cfg(tmp_path / "k"), run, fault_hook=crash_at(5))
-    train(cfg(tmp_path / "k"), run, resume="auto")
-    a = load_file(str(tmp_path / "ref/train/model/model.safetensors"))
-    b = load_file(str(tmp_path / "k/train/model/model.safetensors"))
-    assert _rewards(tmp_path / "ref/train") == _rewards(tmp_path / "k/train")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_grpo_resume_is_bit_exact(cfg, tmp_path)
